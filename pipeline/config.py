@@ -25,11 +25,9 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.errors import ConfigError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, mistyped or impossible; the message names the key."""
 
 
 @dataclass
@@ -80,3 +78,178 @@ class ScheduleConfig:
     warmup_steps: int = 0
     eden_batches: float = 5000.0
     eden_epochs: float = 6.0
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, saved as ``config.yaml`` in its run directory.
+
+    Upper-case keys follow the paper's scripts (``MAX_STEPS``, ``RECORD_STEPS``, ...);
+    lower-case keys are the per-run switches named in the docs (``problem``, ``device``).
+    """
+
+    problem: str = MISSING
+    data: str = ""  # problem-specific data source; "" = the problem's default
+    loss: str = ""  # "ce" | "mse"; "" = the problem's default
+    nqm_dim: int = 1000  # dimensions K of the trainable noisy quadratic model
+    OBS_DATASETS: str | None = None  # falls back to the environment variable
+    OUTPUT_DIR: str = "output"
+    RUN_DIR: str | None = None  # an explicit run directory instead of a new one
+    resume: bool = False  # continue a stopped run from its last snapshot
+    RANDOM_SEED: int = 12345
+    device: str = "cpu"
+    dtype: str = "float32"
+    MAX_STEPS: int = 1000
+    BATCH_SIZE: int = 128  # 0 = full batch (gradient descent)
+    PHYSICAL_BATCH_SIZE: int = 0  # 0 = the whole (logical) batch in one pass
+    EVAL_EVERY: int = 100
+    RECORD_STEPS: list[int] = field(default_factory=lambda: [0])
+    SNAPSHOT_STEPS: list[int] = field(default_factory=list)
+    RECORD_GRADIENTS: bool = False
+    NUM_HESSIAN_DATAPOINTS: int = 500
+    TARGET_TEST_ACCURACY: float | None = None  # stop once reached at an evaluation
+    TARGET_TRAIN_LOSS: float | None = None  # stop once the running train loss is below
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64")
+
+
+def _load_yaml(path: Path, what: str) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"{what}: no file {path}")
+    return OmegaConf.load(path)
+
+
+def problem_names() -> list[str]:
+    """Problems that have a config file in ``config/problems``."""
+    return sorted(p.stem for p in (CONFIG_DIR / "problems").glob("*.yaml"))
+
+
+def _split_dotlist(overrides: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def load_run_config(overrides: list[str], config_file: str | Path | None = None) -> RunConfig:
+    """Assemble, type-check and validate a run configuration.
+
+    Args:
+        overrides: ``KEY=VALUE`` strings (omegaconf dotlist syntax, e.g.
+            ``optimizer.lr=0.1``, ``RECORD_STEPS=[0,100]``); ``preset=NAME`` selects
+            ``config/presets/NAME.yaml``.
+        config_file: an optional YAML file applied after the problem defaults.
+
+    Raises:
+        ConfigError: naming the offending key, before any work starts.
+    """
+    pairs = _split_dotlist(overrides)
+    preset = pairs.pop("preset", None)
+    dotlist = [f"{k}={v}" for k, v in pairs.items()]
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        cli = OmegaConf.from_dotlist(dotlist)
+        user_file = OmegaConf.load(config_file) if config_file else OmegaConf.create()
+        problem = cli.get("problem") or user_file.get("problem")
+        if not problem:
+            raise ConfigError("problem: missing; choose one of " + ", ".join(problem_names()))
+        if problem not in problem_names():
+            raise ConfigError(
+                f"problem: unknown problem {problem!r}; choose one of " + ", ".join(problem_names())
+            )
+        layers = [schema, _load_yaml(CONFIG_DIR / "problems" / f"{problem}.yaml", "problem")]
+        optimizer = cli.get("optimizer", {}).get("name") or user_file.get("optimizer", {}).get(
+            "name"
+        )
+        optimizer = optimizer or layers[1].get("optimizer", {}).get("name", "SGD")
+        tuning = OmegaConf.load(CONFIG_DIR / "tuning.yaml")
+        tuned = tuning.get(problem, {}).get(optimizer)
+        if tuned is not None:
+            layers.append(OmegaConf.create({"optimizer": tuned}))
+        layers.append(user_file)
+        if preset:
+            layers.append(_load_yaml(CONFIG_DIR / "presets" / f"{preset}.yaml", "preset"))
+        layers.append(cli)
+        merged = OmegaConf.merge(*layers)
+        _drop_default_steps_beyond_max(merged, explicit=[user_file, cli])
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{key or 'config'}: {err.msg if hasattr(err, 'msg') else err}") from None
+    validate(cfg)
+    return cfg
+
+
+def _drop_default_steps_beyond_max(merged: DictConfig, explicit: list[DictConfig]) -> None:
+    """A shorter MAX_STEPS drops the *default* record/snapshot steps beyond it; steps the
+    user gave explicitly are validated instead (an explicit step past the end is an error)."""
+    for key in ("RECORD_STEPS", "SNAPSHOT_STEPS"):
+        if not any(key in layer for layer in explicit):
+            merged[key] = [s for s in merged[key] if s <= merged.MAX_STEPS]
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse impossible values, naming the key (types are checked by omegaconf)."""
+
+    def require(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{key}: {message}")
+
+    require(cfg.device in DEVICES, "device", f"must be one of {DEVICES}, got {cfg.device!r}")
+    require(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {cfg.dtype!r}")
+    require(cfg.MAX_STEPS >= 0, "MAX_STEPS", f"must be >= 0, got {cfg.MAX_STEPS}")
+    require(cfg.BATCH_SIZE >= 0, "BATCH_SIZE", "must be >= 0 (0 = full batch)")
+    require(cfg.PHYSICAL_BATCH_SIZE >= 0, "PHYSICAL_BATCH_SIZE", "must be >= 0")
+    require(cfg.EVAL_EVERY > 0, "EVAL_EVERY", f"must be > 0, got {cfg.EVAL_EVERY}")
+    require(cfg.NUM_HESSIAN_DATAPOINTS > 0, "NUM_HESSIAN_DATAPOINTS", "must be > 0")
+    require(cfg.nqm_dim > 0, "nqm_dim", "must be > 0")
+    for key in ("RECORD_STEPS", "SNAPSHOT_STEPS"):
+        steps = getattr(cfg, key)
+        require(len(set(steps)) == len(steps), key, f"has repeated steps {steps}")
+        for step in steps:
+            require(
+                0 <= step <= cfg.MAX_STEPS,
+                key,
+                f"step {step} is outside 0..MAX_STEPS={cfg.MAX_STEPS}",
+            )
+    opt = cfg.optimizer
+    require(opt.lr > 0, "optimizer.lr", f"must be > 0, got {opt.lr}")
+    require(opt.momentum >= 0, "optimizer.momentum", f"must be >= 0, got {opt.momentum}")
+    require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    require(opt.eps > 0, "optimizer.eps", "must be > 0")
+    require(
+        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+        "optimizer.betas",
+        f"must be two values in [0, 1), got {opt.betas}",
+    )
+    require(opt.lookahead_k >= 0, "optimizer.lookahead_k", "must be >= 0 (0 = no Lookahead)")
+    require(0 < opt.lookahead_alpha <= 1, "optimizer.lookahead_alpha", "must be in (0, 1]")
+    sched = cfg.schedule
+    require(sched.warmup_steps >= 0, "schedule.warmup_steps", "must be >= 0")
+    require(sched.step_size > 0, "schedule.step_size", "must be > 0")
+    require(sched.min_lr >= 0, "schedule.min_lr", "must be >= 0")
+    if cfg.TARGET_TEST_ACCURACY is not None:
+        require(0 < cfg.TARGET_TEST_ACCURACY <= 1, "TARGET_TEST_ACCURACY", "must be in (0, 1]")
+    if cfg.TARGET_TRAIN_LOSS is not None:
+        require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
+    obs = cfg.OBS_DATASETS or os.environ.get("OBS_DATASETS")
+    if obs:
+        require(Path(obs).expanduser().is_dir(), "OBS_DATASETS", f"{obs} is not a directory")
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write a resolved configuration as YAML."""
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def read_config(path: Path) -> RunConfig:
+    """Read a run's saved configuration back into a typed :class:`RunConfig`."""
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    return OmegaConf.to_object(merged)

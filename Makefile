@@ -1,0 +1,55 @@
+# Two commands for a fresh machine (see README.md):
+#   make demo   the full local pipeline on the embedded default problem (mnist_mini)
+#   make test   the test suite (what .ci/run calls)
+# Both create .venv and install the pinned stack first.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUTPUT_DIR ?= output
+
+.PHONY: demo test lint format bench clean-venv system-deps
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch==2.13.0 is pinned in the same resolve as curvlinops (docs/INSTALL.md): installed
+	# separately, curvlinops' dependencies would pull a newer torch with GBs of CUDA wheels.
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# DeepOBS's network files need only torch/numpy/scipy; its declared dependencies pin
+	# old plotting packages we never import.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt deepobs
+	# torchvision comes in through backpack but cannot load with the CPU torch build.
+	$(PY) -m pip uninstall --quiet --yes torchvision
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; installed when we are root with
+# apt, otherwise the fmnist_* problems say how to provide it.
+system-deps:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing dataset-fashion-mnist (Debian)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends dataset-fashion-mnist >/dev/null; \
+	  else \
+	    echo "note: Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist as root);"; \
+	    echo "      the fmnist_* problems need it or OBS_DATASETS"; \
+	  fi; \
+	fi
+
+demo: $(STAMP) system-deps
+	$(VENV)/bin/hessov train problem=mnist_mini OUTPUT_DIR=$(OUTPUT_DIR)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline skerch_ext analysis tests bench
+	$(VENV)/bin/ruff format --check pipeline skerch_ext analysis tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format pipeline skerch_ext analysis tests bench
+
+clean-venv:
+	rm -rf $(VENV)

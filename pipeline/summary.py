@@ -1,0 +1,52 @@
+"""What each stage records, and the merge behind ``hessov summary RUN_DIR``.
+
+A stage with one result per run writes ``summary/<stage>.json``. Stages with one result
+per step and split (solve, exhaustive, analyze) or per name (replay) write one file per
+result, ``summary/<stage>/<step>/<split>.json``, so that parallel Slurm jobs never write
+the same file and no read-modify-write can lose another job's entry. Every file is
+written to a temporary name and renamed, so a reader never sees half a file.
+``hessov summary`` prints one JSON object with one key per finished stage, nesting the
+per-result files as ``{stage: {step: {split: {...}}}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.rundir import RunDir
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def record(run: RunDir, stage: str, fields: dict, *keys: str | int) -> Path:
+    """Record a stage's summary, nested under ``keys`` (e.g. step, split) if given."""
+    if keys:
+        path = run.summaries.joinpath(stage, *map(str, keys[:-1])) / f"{keys[-1]}.json"
+    else:
+        path = run.summary(stage)
+    atomic_write_json(path, fields)
+    return path
+
+
+def _load_tree(directory: Path) -> dict:
+    tree = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir():
+            tree[entry.name] = _load_tree(entry)
+        elif entry.suffix == ".json" and not entry.name.startswith("."):
+            tree[entry.stem] = json.loads(entry.read_text())
+    return tree
+
+
+def load(run: RunDir) -> dict:
+    """One object with one key per finished stage of ``run``."""
+    return _load_tree(run.summaries) if run.summaries.is_dir() else {}

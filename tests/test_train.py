@@ -1,0 +1,168 @@
+"""Train stage end to end through the CLI: records, determinism, refusal, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, last_line
+
+SMALL = [
+    "problem=mnist_mini",
+    "MAX_STEPS=60",
+    "BATCH_SIZE=100",
+    "EVAL_EVERY=20",
+    "RECORD_STEPS=[0,30,60]",
+    "SNAPSHOT_STEPS=[30]",
+    "RECORD_GRADIENTS=true",
+    "NUM_HESSIAN_DATAPOINTS=100",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import run_hessov
+
+    out = tmp_path_factory.mktemp("runs")
+    result = run_hessov("train", *SMALL, f"OUTPUT_DIR={out}")
+    return out, result
+
+
+def test_train_prints_run_dir_and_records_one_column_per_step(trained):
+    _, result = trained
+    run_dir = last_line(result.stdout)
+    with h5py.File(f"{run_dir}/params.h5", "r") as handle:
+        assert handle["data"].shape == (7030, 3)
+        assert handle["data"].dtype == np.float32
+        assert handle["steps"][:].tolist() == [0, 30, 60]
+        assert handle["data"].compression == "gzip"
+        layout = json.loads(handle.attrs["parameter_layout"])
+        assert layout[0]["name"] == "1.weight" and layout[-1]["offset"] + 10 == 7030
+        assert not np.array_equal(handle["data"][:, 0], handle["data"][:, 2])
+    for split in ("train", "test"):
+        with h5py.File(f"{run_dir}/grads_{split}.h5", "r") as handle:
+            assert handle["data"].shape == (7030, 3)
+            assert np.linalg.norm(handle["data"][:, 0]) > 0
+
+
+def test_recorded_parameters_are_the_model_parameters_at_the_snapshot(trained):
+    _, result = trained
+    run_dir = last_line(result.stdout)
+    snapshot = torch.load(f"{run_dir}/snapshots/step_30.pt", weights_only=False)
+    flat = torch.cat([v.flatten() for k, v in snapshot["model"].items()])
+    with h5py.File(f"{run_dir}/params.h5", "r") as handle:
+        assert np.array_equal(handle["data"][:, 1], flat.numpy())
+    assert snapshot["step"] == 30 and "optimizer" in snapshot and "schedule" in snapshot
+
+
+def test_summary_has_the_train_fields(trained, summary_of):
+    _, result = trained
+    summary = summary_of(last_line(result.stdout))
+    train = summary["train"]
+    assert train["num_params"] == 7030
+    assert train["recorded_steps"] == [0, 30, 60]
+    assert 0 < train["final_train_loss"] < 2.3
+    assert 0.1 < train["final_test_accuracy"] <= 1
+    assert train["wall_seconds"] > 0
+
+
+def test_log_records_globals_subsets_and_batches(trained):
+    _, result = trained
+    run_dir = last_line(result.stdout)
+    events = [json.loads(line) for line in open(f"{run_dir}/log.jsonl")]
+    kinds = {e["event"] for e in events}
+    assert {"config", "globals", "hessian_subsets", "batch", "eval", "record"} <= kinds
+    subsets = next(e for e in events if e["event"] == "hessian_subsets")
+    assert len(subsets["train"]) == 100 and subsets["train"] == sorted(subsets["train"])
+    assert sum(e["event"] == "batch" for e in events) == 60
+
+
+def test_same_seed_gives_bit_identical_parameters(trained, tmp_path, hessov):
+    _, first = trained
+    second = hessov("train", *SMALL, f"OUTPUT_DIR={tmp_path}")
+    with (
+        h5py.File(f"{last_line(first.stdout)}/params.h5") as a,
+        h5py.File(f"{last_line(second.stdout)}/params.h5") as b,
+    ):
+        assert np.array_equal(a["data"][:], b["data"][:])
+
+
+def test_finished_run_is_never_overwritten(trained, hessov):
+    _, result = trained
+    run_dir = last_line(result.stdout)
+    before = open(f"{run_dir}/params.h5", "rb").read()
+    again = hessov("train", *SMALL, f"RUN_DIR={run_dir}", check=False)
+    assert again.returncode == 2
+    assert "never overwritten" in again.stderr
+    assert open(f"{run_dir}/params.h5", "rb").read() == before
+
+
+def test_bad_input_fails_before_work_with_the_key_named(tmp_path, hessov):
+    result = hessov(
+        "train",
+        "problem=mnist_mini",
+        "RECORD_STEPS=[0,99999]",
+        f"OUTPUT_DIR={tmp_path}",
+        check=False,
+    )
+    assert result.returncode == 2 and "RECORD_STEPS" in result.stderr
+    assert not any(tmp_path.iterdir())
+    result = hessov(
+        "train",
+        "problem=mnist_mini",
+        "NUM_HESSIAN_DATAPOINTS=5000",
+        f"OUTPUT_DIR={tmp_path}",
+        check=False,
+    )
+    assert result.returncode == 2 and "NUM_HESSIAN_DATAPOINTS" in result.stderr
+    result = hessov(
+        "train",
+        "problem=cifar10_3c3d",
+        f"OUTPUT_DIR={tmp_path}",
+        env={"OBS_DATASETS": str(tmp_path)},
+        check=False,
+    )
+    assert result.returncode == 2 and "cifar-10-batches-py" in result.stderr
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, hessov):
+    config = [
+        "problem=mnist_mini",
+        "MAX_STEPS=1500",
+        "BATCH_SIZE=100",
+        "EVAL_EVERY=100",
+        "RECORD_STEPS=[0,700,1500]",
+        "NUM_HESSIAN_DATAPOINTS=100",
+    ]
+    reference = last_line(hessov("train", *config, f"OUTPUT_DIR={tmp_path / 'a'}").stdout)
+    run_dir = tmp_path / "b"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "train", *config, f"RUN_DIR={run_dir}"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        log = run_dir / "log.jsonl"
+        if log.is_file() and any('"event": "batch", "step": 250,' in line for line in open(log)):
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run_dir / "summary" / "train.json").exists(), "the run was not interrupted"
+    refused = hessov("train", *config, f"RUN_DIR={run_dir}", check=False)
+    assert refused.returncode == 2 and "resume=true" in refused.stderr
+    hessov("train", *config, f"RUN_DIR={run_dir}", "resume=true")
+    resumed = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"resume"' in line]
+    assert resumed[0]["step"] >= 200  # from the rolling snapshot, not from scratch
+    with h5py.File(f"{reference}/params.h5") as a, h5py.File(run_dir / "params.h5") as b:
+        assert b["steps"][:].tolist() == [0, 700, 1500]
+        assert np.array_equal(a["data"][:], b["data"][:])
