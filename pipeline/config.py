@@ -99,6 +99,7 @@ class RunConfig:
     RANDOM_SEED: int = 12345
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0  # torch CPU threads; 0 = $SLURM_CPUS_PER_TASK, else all cores
     MAX_STEPS: int = 1000
     BATCH_SIZE: int = 128  # 0 = full batch (gradient descent)
     PHYSICAL_BATCH_SIZE: int = 0  # 0 = the whole (logical) batch in one pass
@@ -204,6 +205,7 @@ def validate(cfg: RunConfig) -> None:
 
     require(cfg.device in DEVICES, "device", f"must be one of {DEVICES}, got {cfg.device!r}")
     require(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {cfg.dtype!r}")
+    require(cfg.threads >= 0, "threads", "must be >= 0 (0 = automatic)")
     require(cfg.MAX_STEPS >= 0, "MAX_STEPS", f"must be >= 0, got {cfg.MAX_STEPS}")
     require(cfg.BATCH_SIZE >= 0, "BATCH_SIZE", "must be >= 0 (0 = full batch)")
     require(cfg.PHYSICAL_BATCH_SIZE >= 0, "PHYSICAL_BATCH_SIZE", "must be >= 0")

@@ -130,6 +130,16 @@ def flat_gradient(
     return grad
 
 
+def set_cpu_threads(threads: int) -> int:
+    """Set torch's intra-op CPU threads: ``threads``, or for 0 the Slurm allocation
+    (``$SLURM_CPUS_PER_TASK``) or all cores. Small networks run fastest on one thread
+    (bench/RESULTS.md); oversubscribed cores make multi-threaded steps many times slower."""
+    if threads == 0:
+        threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
 def to_device(problem: Problem, device: str, dtype: str) -> None:
     """Move the problem's model and data to ``device`` in ``dtype``, in place."""
     torch_dtype = TORCH_DTYPES[dtype]

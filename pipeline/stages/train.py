@@ -36,6 +36,7 @@ from pipeline.training import (
     load_snapshot,
     loss_and_gradient,
     save_snapshot,
+    set_cpu_threads,
     to_device,
 )
 
@@ -105,6 +106,7 @@ def train(cfg: RunConfig) -> RunDir:
     """Run the train stage; returns the run directory."""
     log = get_logger()
     run, resume_from = prepare_run_dir(cfg)
+    set_cpu_threads(cfg.threads)
     problem = build_problem(cfg)
     to_device(problem, cfg.device, cfg.dtype)
     subsets = hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
