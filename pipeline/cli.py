@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from pipeline.config import load_run_config, problem_names
-from pipeline.errors import HessovError, MissingInputError
+from pipeline.config import load_run_config, override_run_config, problem_names
+from pipeline.errors import ConfigError, HessovError, MissingInputError
 from pipeline.rundir import RunDir
 from pipeline.runlog import setup_terminal_logging
 
@@ -31,6 +32,111 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.overrides, args.config)
     run = train(cfg)
     print(run.root)
+    return 0
+
+
+def _split_stage_args(items: list[str], stage_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Separate per-invocation arguments (``step=``, ``split=``, ...) from config overrides."""
+    stage, overrides = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        if key in stage_keys:
+            stage[key] = value
+        else:
+            overrides.append(item)
+    return stage, overrides
+
+
+def _int_arg(stage: dict, key: str) -> int:
+    try:
+        return int(stage[key])
+    except KeyError:
+        raise ConfigError(f"{key}: missing; pass {key}=...") from None
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {stage[key]!r}") from None
+
+
+def _open_run(path: str) -> RunDir:
+    run = RunDir(Path(path))
+    if not run.root.is_dir():
+        raise MissingInputError(f"{run.root} is not a run directory")
+    return run
+
+
+def _cmd_layout(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.stages.layout import layout
+
+    run = _open_run(args.run_dir)
+    cfg = override_run_config(run_config(run), args.overrides)
+    layout(run, cfg)
+    return 0
+
+
+def _steps_and_splits(stage: dict, spec) -> list[tuple[int, str]]:
+    steps = [_int_arg(stage, "step")] if "step" in stage else spec.steps
+    splits = [stage["split"]] if "split" in stage else spec.splits
+    return [(step, split) for step in steps for split in splits]
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.measure import measure
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("step", "split", "indices", "task"))
+    cfg = override_run_config(
+        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
+    )
+    spec = load_spec(run)
+    if "indices" in stage:
+        start, sep, stop = stage["indices"].partition(":")
+        try:
+            indices, task_name = range(int(start), int(stop)), f"{int(start)}-{int(stop)}"
+        except ValueError:
+            raise ConfigError(f"indices: expected a:b, got {stage['indices']!r}") from None
+    else:
+        task = stage.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
+        if task is None:
+            indices, task_name = range(spec.layout.num_inner), "all"
+        else:
+            indices = spec.task_indices(_int_arg({"task": task}, "task"))
+            task_name = f"task{int(task)}"
+    for step, split in _steps_and_splits(stage, spec):
+        measure(run, cfg, spec, step, split, indices, task_name)
+    return 0
+
+
+def _cmd_solve(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.solve import solve
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
+    cfg = override_run_config(
+        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
+    )
+    spec = load_spec(run)
+    for step, split in _steps_and_splits(stage, spec):
+        solve(run, cfg, spec, step, split)
+    return 0
+
+
+def _cmd_check_operator(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.stages.check_operator import check_operator
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
+    cfg = override_run_config(
+        run_config(run), overrides, ("device", "threads", "dtype", "HESSIAN_BATCH_SIZE")
+    )
+    report = check_operator(run, cfg, _int_arg(stage, "step"), stage.get("split", "train"))
+    print(json.dumps(report, indent=2))
     return 0
 
 
@@ -83,6 +189,44 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="optional YAML config file")
     train.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     train.set_defaults(func=_cmd_train)
+
+    stage_parsers = {
+        "layout": (
+            _cmd_layout,
+            "stage 2: fix the sketch settings and create the measurement storage",
+            "Resolve k (default 5%% of D), s (default 2k), block_size, MEAS_PER_JOB and the "
+            "steps/splits to measure; write RUN/measurements/sketch.json; create the part files "
+            "(flags 'initialized') and virtual views per step and split, and each split's "
+            "monolithic merge arrays. Overrides: k= s= recovery= noise= block_size= "
+            "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=.",
+        ),
+        "measure": (
+            _cmd_measure,
+            "stage 3: take one worker's share of the Hessian sketch measurements",
+            "Measure step=T split=train|test (default: every step and split of the layout) for "
+            "indices=a:b, task=i, or $SLURM_ARRAY_TASK_ID with MEAS_PER_JOB (default: all). "
+            "Skips measured blocks; writes each finished block atomically. Also device= threads=.",
+        ),
+        "solve": (
+            _cmd_solve,
+            "stage 4: verify and merge the measurements, solve for the top-k eigenpairs",
+            "Solve step=T split=train|test (default: every step and split of the layout): "
+            "verify every flag and checksum, merge, single-pass SEIGH core, a-posteriori error. "
+            "Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
+        ),
+        "check-operator": (
+            _cmd_check_operator,
+            "check that a recorded step's Hessian is deterministic, symmetric and finite",
+            "Build the Hessian of step=T split=train|test as the measurements will, and "
+            "report curvlinops' determinism probe, a symmetry probe (v^T H w vs w^T H v), "
+            "NaN/inf detection and the time of one HVP. Also device= dtype= threads=.",
+        ),
+    }
+    for name, (func, short, long) in stage_parsers.items():
+        sub = commands.add_parser(name, help=short, description=long)
+        sub.add_argument("run_dir", help="the run directory printed by `hessov train`")
+        sub.add_argument("overrides", nargs="*", help="KEY=VALUE arguments (see above)")
+        sub.set_defaults(func=func)
 
     show = commands.add_parser(
         "summary",

@@ -112,8 +112,22 @@ class RunConfig:
     TARGET_TRAIN_LOSS: float | None = None  # stop once the running train loss is below
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
+    k: int = 0  # outer measurements = eigenpairs returned; 0 = 5% of D (the paper)
+    s: int = 0  # inner measurements = HVPs of the first pass; 0 = 2k
+    recovery: str = "single_pass"  # single_pass | two_pass (a second round of k HVPs on Q)
+    noise: str = "ssrft"  # test matrices: ssrft | gaussian | rademacher
+    block_size: int = 0  # measurements per batched HVP and per part file; 0 = automatic
+    MEAS_PER_JOB: int = 0  # measurements per array task; 0 = all in one task
+    NUM_A_POSTERIORI: int = 30  # Gaussian probes of the a-posteriori error estimate
+    SKETCH_SEED: int = 1  # base of the sketch's non-overlapping seed ranges
+    HESSIAN_BATCH_SIZE: int = 0  # examples per forward pass inside an HVP; 0 = all at once
+    HESSIAN_STEPS: list[int] = field(default_factory=list)  # steps to sketch; [] = all recorded
+    HESSIAN_SPLITS: list[str] = field(default_factory=lambda: ["train", "test"])
 
 
+RECOVERIES = ("single_pass", "two_pass")
+NOISE_TYPES = ("ssrft", "gaussian", "rademacher")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 
@@ -241,9 +255,68 @@ def validate(cfg: RunConfig) -> None:
         require(0 < cfg.TARGET_TEST_ACCURACY <= 1, "TARGET_TEST_ACCURACY", "must be in (0, 1]")
     if cfg.TARGET_TRAIN_LOSS is not None:
         require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
+    require(cfg.k >= 0, "k", f"must be >= 0 (0 = 5% of D), got {cfg.k}")
+    require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
+    if cfg.k and cfg.s:
+        require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
+    require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
+    require(cfg.noise in NOISE_TYPES, "noise", f"must be one of {NOISE_TYPES}")
+    require(cfg.block_size >= 0, "block_size", "must be >= 0 (0 = automatic)")
+    require(cfg.MEAS_PER_JOB >= 0, "MEAS_PER_JOB", "must be >= 0 (0 = one task)")
+    require(cfg.NUM_A_POSTERIORI >= 1, "NUM_A_POSTERIORI", "must be >= 1")
+    require(cfg.HESSIAN_BATCH_SIZE >= 0, "HESSIAN_BATCH_SIZE", "must be >= 0")
+    for split in cfg.HESSIAN_SPLITS:
+        require(split in ("train", "test"), "HESSIAN_SPLITS", f"unknown split {split!r}")
+    for step in cfg.HESSIAN_STEPS:
+        require(
+            step in cfg.RECORD_STEPS,
+            "HESSIAN_STEPS",
+            f"step {step} is not in RECORD_STEPS={cfg.RECORD_STEPS}",
+        )
     obs = cfg.OBS_DATASETS or os.environ.get("OBS_DATASETS")
     if obs:
         require(Path(obs).expanduser().is_dir(), "OBS_DATASETS", f"{obs} is not a directory")
+
+
+#: Keys a stage after training may still override: how and where to compute, and the
+#: sketch settings the layout fixes. Everything else is what training did.
+LATER_STAGE_KEYS = (
+    "device",
+    "threads",
+    "k",
+    "s",
+    "recovery",
+    "noise",
+    "block_size",
+    "MEAS_PER_JOB",
+    "NUM_A_POSTERIORI",
+    "SKETCH_SEED",
+    "HESSIAN_BATCH_SIZE",
+    "HESSIAN_STEPS",
+    "HESSIAN_SPLITS",
+)
+
+
+def override_run_config(
+    cfg: RunConfig, overrides: list[str], allowed: tuple[str, ...] = LATER_STAGE_KEYS
+) -> RunConfig:
+    """Apply ``KEY=VALUE`` overrides to a trained run's config, only for ``allowed`` keys."""
+    pairs = _split_dotlist(overrides)
+    for key in pairs:
+        if key not in allowed:
+            raise ConfigError(
+                f"{key}: cannot be changed after training; this stage accepts {', '.join(allowed)}"
+            )
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(cfg),
+            OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]),
+        )
+        updated: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{getattr(err, 'full_key', None) or 'config'}: {err}") from None
+    validate(updated)
+    return updated
 
 
 def save_config(cfg: Any, path: Path) -> None:

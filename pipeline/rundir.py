@@ -10,7 +10,9 @@ any machine that sees the directory, given only its path (a Slurm job does exact
       grads_{split}.h5         optional full gradients on the Hessian subsets, likewise
       snapshots/step_T.pt      model, optimizer, schedule and RNG state for replay/resume
       summary/{stage}.json     what each finished stage recorded (merged by `hessov summary`)
-      measurements/            sketch measurement parts (layout / measure stages)
+      measurements/sketch.json the sketch settings fixed by the layout stage
+      measurements/step_T_{split}/first/part_*.h5, view.h5   measurement parts, virtual view
+      measurements/merged_{split}.h5   monolithic arrays, allocated once, reused per step
       eigen/step_T_{split}.h5  eigenpairs and provenance (solve)
       exhaustive/              exact-vs-sketch comparisons
       analysis/                analysis HDF5, figures/, report.md
@@ -73,6 +75,23 @@ class RunDir:
     @property
     def measurements(self) -> Path:
         return self.root / "measurements"
+
+    @property
+    def sketch_spec(self) -> Path:
+        """The layout's resolved sketch settings, shared by every measure and solve."""
+        return self.measurements / "sketch.json"
+
+    def measurement_parts(self, step: int, split: str, round_name: str = "first") -> Path:
+        """Part files of one step and split: ``first`` pass, or ``second`` (H @ Q)."""
+        return self.measurements / f"step_{step}_{split}" / round_name
+
+    def monolithic(self, split: str) -> Path:
+        """The merge target of one split, allocated once and reused for every step."""
+        return self.measurements / f"merged_{split}.h5"
+
+    def two_pass_basis(self, step: int, split: str) -> Path:
+        """Q of the first pass, written for the second round of measurements."""
+        return self.measurements / f"step_{step}_{split}" / "basis.h5"
 
     def eigen(self, step: int, split: str) -> Path:
         return self.root / "eigen" / f"step_{step}_{split}.h5"

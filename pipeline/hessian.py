@@ -1,0 +1,109 @@
+"""The loss Hessian of a recorded training step, built from a run directory alone.
+
+Every Hessian stage (check-operator, measure, solve, exhaustive) needs the same object:
+the problem's network with the parameters recorded at step ``T`` (read from
+``params.h5``), the deterministic Hessian subset of the train or test split recorded by
+the train stage, the model in eval mode, as a curvlinops operator on the requested device
+and dtype. This module builds it in one place so the stages cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.config import RunConfig, read_config
+from pipeline.errors import ConfigError, MissingInputError
+from pipeline.paramstore import ColumnStore, load_flat_parameters
+from pipeline.problems import Problem, build_problem
+from pipeline.rundir import SPLITS, RunDir
+from pipeline.runlog import read_events
+from pipeline.training import TORCH_DTYPES, set_cpu_threads, to_device
+from skerch_ext.operator import MatMat, as_matmat, hessian_operator
+
+
+@dataclass
+class HessianAtStep:
+    """The Hessian of one step and split, ready to multiply.
+
+    Attributes:
+        matmat: ``M (D, b) -> H @ M (D, b)`` on ``device`` in ``dtype``.
+        dim: D.
+        problem: the problem, its model holding the recorded parameters.
+        inputs, targets: the Hessian subset ``(N, ...)``, ``(N,)``.
+        dtype, device: of the operator.
+    """
+
+    matmat: MatMat
+    dim: int
+    problem: Problem
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_run_config(run: RunDir) -> RunConfig:
+    """The run's saved config; a clear error if the directory is not a trained run."""
+    run.require(run.config, "train")
+    return read_config(run.config)
+
+
+def recorded_subsets(run: RunDir) -> dict[str, torch.Tensor]:
+    """Hessian subset indices ``(N,)`` per split, as the train stage recorded them."""
+    events = read_events(run.require(run.log, "train"), "hessian_subsets")
+    if not events:
+        raise MissingInputError(f"{run.log} records no Hessian subsets: rerun `hessov train`")
+    return {split: torch.tensor(events[0][split], dtype=torch.int64) for split in SPLITS}
+
+
+def check_step_and_split(run: RunDir, step: int, split: str) -> None:
+    """Refuse a split that does not exist or a step that was not recorded."""
+    if split not in SPLITS:
+        raise ConfigError(f"split: must be one of {SPLITS}, got {split!r}")
+    recorded = ColumnStore(run.require(run.params, "train")).steps()
+    if step not in recorded:
+        raise ConfigError(f"step: {step} was not recorded; recorded steps: {recorded}")
+
+
+def hessian_at_step(
+    run: RunDir,
+    cfg: RunConfig,
+    step: int,
+    split: str,
+    *,
+    check_deterministic: bool = True,
+) -> HessianAtStep:
+    """Build the Hessian of ``split``'s subset at recorded ``step`` (see module doc)."""
+    check_step_and_split(run, step, split)
+    set_cpu_threads(cfg.threads)
+    problem = build_problem(cfg)
+    if problem.augmented:
+        raise ConfigError(
+            f"problem: {cfg.problem} randomly augments its data, so its Hessian operator "
+            "would differ at every product; sketching needs a fixed operator"
+        )
+    to_device(problem, cfg.device, cfg.dtype)
+    flat = torch.from_numpy(ColumnStore(run.params).read(step))
+    load_flat_parameters(problem.model, flat)
+    indices = recorded_subsets(run)[split].to(cfg.device)
+    data = getattr(problem, split)
+    inputs, targets = data.images[indices], data.labels[indices]
+    operator = hessian_operator(
+        problem.model,
+        problem.loss,
+        inputs,
+        targets,
+        batch_size=cfg.HESSIAN_BATCH_SIZE,
+        check_deterministic=check_deterministic,
+    )
+    return HessianAtStep(
+        as_matmat(operator),
+        operator.shape[0],
+        problem,
+        inputs,
+        targets,
+        TORCH_DTYPES[cfg.dtype],
+        torch.device(cfg.device),
+    )

@@ -1,0 +1,135 @@
+"""The sketch settings a run's layout fixes, shared by every measure and solve job.
+
+``hessov layout`` resolves the sketch settings of the run config (``k`` defaulting to 5%
+of D, ``s`` to 2k, the block size, the steps and splits to measure) and writes them to
+``measurements/sketch.json``. From then on they are the single source of truth: every
+measurement worker and every solve reads them from there, so a worker started with other
+overrides cannot silently measure a different sketch, and a layout asked for again with
+other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError, MissingInputError
+from pipeline.rundir import RunDir
+from pipeline.summary import atomic_write_json
+from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
+from skerch_ext.storage import MeasurementStore, SketchLayout
+from skerch_ext.test_matrices import SketchMatrices
+
+#: Largest automatic block: past 64 columns curvlinops' vmapped products stop getting
+#: cheaper per column (bench/RESULTS.md), while memory keeps growing linearly.
+MAX_AUTO_BLOCK = 64
+#: Memory the vmapped HVP block may take for its vectors and their products, in bytes.
+AUTO_BLOCK_BYTES = 2**30
+
+
+@dataclass
+class SketchSpec:
+    """Resolved sketch settings (see module docstring)."""
+
+    layout: SketchLayout
+    recovery: str
+    num_apost: int
+    steps: list[int]
+    splits: list[str]
+    meas_per_job: int
+    layout_seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tasks(self) -> int:
+        """Measurement array tasks per step and split: ceil(s / MEAS_PER_JOB)."""
+        return -(-self.layout.num_inner // self.meas_per_job)
+
+    def task_indices(self, task: int) -> range:
+        """Inner indices of array task ``task`` (0-based)."""
+        if not 0 <= task < self.num_tasks:
+            raise ConfigError(f"task: {task} outside 0..{self.num_tasks - 1}")
+        start = task * self.meas_per_job
+        return range(start, min(self.layout.num_inner, start + self.meas_per_job))
+
+    def seeds(self) -> SeedRegistry:
+        return sketch_seed_ranges(self.layout.seed, self.layout.num_inner, self.num_apost)
+
+    def matrices(self, dtype: torch.dtype, device) -> SketchMatrices:
+        return SketchMatrices.from_seeds(
+            self.layout.dim,
+            self.layout.num_inner,
+            self.seeds(),
+            noise=self.layout.noise,
+            dtype=dtype,
+            device=device,
+        )
+
+    def store(self, run: RunDir, step: int, split: str) -> MeasurementStore:
+        return MeasurementStore(run.measurement_parts(step, split), self.layout)
+
+    def to_json(self) -> dict:
+        payload = asdict(self)
+        payload["layout"] = asdict(self.layout)
+        return payload
+
+    @classmethod
+    def from_json(cls, payload: dict) -> SketchSpec:
+        payload = dict(payload)
+        payload["layout"] = SketchLayout(**payload["layout"])
+        return cls(**payload)
+
+
+def automatic_block_size(dim: int, itemsize: int) -> int:
+    """The default block: the largest power of two up to 64 whose vectors, products and
+    the vmapped intermediate copies (about 8 D-vectors per column) fit in 1 GiB."""
+    block = MAX_AUTO_BLOCK
+    while block > 1 and block * dim * itemsize * 8 > AUTO_BLOCK_BYTES:
+        block //= 2
+    return block
+
+
+def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchSpec:
+    """Resolve defaults and validate the sketch settings against D and the records."""
+    k = cfg.k or max(1, round(0.05 * dim))
+    s = cfg.s or 2 * k
+    if k >= s:
+        raise ConfigError(f"k: k={k} must be smaller than s={s}")
+    if k > dim:
+        raise ConfigError(f"k: k={k} exceeds the number of parameters D={dim}")
+    if s > dim:
+        raise ConfigError(f"s: s={s} exceeds the number of parameters D={dim}")
+    itemsize = 8 if cfg.dtype == "float64" else 4
+    block = cfg.block_size or automatic_block_size(dim, itemsize)
+    block = min(block, s)
+    per_job = cfg.MEAS_PER_JOB or s
+    if per_job % block and per_job < s:
+        raise ConfigError(
+            f"MEAS_PER_JOB: {per_job} is not a multiple of block_size={block}; every task must "
+            "own whole blocks so that no two tasks write one part file"
+        )
+    steps = cfg.HESSIAN_STEPS or recorded_steps
+    missing = [t for t in steps if t not in recorded_steps]
+    if missing:
+        raise ConfigError(f"HESSIAN_STEPS: {missing} not recorded; recorded: {recorded_steps}")
+    try:
+        layout = SketchLayout(dim, k, s, block, cfg.dtype, cfg.noise, cfg.SKETCH_SEED)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return SketchSpec(
+        layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
+    )
+
+
+def save_spec(run: RunDir, spec: SketchSpec) -> None:
+    atomic_write_json(run.sketch_spec, spec.to_json())
+
+
+def load_spec(run: RunDir) -> SketchSpec:
+    """The layout's spec; a clear error when the layout stage has not run."""
+    if not run.sketch_spec.is_file():
+        raise MissingInputError(f"{run.sketch_spec} is missing: run `hessov layout {run.root}`")
+    return SketchSpec.from_json(json.loads(run.sketch_spec.read_text()))

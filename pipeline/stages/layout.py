@@ -1,0 +1,83 @@
+"""Stage 2, layout: fix the sketch settings and create the measurement storage.
+
+Resolves the sketch settings (``k`` = 5% of D and ``s`` = 2k by default, the block size,
+which steps and splits to measure), writes them to ``measurements/sketch.json``, creates
+one set of part files with ``initialized`` flags and a virtual view per step and split,
+and allocates each split's monolithic merge arrays once (reused for every step).
+Running it again with the same settings only creates what is missing; with other
+settings it is refused, since the measured parts belong to the first layout.
+"""
+
+from __future__ import annotations
+
+import time
+
+from pipeline import summary
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.paramstore import ColumnStore
+from pipeline.rundir import RunDir
+from pipeline.runlog import EventLog, get_logger
+from pipeline.sketchspec import SketchSpec, load_spec, resolve_spec, save_spec
+from skerch_ext.storage import MonolithicArrays, check_part_count
+
+
+def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
+    """Create (or complete) the measurement layout of ``run``; returns the spec."""
+    log = get_logger()
+    started = time.perf_counter()
+    params = ColumnStore(run.require(run.params, "train"))
+    spec = resolve_spec(cfg, params.dim(), params.steps())
+    if run.sketch_spec.is_file():
+        existing = load_spec(run)
+        if (existing.layout, existing.recovery, existing.num_apost) != (
+            spec.layout,
+            spec.recovery,
+            spec.num_apost,
+        ):
+            raise ConfigError(
+                f"layout: {run.sketch_spec} already fixes {existing.layout} "
+                f"(recovery={existing.recovery}); the measurements taken for it would not match "
+                f"{spec.layout}. Use the same settings, or a new run."
+            )
+        spec = existing
+    try:
+        check_part_count(len(spec.layout.blocks))
+    except ValueError as err:
+        raise ConfigError(f"block_size: {err}") from None
+    created = 0
+    for step in spec.steps:
+        for split in spec.splits:
+            created += spec.store(run, step, split).create()
+    for split in spec.splits:
+        MonolithicArrays(run.monolithic(split), spec.layout).allocate()
+    if not spec.layout_seconds:
+        spec.layout_seconds = round(time.perf_counter() - started, 3)
+    save_spec(run, spec)
+    fields = {
+        "D": spec.layout.dim,
+        "k": spec.layout.num_outer,
+        "s": spec.layout.num_inner,
+        "block_size": spec.layout.block_size,
+        "parts_per_step_and_split": len(spec.layout.blocks),
+        "tasks_per_step_and_split": spec.num_tasks,
+        "MEAS_PER_JOB": spec.meas_per_job,
+        "recovery": spec.recovery,
+        "noise": spec.layout.noise,
+        "steps": spec.steps,
+        "splits": spec.splits,
+        "seconds": spec.layout_seconds,
+    }
+    summary.record(run, "layout", fields)
+    EventLog(run.log, "layout").write("layout", created_parts=created, **fields)
+    log.info(
+        "layout: D=%d, k=%d, s=%d, block %d, %d parts per step and split, %d steps x %s",
+        spec.layout.dim,
+        spec.layout.num_outer,
+        spec.layout.num_inner,
+        spec.layout.block_size,
+        len(spec.layout.blocks),
+        len(spec.steps),
+        spec.splits,
+    )
+    return spec

@@ -1,0 +1,163 @@
+"""Stage 3, measure: one worker's share of the sketch's Hessian-vector products.
+
+For every inner index ``m`` of its range, one HVP ``b = H Omega[:, m]`` gives inner
+column ``Psi b`` and, for ``m < k``, outer column ``b``. Indices are measured a block
+at a time (one batched ``H @ Omega[:, block]``), and every finished block is written
+atomically to its own part file, flagged ``measured``. Blocks already measured are
+skipped, and so are blocks another live worker holds (an ``flock`` claim released by
+the kernel even on SIGKILL): re-running after a crash redoes only what is missing, and
+submitting the same work twice measures nothing twice.
+
+A worker's range comes from ``indices=a:b``, from ``task=i``, or from Slurm's
+``SLURM_ARRAY_TASK_ID`` with the layout's ``MEAS_PER_JOB`` (task ``i`` handles
+``[i * MEAS_PER_JOB, min(s, (i + 1) * MEAS_PER_JOB))``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from tqdm import tqdm
+
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.hessian import hessian_at_step
+from pipeline.rundir import RunDir
+from pipeline.runlog import EventLog, get_logger
+from pipeline.sketchspec import SketchSpec
+from skerch_ext.measure import measure_block
+
+
+def blocks_in_range(spec: SketchSpec, indices: range) -> list[int]:
+    """Part ids covering ``indices`` exactly; refuses ranges that cut a block."""
+    if indices.start < 0 or indices.stop > spec.layout.num_inner or indices.step != 1:
+        raise ConfigError(
+            f"indices: {indices.start}:{indices.stop} is outside 0:{spec.layout.num_inner}"
+        )
+    chosen = []
+    for block_id, block in enumerate(spec.layout.blocks):
+        inside = indices.start <= block.start and block.stop <= indices.stop
+        overlaps = block.start < indices.stop and indices.start < block.stop
+        if overlaps and not inside:
+            raise ConfigError(
+                f"indices: {indices.start}:{indices.stop} cuts block {block.start}:{block.stop}; "
+                f"ranges must follow block_size={spec.layout.block_size} boundaries"
+            )
+        if inside:
+            chosen.append(block_id)
+    return chosen
+
+
+def measure(
+    run: RunDir,
+    cfg: RunConfig,
+    spec: SketchSpec,
+    step: int,
+    split: str,
+    indices: range,
+    task_name: str,
+) -> dict:
+    """Measure the missing blocks of ``indices`` for ``step`` and ``split``; returns stats."""
+    log = get_logger()
+    if step not in spec.steps or split not in spec.splits:
+        raise ConfigError(
+            f"step/split: the layout measures steps {spec.steps} of splits {spec.splits}, "
+            f"not step {step} of {split!r}"
+        )
+    store = spec.store(run, step, split)
+    if not store.directory.is_dir():
+        raise ConfigError(f"layout: {store.directory} does not exist; run `hessov layout`")
+    block_ids = blocks_in_range(spec, indices)
+    todo = [b for b in block_ids if not store.block_measured(b)]
+    stats = {
+        "task": task_name,
+        "blocks": len(block_ids),
+        "already_measured": len(block_ids) - len(todo),
+        "measured": 0,
+        "skipped_claimed": 0,
+        "hvps": 0,
+        "seconds": 0.0,
+    }
+    if not todo:
+        log.info(
+            "measure %s step %d %s: all %d blocks already measured",
+            task_name,
+            step,
+            split,
+            len(block_ids),
+        )
+        return stats
+    started = time.perf_counter()
+    hessian = hessian_at_step(run, cfg, step, split)
+    sketch = spec.matrices(hessian.dtype, hessian.device)
+    setup_seconds = time.perf_counter() - started
+    run.task_logs.mkdir(parents=True, exist_ok=True)
+    events = EventLog(run.task_logs / f"measure_step_{step}_{split}_{task_name}.jsonl", "measure")
+    events.write(
+        "start",
+        step=step,
+        split=split,
+        indices=[indices.start, indices.stop],
+        blocks=todo,
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        setup_seconds=round(setup_seconds, 3),
+    )
+    k = spec.layout.num_outer
+    progress = tqdm(
+        todo,
+        desc=f"measure {split}@{step} [{indices.start}:{indices.stop}]",
+        unit="block",
+        mininterval=1.0,
+    )
+    for block_id in progress:
+        block = spec.layout.blocks[block_id]
+        with store.claim(block_id) as mine:
+            if not mine or store.block_measured(block_id):
+                stats["skipped_claimed"] += int(not mine)
+                continue
+            t0 = time.perf_counter()
+            result = measure_block(hessian.matmat, sketch, block, k)
+            inner = result.inner.cpu().numpy()
+            outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
+            hvp_seconds = time.perf_counter() - t0
+            store.write_block(
+                block_id,
+                inner,
+                outer,
+                attrs={
+                    "seconds": hvp_seconds,
+                    "hvps": len(block),
+                    "task": task_name,
+                    "host": socket.gethostname(),
+                    "device": str(hessian.device),
+                },
+            )
+        stats["measured"] += 1
+        stats["hvps"] += len(block)
+        stats["seconds"] += hvp_seconds
+        rate = len(block) / hvp_seconds
+        events.write(
+            "block",
+            block=block_id,
+            indices=[block.start, block.stop],
+            seconds=round(hvp_seconds, 4),
+            hvps_per_second=round(rate, 2),
+        )
+        progress.set_postfix(hvps_per_s=f"{rate:.1f}")
+    progress.close()
+    events.write("finished", **stats)
+    events.close()
+    log.info(
+        "measure %s step %d %s: %d blocks (%d HVPs) in %.1f s, %.1f HVPs/s",
+        task_name,
+        step,
+        split,
+        stats["measured"],
+        stats["hvps"],
+        stats["seconds"],
+        stats["hvps"] / max(stats["seconds"], 1e-9),
+    )
+    return stats

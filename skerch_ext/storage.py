@@ -1,0 +1,387 @@
+"""Distributed HDF5 storage of sketch measurements: parts, flags, checksums, merge, view.
+
+Why this shape (Fernandez et al., section "Distributed SEIGH", and what went wrong there):
+
+- **One part file per block of measurements.** A block is the unit of work of the
+  measurement stage (one batched ``H @ Omega[:, block]``). Writing a part is the last
+  thing a block does: the whole file (inner columns, outer columns, per-measurement
+  flags and checksums) goes to a temporary name, is fsynced, and is renamed over the
+  part created by the layout. A rename is atomic, so a worker killed at any moment
+  leaves every part either as the layout made it (flags ``initialized``) or complete
+  (flags ``measured``): nothing measured is ever corrupted, and a re-run redoes only the
+  missing blocks. Per-measurement files (the paper's choice) make thousands of files;
+  a virtual dataset over more files than the open-file limit reads zeros silently, so
+  :func:`check_part_count` refuses layouts with too many parts.
+- **A virtual view for notebooks** (``view.h5``): virtual datasets ``outer`` (D, k) and
+  ``inner`` (s, s) stitched from the parts, with NaN as fill value so that a missing part
+  reads as NaN, never as plausible zeros.
+- **Monolithic arrays, allocated once per split and reused for every recorded step**
+  (:class:`MonolithicArrays`): solve verifies every flag and checksum, then merges the
+  parts into contiguous ``outer``/``inner`` datasets it reads in large slabs. Allocation
+  happens once at layout time, however many steps are solved; a lock file serialises
+  solves of different steps that share the arrays.
+
+Shapes: ``D`` parameters, ``k`` outer measurements, ``s`` inner measurements (``k < s``).
+Measurement ``m`` stores inner column ``m`` (``Psi H Omega[:, m]``, length ``s``) and, for
+``m < k``, outer column ``m`` (``H Omega[:, m]``, length ``D``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import zlib
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FLAG_INITIALIZED = 0
+FLAG_MEASURED = 2
+FLAG_NAMES = {FLAG_INITIALIZED: "initialized", FLAG_MEASURED: "measured"}
+
+
+@dataclass(frozen=True)
+class SketchLayout:
+    """The shape of one sketch and the settings every worker must share.
+
+    Attributes:
+        dim: D, side of the symmetric operator.
+        num_outer: k, outer measurements (the rank of the returned eigendecomposition).
+        num_inner: s, inner measurements (= number of HVPs of the first pass).
+        block_size: measurements per part (and per batched HVP).
+        dtype: storage dtype, "float32" or "float64".
+        noise: test-matrix type ("ssrft", "gaussian", "rademacher").
+        seed: base seed of the sketch's seed registry.
+    """
+
+    dim: int
+    num_outer: int
+    num_inner: int
+    block_size: int
+    dtype: str
+    noise: str
+    seed: int
+
+    def __post_init__(self):
+        if not 0 < self.num_outer < self.num_inner:
+            raise ValueError(f"k={self.num_outer} must satisfy 0 < k < s={self.num_inner}")
+        if self.num_outer > self.dim:
+            raise ValueError(f"k={self.num_outer} exceeds the dimension D={self.dim}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    @property
+    def blocks(self) -> list[range]:
+        """The partition of ``range(s)`` into consecutive blocks of ``block_size``."""
+        size = self.block_size
+        return [range(a, min(a + size, self.num_inner)) for a in range(0, self.num_inner, size)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SketchLayout:
+        return cls(**json.loads(text))
+
+
+def check_part_count(num_parts: int, limit: int | None = None) -> None:
+    """Refuse more part files than half the open-file limit (a virtual dataset opens them
+    all; past the limit HDF5 returns fill values instead of failing)."""
+    soft = limit if limit is not None else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if num_parts > soft // 2:
+        raise ValueError(
+            f"{num_parts} part files exceed half the open-file limit ({soft}); raise "
+            "block_size so that s / block_size stays below it"
+        )
+
+
+def column_checksums(inner: np.ndarray, outer: np.ndarray | None) -> np.ndarray:
+    """CRC-32 of each measurement's bytes: inner column ``j`` then, if present, outer
+    column ``j``. ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)`` with ``P_outer <= P``."""
+    sums = np.empty(inner.shape[1], dtype=np.uint32)
+    for j in range(inner.shape[1]):
+        crc = zlib.crc32(np.ascontiguousarray(inner[:, j]).tobytes())
+        if outer is not None and j < outer.shape[1]:
+            crc = zlib.crc32(np.ascontiguousarray(outer[:, j]).tobytes(), crc)
+        sums[j] = crc
+    return sums
+
+
+class MeasurementStore:
+    """The part files of one measured operator (one step and split) in ``directory``."""
+
+    def __init__(self, directory: Path, layout: SketchLayout):
+        self.directory = Path(directory)
+        self.layout = layout
+
+    def part_path(self, block_id: int) -> Path:
+        return self.directory / f"part_{block_id:05d}.h5"
+
+    @property
+    def view_path(self) -> Path:
+        return self.directory / "view.h5"
+
+    def _outer_count(self, block: range) -> int:
+        return max(0, min(block.stop, self.layout.num_outer) - block.start)
+
+    def create(self) -> int:
+        """Create every missing part (flags ``initialized``) and the virtual view.
+
+        Existing parts are kept untouched: measured blocks are never reset. Returns the
+        number of parts created. Refuses a directory laid out for another shape.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stamp = self.directory / "layout.json"
+        if stamp.is_file():
+            existing = SketchLayout.from_json(stamp.read_text())
+            if existing != self.layout:
+                raise ValueError(f"{self.directory} was laid out for {existing}, not {self.layout}")
+        else:
+            stamp.write_text(self.layout.to_json())
+        created = 0
+        for block_id in range(len(self.layout.blocks)):
+            if not self.part_path(block_id).is_file():
+                self._write_part(block_id, None, None, FLAG_INITIALIZED)
+                created += 1
+        self._write_view()
+        return created
+
+    def _write_part(self, block_id: int, inner, outer, flag: int, attrs: dict | None = None):
+        block = self.layout.blocks[block_id]
+        path = self.part_path(block_id)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        n_outer = self._outer_count(block)
+        dtype = self.layout.dtype
+        with h5py.File(tmp, "w") as handle:
+            handle.attrs["indices"] = [block.start, block.stop]
+            if inner is None:
+                handle.create_dataset(
+                    "inner", (self.layout.num_inner, len(block)), dtype=dtype, fillvalue=np.nan
+                )
+                if n_outer:
+                    handle.create_dataset(
+                        "outer", (self.layout.dim, n_outer), dtype=dtype, fillvalue=np.nan
+                    )
+                sums = np.zeros(len(block), dtype=np.uint32)
+            else:
+                handle.create_dataset("inner", data=inner.astype(dtype, copy=False))
+                if n_outer:
+                    handle.create_dataset("outer", data=outer.astype(dtype, copy=False))
+                sums = column_checksums(handle["inner"][:], handle["outer"][:] if n_outer else None)
+            handle.create_dataset("flags", data=np.full(len(block), flag, dtype=np.uint8))
+            handle.create_dataset("checksums", data=sums)
+            for key, value in (attrs or {}).items():
+                handle.attrs[key] = value
+        with open(tmp, "rb+") as raw:
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+
+    def write_block(
+        self, block_id: int, inner: np.ndarray, outer: np.ndarray | None, attrs: dict | None = None
+    ) -> None:
+        """Atomically replace part ``block_id`` by its measurements, flagged ``measured``.
+
+        ``inner`` ``(s, P)``; ``outer`` ``(D, P_outer)`` for the block's indices below k.
+        """
+        block = self.layout.blocks[block_id]
+        if inner.shape != (self.layout.num_inner, len(block)):
+            raise ValueError(
+                f"inner block has shape {inner.shape}, expected "
+                f"{(self.layout.num_inner, len(block))}"
+            )
+        n_outer = self._outer_count(block)
+        if n_outer and (outer is None or outer.shape != (self.layout.dim, n_outer)):
+            raise ValueError(f"outer block must have shape {(self.layout.dim, n_outer)}")
+        self._write_part(block_id, inner, outer if n_outer else None, FLAG_MEASURED, attrs)
+
+    @contextmanager
+    def claim(self, block_id: int):
+        """Try to take block ``block_id`` for measuring; yields False if another live
+        process holds it. The claim is an ``flock`` on a lock file, which the kernel
+        releases when its holder dies (even by SIGKILL), so a crash never leaves a block
+        claimed: two submissions of the same run never measure a block twice at once."""
+        lock_path = self.directory / f".part_{block_id:05d}.lock"
+        with open(lock_path, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def is_claimed(self, block_id: int) -> bool:
+        """Whether a live process is measuring block ``block_id`` right now."""
+        with self.claim(block_id) as free:
+            return not free
+
+    def block_flags(self) -> list[np.ndarray]:
+        """Flags ``(P,)`` of every part; a missing part file reads as all initialized."""
+        flags = []
+        for block_id, block in enumerate(self.layout.blocks):
+            path = self.part_path(block_id)
+            if not path.is_file():
+                flags.append(np.zeros(len(block), dtype=np.uint8))
+                continue
+            with h5py.File(path, "r") as handle:
+                flags.append(handle["flags"][:])
+        return flags
+
+    def block_measured(self, block_id: int) -> bool:
+        """Whether every measurement of part ``block_id`` is flagged ``measured``."""
+        path = self.part_path(block_id)
+        if not path.is_file():
+            return False
+        with h5py.File(path, "r") as handle:
+            return bool((handle["flags"][:] == FLAG_MEASURED).all())
+
+    def measured_blocks(self) -> set[int]:
+        return {b for b, f in enumerate(self.block_flags()) if (f == FLAG_MEASURED).all()}
+
+    def missing_indices(self) -> list[int]:
+        """Measurement indices not flagged ``measured``."""
+        missing = []
+        for block, flags in zip(self.layout.blocks, self.block_flags(), strict=True):
+            missing += [m for m, f in zip(block, flags, strict=True) if f != FLAG_MEASURED]
+        return missing
+
+    def verify(self) -> dict[str, list[int]]:
+        """Indices that are missing (not measured) or corrupt (checksum or file damage)."""
+        missing, corrupt = [], []
+        for block_id, block in enumerate(self.layout.blocks):
+            path = self.part_path(block_id)
+            try:
+                with h5py.File(path, "r") as handle:
+                    flags = handle["flags"][:]
+                    inner = handle["inner"][:]
+                    outer = handle["outer"][:] if "outer" in handle else None
+                    stored = handle["checksums"][:]
+            except (OSError, KeyError):
+                (corrupt if path.is_file() else missing).extend(block)
+                continue
+            actual = column_checksums(inner, outer)
+            for j, m in enumerate(block):
+                if flags[j] != FLAG_MEASURED:
+                    missing.append(m)
+                elif actual[j] != stored[j]:
+                    corrupt.append(m)
+        return {"missing": missing, "corrupt": corrupt}
+
+    def part_attrs(self) -> list[dict]:
+        """The attributes each measured part was written with (timings, worker)."""
+        found = []
+        for block_id in range(len(self.layout.blocks)):
+            path = self.part_path(block_id)
+            if path.is_file():
+                with h5py.File(path, "r") as handle:
+                    found.append(dict(handle.attrs))
+        return found
+
+    def _write_view(self) -> None:
+        layout = self.layout
+        outer_layout = h5py.VirtualLayout((layout.dim, layout.num_outer), dtype=layout.dtype)
+        inner_layout = h5py.VirtualLayout((layout.num_inner, layout.num_inner), dtype=layout.dtype)
+        for block_id, block in enumerate(layout.blocks):
+            name = self.part_path(block_id).name  # relative: the run directory can move
+            inner_layout[:, block.start : block.stop] = h5py.VirtualSource(
+                name, "inner", shape=(layout.num_inner, len(block))
+            )
+            n_outer = self._outer_count(block)
+            if n_outer:
+                outer_layout[:, block.start : block.start + n_outer] = h5py.VirtualSource(
+                    name, "outer", shape=(layout.dim, n_outer)
+                )
+        tmp = self.view_path.with_name(f".view.{os.getpid()}.tmp")
+        with h5py.File(tmp, "w") as handle:
+            handle.create_virtual_dataset("outer", outer_layout, fillvalue=np.nan)
+            handle.create_virtual_dataset("inner", inner_layout, fillvalue=np.nan)
+            handle.attrs["layout"] = layout.to_json()
+        os.replace(tmp, self.view_path)
+
+
+def describe_indices(indices: list[int]) -> str:
+    """Compact ranges, e.g. ``[0, 1, 2, 7]`` -> ``"0-2, 7"``."""
+    if not indices:
+        return "none"
+    parts, start, prev = [], indices[0], indices[0]
+    for m in indices[1:] + [None]:
+        if m is not None and m == prev + 1:
+            prev = m
+            continue
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+        if m is not None:
+            start = prev = m
+    return ", ".join(parts)
+
+
+class MonolithicArrays:
+    """Contiguous ``outer`` (D, k) and ``inner`` (s, s) arrays, allocated once, reused for
+    every recorded step. ``attrs['holds']`` names the measurements merged in last."""
+
+    def __init__(self, path: Path, layout: SketchLayout):
+        self.path = Path(path)
+        self.layout = layout
+
+    def allocate(self) -> bool:
+        """Create the file with both arrays fully allocated; False if it already exists."""
+        if self.path.is_file():
+            with h5py.File(self.path, "r") as handle:
+                existing = SketchLayout.from_json(handle.attrs["layout"])
+            if existing != self.layout:
+                raise ValueError(f"{self.path} was allocated for {existing}")
+            return False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        layout = self.layout
+        with h5py.File(tmp, "w") as handle:
+            # Early allocation: the space is reserved now, not on every step's merge.
+            for name, shape in (
+                ("outer", (layout.dim, layout.num_outer)),
+                ("inner", (layout.num_inner, layout.num_inner)),
+            ):
+                space = h5py.h5s.create_simple(shape)
+                plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+                dtype = h5py.h5t.py_create(np.dtype(layout.dtype))
+                h5py.h5d.create(handle.id, name.encode(), dtype, space, plist)
+            handle.attrs["layout"] = layout.to_json()
+            handle.attrs["holds"] = ""
+        os.replace(tmp, self.path)
+        return True
+
+    @contextmanager
+    def locked(self):
+        """Exclusive use of the arrays (solves of different steps share them)."""
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def merge(self, store: MeasurementStore, label: str) -> None:
+        """Copy every part of ``store`` into the arrays (call :meth:`MeasurementStore.verify`
+        first, inside :meth:`locked`)."""
+        with h5py.File(self.path, "r+") as target:
+            target.attrs["holds"] = ""
+            for block_id, block in enumerate(store.layout.blocks):
+                with h5py.File(store.part_path(block_id), "r") as part:
+                    target["inner"][:, block.start : block.stop] = part["inner"][:]
+                    if "outer" in part:
+                        width = part["outer"].shape[1]
+                        target["outer"][:, block.start : block.start + width] = part["outer"][:]
+            target.attrs["holds"] = label
+
+    def read(self, label: str) -> tuple[np.ndarray, np.ndarray]:
+        """``outer`` (D, k) and ``inner`` (s, s), checking they hold ``label``."""
+        with h5py.File(self.path, "r") as handle:
+            if handle.attrs["holds"] != label:
+                raise ValueError(f"{self.path} holds {handle.attrs['holds']!r}, not {label!r}")
+            return handle["outer"][:], handle["inner"][:]
