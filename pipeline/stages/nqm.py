@@ -189,9 +189,10 @@ def _by_batch(batch_sizes: list[int], optima: list[Optimum], with_momentum: bool
 
 
 def _critical_table(
-    batch_sizes: list[int], sweeps: dict[str, list[Optimum]], speedup: float
+    batch_sizes: list[int], sweeps: dict[str, list[Optimum]], speedup: float, what: str
 ) -> tuple[dict, str]:
-    """Critical batch size per algorithm, as JSON and as a markdown table."""
+    """Critical batch size per sweep (``what`` names the sweeps' column), as JSON and as a
+    markdown table."""
     rows, table = {}, []
     for name, optima in sweeps.items():
         steps = [o.steps for o in optima]
@@ -215,7 +216,7 @@ def _critical_table(
         [
             f"Critical batch size: the smallest B with steps(B) / steps(2B) < {speedup:g}.",
             "",
-            "| algorithm | critical B | steps at B | steps at 2B | steps at the largest B |",
+            f"| {what} | critical B | steps at B | steps at 2B | steps at the largest B |",
             "|---|---|---|---|---|",
             *table,
             "",
@@ -298,10 +299,13 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
                 "final_loss": found.schedule.loss,
             }
 
-    critical, markdown = _critical_table(batch_sizes, sweeps, cfg.critical_speedup)
+    critical, markdown = _critical_table(batch_sizes, sweeps, cfg.critical_speedup, "algorithm")
     power_labels = {power: f"p = {power:g}" for power in cfg.p_values}
     critical_by_power, power_markdown = _critical_table(
-        batch_sizes, {power_labels[p]: by_power[p] for p in cfg.p_values}, cfg.critical_speedup
+        batch_sizes,
+        {power_labels[p]: by_power[p] for p in cfg.p_values},
+        cfg.critical_speedup,
+        "preconditioner power (no momentum)",
     )
     (out_dir / "critical_batch_size.md").write_text(markdown + "\n" + power_markdown)
 
