@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from curvlinops import HessianLinearOperator
 from torch import nn
+from tqdm import tqdm
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -115,3 +116,17 @@ def operator_checks(
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return OperatorReport(dim, rel_diff, finite, seconds)
+
+
+def dense_matrix(matmat: MatMat, dim: int, *, block_size: int, dtype: torch.dtype, device,
+                 progress: bool = True) -> torch.Tensor:
+    """The operator as a dense ``(D, D)`` matrix, ``H @ I`` a block of columns at a time
+    (identity blocks are made on the fly; only the result is ever D x D), symmetrised."""
+    result = torch.empty(dim, dim, dtype=dtype, device=device)
+    starts = range(0, dim, block_size)
+    for start in tqdm(starts, desc="H @ I", unit="block", disable=not progress, mininterval=1.0):
+        stop = min(dim, start + block_size)
+        identity = torch.zeros(dim, stop - start, dtype=dtype, device=device)
+        identity[torch.arange(start, stop), torch.arange(stop - start)] = 1
+        result[:, start:stop] = matmat(identity)
+    return (result + result.T) / 2
