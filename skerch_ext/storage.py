@@ -23,7 +23,8 @@ Why this shape (Fernandez et al., section "Distributed SEIGH", and what went wro
 
 Shapes: ``D`` parameters, ``k`` outer measurements, ``s`` inner measurements (``k < s``).
 Measurement ``m`` stores inner column ``m`` (``Psi H Omega[:, m]``, length ``s``) and, for
-``m < k``, outer column ``m`` (``H Omega[:, m]``, length ``D``).
+``m < k``, outer column ``m`` (``H Omega[:, m]``, length ``D``). A set without inner sketch
+(``s = 0``: each round of two-pass recovery) holds ``k`` measurements, outer columns only.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class SketchLayout:
     Attributes:
         dim: D, side of the symmetric operator.
         num_outer: k, outer measurements (the rank of the returned eigendecomposition).
-        num_inner: s, inner measurements (= number of HVPs of the first pass).
+        num_inner: s, inner measurements (= number of HVPs of the first pass); 0 for a
+            set of outer columns only.
         block_size: measurements per part (and per batched HVP).
         dtype: storage dtype, "float32" or "float64".
         noise: test-matrix type ("ssrft", "gaussian", "rademacher").
@@ -68,18 +70,25 @@ class SketchLayout:
     seed: int
 
     def __post_init__(self):
-        if not 0 < self.num_outer < self.num_inner:
+        if self.num_inner and not 0 < self.num_outer < self.num_inner:
             raise ValueError(f"k={self.num_outer} must satisfy 0 < k < s={self.num_inner}")
+        if self.num_outer < 1:
+            raise ValueError(f"k={self.num_outer} must be >= 1")
         if self.num_outer > self.dim:
             raise ValueError(f"k={self.num_outer} exceeds the dimension D={self.dim}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     @property
+    def num_measurements(self) -> int:
+        """Measurements (HVPs) in the set: s, or k for a set of outer columns only."""
+        return self.num_inner or self.num_outer
+
+    @property
     def blocks(self) -> list[range]:
-        """The partition of ``range(s)`` into consecutive blocks of ``block_size``."""
-        size = self.block_size
-        return [range(a, min(a + size, self.num_inner)) for a in range(0, self.num_inner, size)]
+        """The partition of the measurements into consecutive blocks of ``block_size``."""
+        size, total = self.block_size, self.num_measurements
+        return [range(a, min(a + size, total)) for a in range(0, total, size)]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -100,12 +109,14 @@ def check_part_count(num_parts: int, limit: int | None = None) -> None:
         )
 
 
-def column_checksums(inner: np.ndarray, outer: np.ndarray | None) -> np.ndarray:
-    """CRC-32 of each measurement's bytes: inner column ``j`` then, if present, outer
-    column ``j``. ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)`` with ``P_outer <= P``."""
-    sums = np.empty(inner.shape[1], dtype=np.uint32)
-    for j in range(inner.shape[1]):
-        crc = zlib.crc32(np.ascontiguousarray(inner[:, j]).tobytes())
+def column_checksums(inner: np.ndarray | None, outer: np.ndarray | None, count: int) -> np.ndarray:
+    """CRC-32 of each of ``count`` measurements: inner column ``j`` (if there is an inner
+    sketch) then outer column ``j`` (if any). ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)``."""
+    sums = np.empty(count, dtype=np.uint32)
+    for j in range(count):
+        crc = 0
+        if inner is not None:
+            crc = zlib.crc32(np.ascontiguousarray(inner[:, j]).tobytes())
         if outer is not None and j < outer.shape[1]:
             crc = zlib.crc32(np.ascontiguousarray(outer[:, j]).tobytes(), crc)
         sums[j] = crc
@@ -156,23 +167,29 @@ class MeasurementStore:
         path = self.part_path(block_id)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         n_outer = self._outer_count(block)
-        dtype = self.layout.dtype
+        dtype, has_inner = self.layout.dtype, self.layout.num_inner > 0
         with h5py.File(tmp, "w") as handle:
             handle.attrs["indices"] = [block.start, block.stop]
-            if inner is None:
-                handle.create_dataset(
-                    "inner", (self.layout.num_inner, len(block)), dtype=dtype, fillvalue=np.nan
-                )
+            if flag == FLAG_INITIALIZED:
+                if has_inner:
+                    handle.create_dataset(
+                        "inner", (self.layout.num_inner, len(block)), dtype=dtype, fillvalue=np.nan
+                    )
                 if n_outer:
                     handle.create_dataset(
                         "outer", (self.layout.dim, n_outer), dtype=dtype, fillvalue=np.nan
                     )
                 sums = np.zeros(len(block), dtype=np.uint32)
             else:
-                handle.create_dataset("inner", data=inner.astype(dtype, copy=False))
+                if has_inner:
+                    handle.create_dataset("inner", data=inner.astype(dtype, copy=False))
                 if n_outer:
                     handle.create_dataset("outer", data=outer.astype(dtype, copy=False))
-                sums = column_checksums(handle["inner"][:], handle["outer"][:] if n_outer else None)
+                sums = column_checksums(
+                    handle["inner"][:] if has_inner else None,
+                    handle["outer"][:] if n_outer else None,
+                    len(block),
+                )
             handle.create_dataset("flags", data=np.full(len(block), flag, dtype=np.uint8))
             handle.create_dataset("checksums", data=sums)
             for key, value in (attrs or {}).items():
@@ -182,18 +199,21 @@ class MeasurementStore:
         os.replace(tmp, path)
 
     def write_block(
-        self, block_id: int, inner: np.ndarray, outer: np.ndarray | None, attrs: dict | None = None
+        self,
+        block_id: int,
+        inner: np.ndarray | None,
+        outer: np.ndarray | None,
+        attrs: dict | None = None,
     ) -> None:
         """Atomically replace part ``block_id`` by its measurements, flagged ``measured``.
 
-        ``inner`` ``(s, P)``; ``outer`` ``(D, P_outer)`` for the block's indices below k.
+        ``inner`` ``(s, P)`` (None for a set without inner sketch); ``outer``
+        ``(D, P_outer)`` for the block's indices below k.
         """
         block = self.layout.blocks[block_id]
-        if inner.shape != (self.layout.num_inner, len(block)):
-            raise ValueError(
-                f"inner block has shape {inner.shape}, expected "
-                f"{(self.layout.num_inner, len(block))}"
-            )
+        expected = (self.layout.num_inner, len(block))
+        if self.layout.num_inner and (inner is None or inner.shape != expected):
+            raise ValueError(f"inner block must have shape {expected}")
         n_outer = self._outer_count(block)
         if n_outer and (outer is None or outer.shape != (self.layout.dim, n_outer)):
             raise ValueError(f"outer block must have shape {(self.layout.dim, n_outer)}")
@@ -260,13 +280,13 @@ class MeasurementStore:
             try:
                 with h5py.File(path, "r") as handle:
                     flags = handle["flags"][:]
-                    inner = handle["inner"][:]
+                    inner = handle["inner"][:] if self.layout.num_inner else None
                     outer = handle["outer"][:] if "outer" in handle else None
                     stored = handle["checksums"][:]
             except (OSError, KeyError):
                 (corrupt if path.is_file() else missing).extend(block)
                 continue
-            actual = column_checksums(inner, outer)
+            actual = column_checksums(inner, outer, len(block))
             for j, m in enumerate(block):
                 if flags[j] != FLAG_MEASURED:
                     missing.append(m)
@@ -290,9 +310,10 @@ class MeasurementStore:
         inner_layout = h5py.VirtualLayout((layout.num_inner, layout.num_inner), dtype=layout.dtype)
         for block_id, block in enumerate(layout.blocks):
             name = self.part_path(block_id).name  # relative: the run directory can move
-            inner_layout[:, block.start : block.stop] = h5py.VirtualSource(
-                name, "inner", shape=(layout.num_inner, len(block))
-            )
+            if layout.num_inner:
+                inner_layout[:, block.start : block.stop] = h5py.VirtualSource(
+                    name, "inner", shape=(layout.num_inner, len(block))
+                )
             n_outer = self._outer_count(block)
             if n_outer:
                 outer_layout[:, block.start : block.start + n_outer] = h5py.VirtualSource(
@@ -301,7 +322,8 @@ class MeasurementStore:
         tmp = self.view_path.with_name(f".view.{os.getpid()}.tmp")
         with h5py.File(tmp, "w") as handle:
             handle.create_virtual_dataset("outer", outer_layout, fillvalue=np.nan)
-            handle.create_virtual_dataset("inner", inner_layout, fillvalue=np.nan)
+            if layout.num_inner:
+                handle.create_virtual_dataset("inner", inner_layout, fillvalue=np.nan)
             handle.attrs["layout"] = layout.to_json()
         os.replace(tmp, self.view_path)
 
@@ -330,7 +352,7 @@ class MonolithicArrays:
         self.layout = layout
 
     def allocate(self) -> bool:
-        """Create the file with both arrays fully allocated; False if it already exists."""
+        """Create the file with its arrays fully allocated; False if it already exists."""
         if self.path.is_file():
             with h5py.File(self.path, "r") as handle:
                 existing = SketchLayout.from_json(handle.attrs["layout"])
@@ -340,17 +362,21 @@ class MonolithicArrays:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         layout = self.layout
+        shapes = [("outer", (layout.dim, layout.num_outer))]
+        if layout.num_inner:
+            shapes.append(("inner", (layout.num_inner, layout.num_inner)))
         with h5py.File(tmp, "w") as handle:
             # Early allocation: the space is reserved now, not on every step's merge.
-            for name, shape in (
-                ("outer", (layout.dim, layout.num_outer)),
-                ("inner", (layout.num_inner, layout.num_inner)),
-            ):
-                space = h5py.h5s.create_simple(shape)
+            for name, shape in shapes:
                 plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-                dtype = h5py.h5t.py_create(np.dtype(layout.dtype))
-                h5py.h5d.create(handle.id, name.encode(), dtype, space, plist)
+                h5py.h5d.create(
+                    handle.id,
+                    name.encode(),
+                    h5py.h5t.py_create(np.dtype(layout.dtype)),
+                    h5py.h5s.create_simple(shape),
+                    plist,
+                )
             handle.attrs["layout"] = layout.to_json()
             handle.attrs["holds"] = ""
         os.replace(tmp, self.path)
@@ -373,15 +399,18 @@ class MonolithicArrays:
             target.attrs["holds"] = ""
             for block_id, block in enumerate(store.layout.blocks):
                 with h5py.File(store.part_path(block_id), "r") as part:
-                    target["inner"][:, block.start : block.stop] = part["inner"][:]
+                    if "inner" in part:
+                        target["inner"][:, block.start : block.stop] = part["inner"][:]
                     if "outer" in part:
                         width = part["outer"].shape[1]
                         target["outer"][:, block.start : block.start + width] = part["outer"][:]
             target.attrs["holds"] = label
 
-    def read(self, label: str) -> tuple[np.ndarray, np.ndarray]:
-        """``outer`` (D, k) and ``inner`` (s, s), checking they hold ``label``."""
+    def read(self, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``outer`` (D, k) and ``inner`` (s, s) (None without inner sketch), checking they
+        hold ``label``."""
         with h5py.File(self.path, "r") as handle:
             if handle.attrs["holds"] != label:
                 raise ValueError(f"{self.path} holds {handle.attrs['holds']!r}, not {label!r}")
-            return handle["outer"][:], handle["inner"][:]
+            inner = handle["inner"][:] if "inner" in handle else None
+            return handle["outer"][:], inner
