@@ -87,11 +87,14 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     from pipeline.stages.measure import measure
 
     run = _open_run(args.run_dir)
-    stage, overrides = _split_stage_args(args.overrides, ("step", "split", "indices", "task"))
+    stage, overrides = _split_stage_args(
+        args.overrides, ("step", "split", "indices", "task", "round")
+    )
     cfg = override_run_config(
         run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
     )
     spec = load_spec(run)
+    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
     if "indices" in stage:
         start, sep, stop = stage["indices"].partition(":")
         try:
@@ -101,12 +104,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     else:
         task = stage.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
         if task is None:
-            indices, task_name = range(spec.layout.num_inner), "all"
+            indices, task_name = range(spec.layout.num_measurements), "all"
         else:
             indices = spec.task_indices(_int_arg({"task": task}, "task"))
             task_name = f"task{int(task)}"
     for step, split in _steps_and_splits(stage, spec):
-        measure(run, cfg, spec, step, split, indices, task_name)
+        measure(run, cfg, spec, step, split, indices, task_name, stage.get("round", "first"))
     return 0
 
 
@@ -121,8 +124,26 @@ def _cmd_solve(args: argparse.Namespace) -> int:
         run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
     )
     spec = load_spec(run)
+    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
     for step, split in _steps_and_splits(stage, spec):
         solve(run, cfg, spec, step, split)
+    return 0
+
+
+def _cmd_exhaustive(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.exhaustive import exhaustive
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
+    cfg = override_run_config(
+        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
+    )
+    spec = load_spec(run)
+    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    for step, split in _steps_and_splits(stage, spec):
+        exhaustive(run, cfg, spec, step, split)
     return 0
 
 
@@ -205,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
             "stage 3: take one worker's share of the Hessian sketch measurements",
             "Measure step=T split=train|test (default: every step and split of the layout) for "
             "indices=a:b, task=i, or $SLURM_ARRAY_TASK_ID with MEAS_PER_JOB (default: all). "
-            "Skips measured blocks; writes each finished block atomically. Also device= threads=.",
+            "Skips measured blocks; writes each finished block atomically. With two-pass "
+            "recovery, round=second multiplies H onto the basis Q written by the first-round "
+            "solve. Also device= threads=.",
         ),
         "solve": (
             _cmd_solve,
@@ -213,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Solve step=T split=train|test (default: every step and split of the layout): "
             "verify every flag and checksum, merge, single-pass SEIGH core, a-posteriori error. "
             "Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
+        ),
+        "exhaustive": (
+            _cmd_exhaustive,
+            "small networks: exact eigendecomposition next to the sketch",
+            "For D up to ~10,000: the dense Hessian (H @ I in blocks, float64), exact eigh, and "
+            "next to it the sketch at the layout's settings (the solve stage's result, or the "
+            "in-core sketch): top-20 eigenvalue errors, sign-invariant eigenvector residuals, "
+            "subspace overlaps at k = 1, 5, 10, 20, 50, 100 and k. step= split= (default all).",
         ),
         "check-operator": (
             _cmd_check_operator,

@@ -282,6 +282,7 @@ def validate(cfg: RunConfig) -> None:
 #: sketch settings the layout fixes. Everything else is what training did.
 LATER_STAGE_KEYS = (
     "device",
+    "dtype",
     "threads",
     "k",
     "s",

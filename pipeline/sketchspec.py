@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError, MissingInputError
 from pipeline.rundir import RunDir
 from pipeline.summary import atomic_write_json
 from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
-from skerch_ext.storage import MeasurementStore, SketchLayout
+from skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
 from skerch_ext.test_matrices import SketchMatrices
 
 #: Largest automatic block: past 64 columns curvlinops' vmapped products stop getting
@@ -45,31 +45,68 @@ class SketchSpec:
 
     @property
     def num_tasks(self) -> int:
-        """Measurement array tasks per step and split: ceil(s / MEAS_PER_JOB)."""
-        return -(-self.layout.num_inner // self.meas_per_job)
+        """Measurement array tasks per step, split and round: ceil(measurements / MEAS_PER_JOB)."""
+        return -(-self.layout.num_measurements // self.meas_per_job)
 
     def task_indices(self, task: int) -> range:
-        """Inner indices of array task ``task`` (0-based)."""
+        """Measurement indices of array task ``task`` (0-based), in any round."""
         if not 0 <= task < self.num_tasks:
             raise ConfigError(f"task: {task} outside 0..{self.num_tasks - 1}")
         start = task * self.meas_per_job
-        return range(start, min(self.layout.num_inner, start + self.meas_per_job))
+        return range(start, min(self.layout.num_measurements, start + self.meas_per_job))
 
     def seeds(self) -> SeedRegistry:
-        return sketch_seed_ranges(self.layout.seed, self.layout.num_inner, self.num_apost)
+        """Omega's and Psi's ranges cover every first-round measurement (s, or k for two-pass,
+        as in :func:`skerch_ext.incore.sketched_eigh`), then the a-posteriori probes."""
+        return sketch_seed_ranges(self.layout.seed, self.layout.num_measurements, self.num_apost)
 
     def matrices(self, dtype: torch.dtype, device) -> SketchMatrices:
         return SketchMatrices.from_seeds(
             self.layout.dim,
-            self.layout.num_inner,
+            self.layout.num_measurements,
             self.seeds(),
             noise=self.layout.noise,
             dtype=dtype,
             device=device,
         )
 
-    def store(self, run: RunDir, step: int, split: str) -> MeasurementStore:
-        return MeasurementStore(run.measurement_parts(step, split), self.layout)
+    @property
+    def rounds(self) -> tuple[str, ...]:
+        """Measurement rounds: ``first`` (H Omega); two-pass adds ``second`` (H Q)."""
+        return ("first", "second") if self.recovery == "two_pass" else ("first",)
+
+    @property
+    def total_hvps(self) -> int:
+        """HVPs of the sketch (a-posteriori probes excluded)."""
+        rounds = len(self.rounds)
+        return self.layout.num_measurements * rounds
+
+    def round_layout(self, round_name: str) -> SketchLayout:
+        """The layout of a round: the first pass's, or k products ``H @ Q[:, m]``."""
+        if round_name == "first":
+            return self.layout
+        k = self.layout.num_outer
+        return SketchLayout(
+            self.layout.dim,
+            k,
+            0,
+            self.layout.block_size,
+            self.layout.dtype,
+            "basis",
+            self.layout.seed,
+        )
+
+    def store(
+        self, run: RunDir, step: int, split: str, round_name: str = "first"
+    ) -> MeasurementStore:
+        return MeasurementStore(
+            run.measurement_parts(step, split, round_name), self.round_layout(round_name)
+        )
+
+    def monolithic(self, run: RunDir, split: str, round_name: str = "first") -> MonolithicArrays:
+        """A split's merge target for one round, allocated once and reused for every step."""
+        name = split if round_name == "first" else f"{split}_{round_name}"
+        return MonolithicArrays(run.monolithic(name), self.round_layout(round_name))
 
     def to_json(self) -> dict:
         payload = asdict(self)
@@ -95,18 +132,27 @@ def automatic_block_size(dim: int, itemsize: int) -> int:
 def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchSpec:
     """Resolve defaults and validate the sketch settings against D and the records."""
     k = cfg.k or max(1, round(0.05 * dim))
-    s = cfg.s or 2 * k
-    if k >= s:
-        raise ConfigError(f"k: k={k} must be smaller than s={s}")
+    if cfg.recovery == "two_pass":
+        if cfg.s:
+            raise ConfigError(
+                "s: two-pass recovery takes no inner sketch: its budget is k HVPs on Omega "
+                "plus k on Q (2k in all); set only k"
+            )
+        s = 0
+    else:
+        s = cfg.s or 2 * k
+        if k >= s:
+            raise ConfigError(f"k: k={k} must be smaller than s={s}")
     if k > dim:
         raise ConfigError(f"k: k={k} exceeds the number of parameters D={dim}")
     if s > dim:
         raise ConfigError(f"s: s={s} exceeds the number of parameters D={dim}")
     itemsize = 8 if cfg.dtype == "float64" else 4
     block = cfg.block_size or automatic_block_size(dim, itemsize)
-    block = min(block, s)
-    per_job = cfg.MEAS_PER_JOB or s
-    if per_job % block and per_job < s:
+    measurements = s or k
+    block = min(block, measurements)
+    per_job = cfg.MEAS_PER_JOB or measurements
+    if per_job % block and per_job < measurements:
         raise ConfigError(
             f"MEAS_PER_JOB: {per_job} is not a multiple of block_size={block}; every task must "
             "own whole blocks so that no two tasks write one part file"

@@ -118,8 +118,9 @@ def operator_checks(
     return OperatorReport(dim, rel_diff, finite, seconds)
 
 
-def dense_matrix(matmat: MatMat, dim: int, *, block_size: int, dtype: torch.dtype, device,
-                 progress: bool = True) -> torch.Tensor:
+def dense_matrix(
+    matmat: MatMat, dim: int, *, block_size: int, dtype: torch.dtype, device, progress: bool = True
+) -> torch.Tensor:
     """The operator as a dense ``(D, D)`` matrix, ``H @ I`` a block of columns at a time
     (identity blocks are made on the fly; only the result is ever D x D), symmetrised."""
     result = torch.empty(dim, dim, dtype=dtype, device=device)

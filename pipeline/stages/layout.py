@@ -19,7 +19,7 @@ from pipeline.paramstore import ColumnStore
 from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
 from pipeline.sketchspec import SketchSpec, load_spec, resolve_spec, save_spec
-from skerch_ext.storage import MonolithicArrays, check_part_count
+from skerch_ext.storage import check_part_count
 
 
 def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
@@ -48,9 +48,11 @@ def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
     created = 0
     for step in spec.steps:
         for split in spec.splits:
-            created += spec.store(run, step, split).create()
+            for round_name in spec.rounds:
+                created += spec.store(run, step, split, round_name).create()
     for split in spec.splits:
-        MonolithicArrays(run.monolithic(split), spec.layout).allocate()
+        for round_name in spec.rounds:
+            spec.monolithic(run, split, round_name).allocate()
     if not spec.layout_seconds:
         spec.layout_seconds = round(time.perf_counter() - started, 3)
     save_spec(run, spec)
@@ -58,6 +60,7 @@ def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
         "D": spec.layout.dim,
         "k": spec.layout.num_outer,
         "s": spec.layout.num_inner,
+        "hvps_per_step_and_split": spec.total_hvps,
         "block_size": spec.layout.block_size,
         "parts_per_step_and_split": len(spec.layout.blocks),
         "tasks_per_step_and_split": spec.num_tasks,

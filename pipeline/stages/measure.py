@@ -11,6 +11,10 @@ submitting the same work twice measures nothing twice.
 A worker's range comes from ``indices=a:b``, from ``task=i``, or from Slurm's
 ``SLURM_ARRAY_TASK_ID`` with the layout's ``MEAS_PER_JOB`` (task ``i`` handles
 ``[i * MEAS_PER_JOB, min(s, (i + 1) * MEAS_PER_JOB))``).
+
+With two-pass recovery there is a second round (``round=second``): after the first-round
+solve has written the orthonormal basis ``Q`` (D x k) of ``H Omega[:, :k]``, each worker
+multiplies ``H`` onto its columns of ``Q`` and stores ``H Q[:, block]`` the same way.
 """
 
 from __future__ import annotations
@@ -19,35 +23,50 @@ import os
 import socket
 import time
 
+import h5py
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingInputError
 from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
 from pipeline.sketchspec import SketchSpec
 from skerch_ext.measure import measure_block
+from skerch_ext.storage import SketchLayout
 
 
-def blocks_in_range(spec: SketchSpec, indices: range) -> list[int]:
+def blocks_in_range(layout: SketchLayout, indices: range) -> list[int]:
     """Part ids covering ``indices`` exactly; refuses ranges that cut a block."""
-    if indices.start < 0 or indices.stop > spec.layout.num_inner or indices.step != 1:
-        raise ConfigError(
-            f"indices: {indices.start}:{indices.stop} is outside 0:{spec.layout.num_inner}"
-        )
+    total = layout.num_measurements
+    if indices.start < 0 or indices.stop > total or indices.step != 1:
+        raise ConfigError(f"indices: {indices.start}:{indices.stop} is outside 0:{total}")
     chosen = []
-    for block_id, block in enumerate(spec.layout.blocks):
+    for block_id, block in enumerate(layout.blocks):
         inside = indices.start <= block.start and block.stop <= indices.stop
         overlaps = block.start < indices.stop and indices.start < block.stop
         if overlaps and not inside:
             raise ConfigError(
                 f"indices: {indices.start}:{indices.stop} cuts block {block.start}:{block.stop}; "
-                f"ranges must follow block_size={spec.layout.block_size} boundaries"
+                f"ranges must follow block_size={layout.block_size} boundaries"
             )
         if inside:
             chosen.append(block_id)
     return chosen
+
+
+def read_basis_columns(run: RunDir, step: int, split: str, block: range) -> np.ndarray:
+    """Columns ``block`` of the two-pass basis ``Q`` (D, len(block)) written by solve."""
+    path = run.two_pass_basis(step, split)
+    if not path.is_file():
+        raise MissingInputError(
+            f"{path} is missing: the second round multiplies H onto the basis Q that "
+            f"`hessov solve {run.root} step={step} split={split}` writes after the first round"
+        )
+    with h5py.File(path, "r") as handle:
+        return handle["basis"][:, block.start : block.stop]
 
 
 def measure(
@@ -58,18 +77,22 @@ def measure(
     split: str,
     indices: range,
     task_name: str,
+    round_name: str = "first",
 ) -> dict:
-    """Measure the missing blocks of ``indices`` for ``step`` and ``split``; returns stats."""
+    """Measure the missing blocks of ``indices`` for ``step``, ``split`` and round; returns
+    statistics (blocks measured, skipped, HVPs, seconds)."""
     log = get_logger()
     if step not in spec.steps or split not in spec.splits:
         raise ConfigError(
             f"step/split: the layout measures steps {spec.steps} of splits {spec.splits}, "
             f"not step {step} of {split!r}"
         )
-    store = spec.store(run, step, split)
+    if round_name not in spec.rounds:
+        raise ConfigError(f"round: {spec.recovery} recovery has rounds {spec.rounds}")
+    store = spec.store(run, step, split, round_name)
     if not store.directory.is_dir():
         raise ConfigError(f"layout: {store.directory} does not exist; run `hessov layout`")
-    block_ids = blocks_in_range(spec, indices)
+    block_ids = blocks_in_range(store.layout, indices)
     todo = [b for b in block_ids if not store.block_measured(b)]
     stats = {
         "task": task_name,
@@ -94,7 +117,9 @@ def measure(
     sketch = spec.matrices(hessian.dtype, hessian.device)
     setup_seconds = time.perf_counter() - started
     run.task_logs.mkdir(parents=True, exist_ok=True)
-    events = EventLog(run.task_logs / f"measure_step_{step}_{split}_{task_name}.jsonl", "measure")
+    events = EventLog(
+        run.task_logs / f"measure_step_{step}_{split}_{round_name}_{task_name}.jsonl", "measure"
+    )
     events.write(
         "start",
         step=step,
@@ -108,7 +133,7 @@ def measure(
     k = spec.layout.num_outer
     progress = tqdm(
         todo,
-        desc=f"measure {split}@{step} [{indices.start}:{indices.stop}]",
+        desc=f"measure {split}@{step} {round_name} [{indices.start}:{indices.stop}]",
         unit="block",
         mininterval=1.0,
     )
@@ -119,9 +144,14 @@ def measure(
                 stats["skipped_claimed"] += int(not mine)
                 continue
             t0 = time.perf_counter()
-            result = measure_block(hessian.matmat, sketch, block, k)
-            inner = result.inner.cpu().numpy()
-            outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
+            if round_name == "first":
+                result = measure_block(hessian.matmat, sketch, block, k)
+                inner = result.inner.cpu().numpy() if spec.layout.num_inner else None
+                outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
+            else:
+                columns = torch.from_numpy(read_basis_columns(run, step, split, block))
+                inner = None
+                outer = hessian.matmat(columns.to(hessian.device, hessian.dtype)).cpu().numpy()
             hvp_seconds = time.perf_counter() - t0
             store.write_block(
                 block_id,

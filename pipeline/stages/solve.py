@@ -36,16 +36,24 @@ from skerch_ext.errors import (
     gaussian_probes,
     scree_bounds,
 )
-from skerch_ext.solve import eigenpairs_from_core, orthonormal_basis, single_pass_core
-from skerch_ext.storage import MonolithicArrays, describe_indices
+from skerch_ext.solve import (
+    eigenpairs_from_core,
+    orthonormal_basis,
+    seigh_two_pass,
+    single_pass_core,
+)
+from skerch_ext.storage import describe_indices
 
 
-def verify_measurements(run: RunDir, spec: SketchSpec, step: int, split: str) -> None:
+def verify_measurements(
+    run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str = "first"
+) -> None:
     """Raise :class:`MissingInputError` naming every missing or corrupt measurement."""
-    problems = spec.store(run, step, split).verify()
+    problems = spec.store(run, step, split, round_name).verify()
     if problems["missing"] or problems["corrupt"]:
         raise MissingInputError(
-            f"step {step} {split}: measurements missing: {describe_indices(problems['missing'])}; "
+            f"step {step} {split} ({round_name} round): measurements missing: "
+            f"{describe_indices(problems['missing'])}; "
             f"corrupt: {describe_indices(problems['corrupt'])}. Re-measure them with "
             f"`hessov resume {run.root}` (or `hessov measure ... indices=a:b`)."
         )
@@ -65,34 +73,100 @@ def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dic
     os.replace(tmp, path)
 
 
-def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
-    """Solve one step and split; returns the summary fields."""
-    log = get_logger()
-    seconds = {"layout": spec.layout_seconds}
-    verify_measurements(run, spec, step, split)
-    store = spec.store(run, step, split)
-    seconds["measurements"] = round(sum(float(a.get("seconds", 0)) for a in store.part_attrs()), 3)
-
-    t0 = time.perf_counter()
-    arrays = MonolithicArrays(run.monolithic(split), spec.layout)
-    label = f"step_{step}_{split}"
+def merged_round(run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str):
+    """Verify one round's measurements, merge them into the split's monolithic arrays and
+    read them back: ``outer`` (D, k) and ``inner`` (s, s) or None."""
+    verify_measurements(run, spec, step, split, round_name)
+    arrays = spec.monolithic(run, split, round_name)
+    label = f"step_{step}_{split}_{round_name}"
     with arrays.locked():
-        arrays.merge(store, label)
-        outer, inner = arrays.read(label)
-    seconds["merge"] = time.perf_counter() - t0
+        arrays.merge(spec.store(run, step, split, round_name), label)
+        return arrays.read(label)
 
+
+def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) -> float:
+    """HVP seconds of every round, as the measurement workers recorded them."""
+    return round(
+        sum(
+            float(attrs.get("seconds", 0))
+            for round_name in spec.rounds
+            for attrs in spec.store(run, step, split, round_name).part_attrs()
+        ),
+        3,
+    )
+
+
+def write_two_pass_basis(run: RunDir, spec: SketchSpec, step: int, split: str) -> dict:
+    """First half of two-pass recovery: ``Q = qr(H Omega[:, :k])``, written for the
+    second round of measurements."""
+    t0 = time.perf_counter()
+    outer, _ = merged_round(run, spec, step, split, "first")
+    merge_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    basis = orthonormal_basis(torch.from_numpy(outer))
+    qr_seconds = time.perf_counter() - t0
+    path = run.two_pass_basis(step, split)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with h5py.File(tmp, "w") as handle:
+        handle.create_dataset("basis", data=basis.numpy(), chunks=(basis.shape[0], 1))
+        handle.attrs["merge_seconds"] = merge_seconds
+        handle.attrs["qr_seconds"] = qr_seconds
+    os.replace(tmp, path)
+    get_logger().info(
+        "solve step %d %s: basis Q (%d x %d) written; next: `hessov measure %s step=%d "
+        "split=%s round=second`, then solve again",
+        step,
+        split,
+        *basis.shape,
+        run.root,
+        step,
+        split,
+    )
+    return {"state": "awaiting_second_round", "basis": str(path)}
+
+
+def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
+    """Solve one step and split; returns the summary fields.
+
+    With two-pass recovery the first call (after the first round) writes the basis ``Q``
+    and returns ``{"state": "awaiting_second_round"}``; the call after the second round
+    solves.
+    """
+    log = get_logger()
+    if spec.recovery == "two_pass" and not run.two_pass_basis(step, split).is_file():
+        return write_two_pass_basis(run, spec, step, split)
+    seconds = {
+        "layout": spec.layout_seconds,
+        "measurements": measurement_seconds(run, spec, step, split),
+    }
     hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
     dtype, device = hessian.dtype, hessian.device
-    sketch = spec.matrices(dtype, device)
-    outer_t = torch.from_numpy(outer).to(device, dtype)
-    inner_t = torch.from_numpy(inner).to(device, dtype)
-    t0 = time.perf_counter()
-    basis = orthonormal_basis(outer_t)
-    seconds["qr"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    core = single_pass_core(basis, inner_t, sketch.omega_t_apply, sketch.psi_apply)
-    eigenvalues, eigenvectors = eigenpairs_from_core(basis, core)
-    seconds["core_solve"] = time.perf_counter() - t0
+    if spec.recovery == "two_pass":
+        t0 = time.perf_counter()
+        h_basis, _ = merged_round(run, spec, step, split, "second")
+        with h5py.File(run.two_pass_basis(step, split), "r") as handle:
+            basis = torch.from_numpy(handle["basis"][:]).to(device, dtype)
+            seconds["merge"] = float(handle.attrs["merge_seconds"]) + time.perf_counter() - t0
+            seconds["qr"] = float(handle.attrs["qr_seconds"])
+        t0 = time.perf_counter()
+        eigenvalues, eigenvectors = seigh_two_pass(
+            basis, torch.from_numpy(h_basis).to(device, dtype), spec.layout.num_outer
+        )
+        seconds["core_solve"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        outer, inner = merged_round(run, spec, step, split, "first")
+        seconds["merge"] = time.perf_counter() - t0
+        sketch = spec.matrices(dtype, device)
+        t0 = time.perf_counter()
+        basis = orthonormal_basis(torch.from_numpy(outer).to(device, dtype))
+        seconds["qr"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        core = single_pass_core(
+            basis, torch.from_numpy(inner).to(device, dtype), sketch.omega_t_apply, sketch.psi_apply
+        )
+        eigenvalues, eigenvectors = eigenpairs_from_core(basis, core)
+        seconds["core_solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     probes = gaussian_probes(spec.layout.dim, spec.seeds()["apost"], dtype=dtype, device=device)
@@ -115,7 +189,7 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
         "apost_probability_below_half": p_low,
         "apost_probability_above_1_5": p_high,
         "num_a_posteriori": spec.num_apost,
-        "hvps": spec.layout.num_inner + spec.num_apost,
+        "hvps": spec.total_hvps,
         "seconds_by_phase": seconds,
     }
     provenance = {
@@ -129,6 +203,7 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
         "recovery": spec.recovery,
         "dtype": spec.layout.dtype,
         "problem": cfg.problem,
+        "hvps": spec.total_hvps,
         "seconds_by_phase": seconds,
         "apost_rel_err": estimate.relative_error,
     }
@@ -137,11 +212,7 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
         eigenvalues.cpu().numpy(),
         eigenvectors.cpu().numpy(),
         provenance,
-        {
-            "scree_lower": scree_lo.cpu().numpy(),
-            "scree_upper": scree_hi.cpu().numpy(),
-            "measurement_seconds": np.array([seconds["measurements"]]),
-        },
+        {"scree_lower": scree_lo.cpu().numpy(), "scree_upper": scree_hi.cpu().numpy()},
     )
     summary.record(run, "solve", fields, step, split)
     EventLog(run.log, "solve").write(

@@ -1,0 +1,149 @@
+"""The exhaustive check: exact eigendecomposition next to the sketch, for small networks.
+
+For D up to about 10,000 the whole Hessian fits in memory: ``H @ I`` a block of columns at
+a time gives the dense matrix (in float64), ``eigh`` its exact eigenpairs, sorted by
+``|lambda|``. Next to it the sketched result at the run's settings: the solve stage's
+eigenpairs when they exist, otherwise the in-core sketch with the layout's settings and
+seeds (the same math, :func:`skerch_ext.incore.sketched_eigh`). Reported, as in the paper's
+script 12a but comparing against the top-|lambda| eigenvectors and sign-invariantly (the
+paper compared with eigh's ascending order, so every residual it logged was about
+sqrt(2)): relative errors of the top eigenvalues, eigenvector residuals
+``min(||w - v||, ||w + v||)``, and subspace overlaps ``||W[:, :k]^T V[:, :k]||_F^2 / k``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import h5py
+import numpy as np
+import torch
+
+from analysis.subspaces import sign_invariant_residuals
+from pipeline import summary
+from pipeline.config import RunConfig
+from pipeline.errors import ConfigError
+from pipeline.hessian import hessian_at_step
+from pipeline.rundir import RunDir
+from pipeline.runlog import EventLog, get_logger
+from pipeline.sketchspec import SketchSpec
+from skerch_ext.incore import sketched_eigh
+from skerch_ext.operator import dense_matrix
+
+#: Largest D the exhaustive check accepts: a dense float64 D x D Hessian and its
+#: eigenvectors take 16 D^2 bytes (1.6 GB at 10,000).
+MAX_EXHAUSTIVE_DIM = 12_000
+OVERLAP_KS = (1, 5, 10, 20, 50, 100)
+NUM_REPORTED_EIGENVALUES = 20
+
+
+def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split: str):
+    """The pipeline's eigenpairs of ``step``/``split`` if solved, else the in-core sketch
+    with the same settings and seeds. Returns ``(eigenvalues (k,), W (D, k), source)``."""
+    path = run.eigen(step, split)
+    if path.is_file():
+        with h5py.File(path, "r") as handle:
+            values = torch.from_numpy(handle["eigenvalues"][:]).double()
+            vectors = torch.from_numpy(handle["eigenvectors"][:]).double()
+        return values, vectors, "solve stage"
+    layout = spec.layout
+    result = sketched_eigh(
+        hessian.matmat,
+        layout.dim,
+        layout.num_outer,
+        layout.num_inner if spec.recovery == "single_pass" else None,
+        seed=layout.seed,
+        noise=layout.noise,
+        recovery=spec.recovery,
+        block_size=layout.block_size,
+        dtype=hessian.dtype,
+        device=hessian.device,
+        num_apost=spec.num_apost,
+    )
+    return result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu(), "in-core"
+
+
+def compare(exact_values, exact_vectors, values, vectors) -> dict:
+    """Errors of a sketch ``(k,), (D, k)`` against exact eigenpairs sorted by ``|lambda|``."""
+    top = min(NUM_REPORTED_EIGENVALUES, values.shape[0])
+    rel_err = ((values[:top] - exact_values[:top]).abs() / exact_values[:top].abs()).tolist()
+    residuals = sign_invariant_residuals(vectors[:, :top], exact_vectors[:, :top]).tolist()
+    k_max = values.shape[0]
+    overlaps = {}
+    for k in sorted({*(k for k in OVERLAP_KS if k <= k_max), k_max}):
+        overlaps[str(k)] = float((vectors[:, :k].T @ exact_vectors[:, :k]).pow(2).sum() / k)
+    return {
+        "eigenvalue_rel_err": rel_err,
+        "eigenvector_residuals": residuals,
+        "subspace_overlap": overlaps,
+    }
+
+
+def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
+    """Run the exhaustive comparison of one step and split; returns the summary fields."""
+    log = get_logger()
+    dim = spec.layout.dim
+    if dim > MAX_EXHAUSTIVE_DIM:
+        raise ConfigError(
+            f"problem: D={dim} is too large for the exhaustive check (at most "
+            f"{MAX_EXHAUSTIVE_DIM}: the dense Hessian takes {16 * dim**2 / 1e9:.1f} GB)"
+        )
+    exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
+    t0 = time.perf_counter()
+    hessian = hessian_at_step(run, exact_cfg, step, split)
+    dense = dense_matrix(
+        hessian.matmat,
+        dim,
+        block_size=spec.layout.block_size,
+        dtype=torch.float64,
+        device=hessian.device,
+    )
+    dense_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_values, all_vectors = torch.linalg.eigh(dense)
+    order = all_values.abs().argsort(descending=True)
+    k = spec.layout.num_outer
+    exact_values = all_values[order].cpu()
+    exact_vectors = all_vectors[:, order[:k]].cpu()
+    eigh_seconds = time.perf_counter() - t0
+    del dense, all_vectors
+
+    sketch_hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
+    values, vectors, source = sketched_eigenpairs(run, spec, sketch_hessian, step, split)
+    fields = compare(exact_values, exact_vectors, values, vectors)
+    fields.update(
+        {
+            "exact_eigenvalues": exact_values[:NUM_REPORTED_EIGENVALUES].tolist(),
+            "sketch_eigenvalues": values[:NUM_REPORTED_EIGENVALUES].tolist(),
+            "sketch_source": source,
+            "recovery": spec.recovery,
+            "k": k,
+            "s": spec.layout.num_inner,
+            "hvps": spec.total_hvps,
+            "seconds": {"dense_hessian": round(dense_seconds, 3), "eigh": round(eigh_seconds, 3)},
+        }
+    )
+    path = run.exhaustive(step, split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("exact_eigenvalues", data=exact_values.numpy())
+        handle.create_dataset("exact_eigenvectors", data=exact_vectors.numpy().astype(np.float32))
+        handle.attrs["note"] = "eigenpairs sorted by |lambda| descending; top k vectors kept"
+    summary.record(run, "exhaustive", fields, step, split)
+    EventLog(run.log, "exhaustive").write(
+        "exhaustive",
+        step=step,
+        split=split,
+        max_rel_err_top20=max(fields["eigenvalue_rel_err"]),
+        subspace_overlap=fields["subspace_overlap"],
+    )
+    log.info(
+        "exhaustive step %d %s (%s, %s): top-20 eigenvalue error max %.2e, overlap %s",
+        step,
+        split,
+        spec.recovery,
+        source,
+        max(fields["eigenvalue_rel_err"]),
+        {key: round(v, 4) for key, v in fields["subspace_overlap"].items()},
+    )
+    return fields

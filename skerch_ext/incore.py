@@ -1,0 +1,147 @@
+"""In-core sketched eigendecomposition of a small operator: measure, solve, check, in RAM.
+
+For small ``D`` (e.g. the 7,030-parameter mnist_mini MLP) the whole SEIGH pipeline of
+Fernandez et al. ("Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
+Sketched Methods") fits in memory. :func:`sketched_eigh` runs it with exactly the functions
+the distributed pipeline uses (:mod:`skerch_ext.measure` blocks, :mod:`skerch_ext.solve`,
+:mod:`skerch_ext.errors`), so it computes what the pipeline computes and serves as its
+reference. Recoveries (Tropp et al. 2017, "Practical sketching algorithms for
+low-rank matrix approximation"; Halko, Martinsson and Tropp 2011, "Finding structure with
+randomness"):
+
+* ``"single_pass"``: ``s`` HVPs (``k`` of them recycled as outer sketch), SEIGH core.
+* ``"two_pass"``: ``k`` HVPs for ``Q``, ``k`` more for ``H Q``, Rayleigh-Ritz on the block
+  Krylov space ``span(Q, H Q)`` (:func:`skerch_ext.solve.seigh_two_pass`); the most
+  accurate per HVP.
+
+Then ``num_apost`` Gaussian probes give the a-posteriori error and scree bounds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from skerch_ext.errors import ApostEstimate, apost_error, gaussian_probes, scree_bounds
+from skerch_ext.measure import MatMat, assemble_sketch, matmat_in_blocks, measure_indices
+from skerch_ext.seeds import sketch_seed_ranges
+from skerch_ext.solve import (
+    orthonormal_basis,
+    seigh_single_pass,
+    seigh_two_pass,
+)
+from skerch_ext.test_matrices import SketchMatrices
+
+RECOVERIES = ("single_pass", "two_pass")
+
+
+@dataclass(frozen=True)
+class SketchedEighResult:
+    """Eigenpairs of ``H`` with their a-posteriori check and bookkeeping.
+
+    :ivar eigenvalues: ``(r,)``, sorted by ``|lambda|`` descending.
+    :ivar eigenvectors: ``(D, r)``, orthonormal columns.
+    :ivar apost: Estimates of ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2``.
+    :ivar scree_lower: ``(r,)``, see :func:`skerch_ext.errors.scree_bounds`.
+    :ivar scree_upper: ``(r,)``.
+    :ivar hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
+    :ivar seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    apost: ApostEstimate
+    scree_lower: torch.Tensor
+    scree_upper: torch.Tensor
+    hvps: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def relative_error(self) -> float:
+        """A-posteriori ``||H - W diag(L) W^T||_F / ||H||_F``."""
+        return self.apost.relative_error
+
+    @property
+    def num_hvps(self) -> int:
+        """All HVPs spent, a-posteriori probes included."""
+        return sum(self.hvps.values())
+
+
+def sketched_eigh(
+    matmat: MatMat,
+    dim: int,
+    num_outer: int,
+    num_inner: int | None = None,
+    *,
+    seed: int,
+    noise: str = "ssrft",
+    recovery: str = "single_pass",
+    block_size: int = 32,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    num_apost: int = 30,
+    num_eigenpairs: int | None = None,
+) -> SketchedEighResult:
+    """Sketched eigendecomposition of the symmetric operator ``matmat`` (D x D).
+
+    :param matmat: ``M -> H M`` on ``(D, b)`` tensors of ``dtype`` on ``device``.
+    :param dim: ``D``.
+    :param num_outer: ``k``, the columns of the basis ``Q``.
+    :param num_inner: ``s > k``, inner measurements (single pass only; must be None
+      otherwise, the two-pass recoveries spend ``2k`` HVPs).
+    :param seed: Base seed; Omega, Psi and the probes get disjoint ranges from it
+      (:func:`skerch_ext.seeds.sketch_seed_ranges`).
+    :param noise: Test-matrix type, see :data:`skerch_ext.test_matrices.NOISE_TYPES`.
+    :param recovery: One of :data:`RECOVERIES`.
+    :param block_size: Columns per batched HVP (bounds the operator's memory).
+    :param num_apost: Gaussian probes for the a-posteriori error (>= 1).
+    :param num_eigenpairs: ``r``, eigenpairs to report (default ``k``); fewer than ``k``
+      makes the basis oversampled, which is what makes the top ``r`` accurate.
+    """
+    if recovery not in RECOVERIES:
+        raise ValueError(f"unknown recovery '{recovery}', expected one of {RECOVERIES}")
+    single_pass = recovery == "single_pass"
+    if single_pass and (num_inner is None or num_inner <= num_outer):
+        raise ValueError(f"single pass needs num_inner > num_outer, got {num_inner}")
+    if not single_pass and num_inner is not None:
+        raise ValueError(f"{recovery} takes no num_inner (it spends 2 * num_outer HVPs)")
+    num_omega_columns = num_inner if single_pass else num_outer
+    seeds = sketch_seed_ranges(seed, num_omega_columns, num_apost)
+    sketch = SketchMatrices.from_seeds(
+        dim, num_omega_columns, seeds, noise=noise, dtype=dtype, device=device
+    )
+    seconds, hvps = {}, {}
+
+    start = time.perf_counter()
+    if single_pass:
+        blocks = measure_indices(matmat, sketch, range(num_inner), num_outer, block_size)
+        outer, inner = assemble_sketch(blocks, dim, num_outer, num_inner)
+        hvps["sketch"] = num_inner
+    else:
+        outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
+        basis = orthonormal_basis(outer)
+        h_basis = matmat_in_blocks(matmat, basis, block_size)
+        hvps["sketch"] = hvps["second_pass"] = num_outer
+    seconds["measure"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if single_pass:
+        eigenvalues, eigenvectors = seigh_single_pass(
+            outer, inner, sketch.omega_t_apply, sketch.psi_apply, num_eigenpairs
+        )
+    else:
+        eigenvalues, eigenvectors = seigh_two_pass(basis, h_basis, num_eigenpairs)
+    seconds["solve"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    probes = gaussian_probes(dim, seeds["apost"], dtype=dtype, device=device)
+    apost = apost_error(matmat, eigenvalues, eigenvectors, probes, block_size)
+    scree_lower, scree_upper = scree_bounds(eigenvalues, apost.error, apost.frobenius)
+    hvps["apost"] = num_apost
+    seconds["apost"] = time.perf_counter() - start
+
+    return SketchedEighResult(
+        eigenvalues, eigenvectors, apost, scree_lower, scree_upper, hvps, seconds
+    )

@@ -1,0 +1,139 @@
+"""Sketch measurements of a Hessian-like operator, one block of inner indices at a time.
+
+Single-pass SEIGH (Fernandez et al., "Connecting Parameter Magnitudes and Hessian
+Eigenspaces at Scale using Sketched Methods"; Tropp et al. 2017, "Practical sketching
+algorithms for low-rank matrix approximation", section 4) needs the outer sketch
+``Y = H Omega[:, :k]`` (D x k) and the inner sketch ``Z = Psi H Omega`` (s x s). Both come
+from the same ``s`` Hessian-vector products (HVPs): for inner index ``m``,
+``b_m = H Omega[:, m]`` gives inner column ``Z[:, m] = Psi b_m`` and, for ``m < k``, outer
+column ``Y[:, m] = b_m`` ("recycled outer"), so the sketch costs exactly ``s`` HVPs.
+
+The operator is any callable ``matmat(M) -> H M`` taking and returning ``(D, b)`` tensors:
+a dense symmetric matrix's ``__matmul__``, or curvlinops' ``HessianLinearOperator`` (which
+vmaps over the columns, so memory grows with ``b``: ``block_size`` bounds it). A block's
+results are returned, not stored, so a caller can write them wherever it likes (RAM, one
+HDF5 file per index, ...) and merge them with :func:`assemble_sketch`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from skerch_ext.test_matrices import SketchMatrices
+
+#: ``matmat(M) = H M`` for ``M`` of shape ``(D, b)``.
+MatMat = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MeasurementBlock:
+    """The measurements of one block of inner indices.
+
+    :ivar indices: The inner indices ``m`` of this block, shape ``(n,)``, int64.
+    :ivar inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``.
+    :ivar outer_indices: The indices of this block that are below ``k``, shape ``(n_o,)``.
+    :ivar outer: ``H Omega[:, outer_indices]``, shape ``(D, n_o)``.
+    """
+
+    indices: torch.Tensor
+    inner: torch.Tensor
+    outer_indices: torch.Tensor
+    outer: torch.Tensor
+
+
+def checked_matmat(matmat: MatMat, x: torch.Tensor) -> torch.Tensor:
+    """``matmat(x)`` for ``x`` of shape ``(D, b)``, checked to return shape ``(D, b)``."""
+    result = matmat(x)
+    if result.shape != x.shape:
+        raise ValueError(f"matmat mapped shape {tuple(x.shape)} to {tuple(result.shape)}")
+    return result
+
+
+def measure_block(
+    matmat: MatMat, sketch: SketchMatrices, indices: Sequence[int], num_outer: int
+) -> MeasurementBlock:
+    """One batched HVP ``H Omega[:, indices]`` and the inner and outer columns it yields.
+
+    :param matmat: The operator ``H`` (D x D).
+    :param sketch: Omega and Psi, in the dtype and on the device of the operator.
+    :param indices: Inner indices in ``[0, s)``; the block costs ``len(indices)`` HVPs.
+    :param num_outer: ``k``; indices below it also give outer columns.
+    """
+    index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
+    hvps = checked_matmat(matmat, sketch.omega_columns(index_tensor))
+    is_outer = index_tensor < num_outer
+    return MeasurementBlock(
+        indices=index_tensor,
+        inner=sketch.psi_apply(hvps),
+        outer_indices=index_tensor[is_outer],
+        outer=hvps[:, is_outer.to(hvps.device)],
+    )
+
+
+def measure_indices(
+    matmat: MatMat, sketch: SketchMatrices, indices: Sequence[int], num_outer: int, block_size: int
+) -> Iterator[MeasurementBlock]:
+    """:func:`measure_block` over consecutive blocks of at most ``block_size`` indices.
+
+    ``indices`` is typically one worker's share, e.g. from :func:`worker_indices`.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    index_list = list(indices)
+    for start in range(0, len(index_list), block_size):
+        yield measure_block(matmat, sketch, index_list[start : start + block_size], num_outer)
+
+
+def worker_indices(num_inner: int, per_worker: int, worker: int) -> range:
+    """Inner indices of worker ``worker`` (0-based) when each handles ``per_worker`` of them.
+
+    Worker ``i`` gets ``[i * per_worker, min(s, (i + 1) * per_worker))``, as in the paper's
+    Slurm array; ``ceil(s / per_worker)`` workers cover ``[0, s)``.
+    """
+    num_workers = -(-num_inner // per_worker)
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker {worker} outside [0, {num_workers}) for s={num_inner}")
+    return range(worker * per_worker, min(num_inner, (worker + 1) * per_worker))
+
+
+def assemble_sketch(
+    blocks: Iterable[MeasurementBlock], dim: int, num_outer: int, num_inner: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge measurement blocks into the outer sketch ``Y`` (D, k) and inner sketch ``Z`` (s, s).
+
+    Raises ``ValueError`` unless every inner index in ``[0, s)`` is measured exactly once,
+    since a missing column would silently stay zero.
+    """
+    outer = inner = None
+    measured = torch.zeros(num_inner, dtype=torch.int64)
+    for block in blocks:
+        if inner is None:
+            inner = block.inner.new_empty(num_inner, num_inner)
+            outer = block.inner.new_empty(dim, num_outer)
+        inner[:, block.indices.to(inner.device)] = block.inner
+        outer[:, block.outer_indices.to(outer.device)] = block.outer
+        measured.index_add_(0, block.indices, torch.ones_like(block.indices))
+    if inner is None or not bool((measured == 1).all()):
+        missing = (measured == 0).nonzero().flatten().tolist()
+        repeated = (measured > 1).nonzero().flatten().tolist()
+        raise ValueError(f"inner indices missing: {missing[:10]}, repeated: {repeated[:10]}")
+    return outer, inner
+
+
+def matmat_in_blocks(matmat: MatMat, x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``H x`` for ``x`` of shape ``(D, b)``, as batched HVPs of at most ``block_size`` columns.
+
+    The second pass of two-pass recovery, ``H Q``, is one such call (``k`` HVPs).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return torch.cat(
+        [
+            checked_matmat(matmat, x[:, start : start + block_size])
+            for start in range(0, x.shape[1], block_size)
+        ],
+        dim=1,
+    )
