@@ -257,9 +257,16 @@ def validate(cfg: RunConfig) -> None:
         require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
     require(cfg.k >= 0, "k", f"must be >= 0 (0 = 5% of D), got {cfg.k}")
     require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
-    if cfg.k and cfg.s:
-        require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
     require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
+    if cfg.recovery == "two_pass":
+        require(
+            not cfg.s,
+            "s",
+            "two-pass recovery takes no inner sketch: its budget is k HVPs "
+            "on Omega plus k on Q (2k in all); set only k",
+        )
+    elif cfg.k and cfg.s:
+        require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
     require(cfg.noise in NOISE_TYPES, "noise", f"must be one of {NOISE_TYPES}")
     require(cfg.block_size >= 0, "block_size", "must be >= 0 (0 = automatic)")
     require(cfg.MEAS_PER_JOB >= 0, "MEAS_PER_JOB", "must be >= 0 (0 = one task)")

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import MissingInputError
+
 SPLITS = ("train", "test")
 
 
@@ -122,5 +124,5 @@ class RunDir:
     def require(self, path: Path, produced_by: str) -> Path:
         """Return ``path`` if it exists, else raise naming the stage that makes it."""
         if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `hessov {produced_by}` first")
+            raise MissingInputError(f"{path} is missing: run `hessov {produced_by}` first")
         return path

@@ -133,12 +133,7 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
     """Resolve defaults and validate the sketch settings against D and the records."""
     k = cfg.k or max(1, round(0.05 * dim))
     if cfg.recovery == "two_pass":
-        if cfg.s:
-            raise ConfigError(
-                "s: two-pass recovery takes no inner sketch: its budget is k HVPs on Omega "
-                "plus k on Q (2k in all); set only k"
-            )
-        s = 0
+        s = 0  # no inner sketch (validated by the config)
     else:
         s = cfg.s or 2 * k
         if k >= s:

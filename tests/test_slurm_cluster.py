@@ -3,11 +3,11 @@ batch jobs, job arrays, afterok dependencies, failures reported by sacct, and jo
 node's CPUs. Each job writes into the test's tmp_path; every wait is bounded."""
 
 # The fixture is imported by name, and each test's parameter of that name "redefines" it.
-# ruff: noqa: F811
 
 import subprocess
 
 import pytest
+
 import slurm_cluster as cluster
 from slurm_cluster import slurm_cluster  # noqa: F401
 

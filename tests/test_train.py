@@ -11,6 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+
 from conftest import REPO, last_line
 
 SMALL = [
