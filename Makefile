@@ -39,7 +39,10 @@ system-deps:
 	fi
 
 demo: $(STAMP) system-deps
-	$(VENV)/bin/hessov train problem=mnist_mini OUTPUT_DIR=$(OUTPUT_DIR)
+	@mkdir -p $(OUTPUT_DIR)
+	$(VENV)/bin/hessov run problem=mnist_mini OUTPUT_DIR=$(OUTPUT_DIR) > $(OUTPUT_DIR)/.last-demo
+	@echo "results in $$(tail -n1 $(OUTPUT_DIR)/.last-demo)"
+	@echo "see them with: $(VENV)/bin/hessov summary $$(tail -n1 $(OUTPUT_DIR)/.last-demo)"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

@@ -126,7 +126,13 @@ def _cmd_solve(args: argparse.Namespace) -> int:
     spec = load_spec(run)
     cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
     for step, split in _steps_and_splits(stage, spec):
-        solve(run, cfg, spec, step, split)
+        result = solve(run, cfg, spec, step, split)
+        if result.get("state") == "awaiting_second_round":
+            print(
+                f"next: hessov measure {run.root} step={step} split={split} round=second; "
+                f"then hessov solve {run.root} step={step} split={split}",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -158,6 +164,38 @@ def _cmd_check_operator(args: argparse.Namespace) -> int:
     )
     report = check_operator(run, cfg, _int_arg(stage, "step"), stage.get("split", "train"))
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.launch.local import run_local
+
+    cfg = load_run_config(args.overrides, args.config)
+    if cfg.backend == "slurm":
+        raise ConfigError(
+            "backend: the Slurm backend of `hessov run` is not available in this version; "
+            "use backend=local, or the sbatch scripts in slurm/"
+        )
+    run = run_local(cfg)
+    print(run.root)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline.launch.plan import describe_status, run_status
+
+    print(describe_status(run_status(_open_run(args.run_dir))))
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.launch.local import resume_local
+
+    run = _open_run(args.run_dir)
+    cfg = override_run_config(run_config(run), args.overrides, ("device", "threads"))
+    resume_local(run, cfg)
+    print(run.root)
     return 0
 
 
@@ -258,6 +296,41 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("run_dir", help="the run directory printed by `hessov train`")
         sub.add_argument("overrides", nargs="*", help="KEY=VALUE arguments (see above)")
         sub.set_defaults(func=func)
+
+    pipeline = commands.add_parser(
+        "run",
+        help="the whole pipeline: train, layout, measurements, solve (and exhaustive)",
+        description=(
+            "Build the stage graph from the config and run it: train, layout, every "
+            "measurement task of every recorded step and split, the solves (and with "
+            "EXHAUSTIVE=true the exact check). backend=local runs the stages one after "
+            "another on this machine. problem=NAME picks that problem's config; preset=tiny "
+            "shrinks any problem to about a minute. Prints the run directory last."
+        ),
+    )
+    pipeline.add_argument("config", nargs="?", help="optional YAML config file")
+    pipeline.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pipeline.set_defaults(func=_cmd_run)
+
+    status = commands.add_parser(
+        "status",
+        help="what is done and what is missing in a run, read from its files",
+        description="Per recorded step and split: measured and missing indices (and the "
+        "array tasks they belong to) of every round, and whether it is solved.",
+    )
+    status.add_argument("run_dir")
+    status.set_defaults(func=_cmd_status)
+
+    resume = commands.add_parser(
+        "resume",
+        help="finish only what is missing in a run, reusing everything measured",
+        description="Resume an interrupted run locally: unfinished training continues from "
+        "its last snapshot, measured blocks are kept, only missing measurements and "
+        "unsolved steps are computed. Also device= threads=.",
+    )
+    resume.add_argument("run_dir")
+    resume.add_argument("overrides", nargs="*")
+    resume.set_defaults(func=_cmd_resume)
 
     show = commands.add_parser(
         "summary",

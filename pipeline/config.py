@@ -114,8 +114,8 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
     k: int = 0  # outer measurements = eigenpairs returned; 0 = 5% of D (the paper)
-    s: int = 0  # inner measurements = HVPs of the first pass; 0 = 2k
-    recovery: str = "single_pass"  # single_pass | two_pass (a second round of k HVPs on Q)
+    s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
+    recovery: str = "two_pass"  # two_pass (2k HVPs in two rounds) | single_pass (s HVPs)
     noise: str = "ssrft"  # test matrices: ssrft | gaussian | rademacher
     block_size: int = 0  # measurements per batched HVP and per part file; 0 = automatic
     MEAS_PER_JOB: int = 0  # measurements per array task; 0 = all in one task
@@ -124,9 +124,12 @@ class RunConfig:
     HESSIAN_BATCH_SIZE: int = 0  # examples per forward pass inside an HVP; 0 = all at once
     HESSIAN_STEPS: list[int] = field(default_factory=list)  # steps to sketch; [] = all recorded
     HESSIAN_SPLITS: list[str] = field(default_factory=lambda: ["train", "test"])
+    EXHAUSTIVE: bool = False  # `hessov run` adds the exact-vs-sketch check (small D only)
+    backend: str = "local"  # `hessov run`: local (sequential) | slurm
 
 
 RECOVERIES = ("single_pass", "two_pass")
+BACKENDS = ("local", "slurm")
 NOISE_TYPES = ("ssrft", "gaussian", "rademacher")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
@@ -257,6 +260,7 @@ def validate(cfg: RunConfig) -> None:
         require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
     require(cfg.k >= 0, "k", f"must be >= 0 (0 = 5% of D), got {cfg.k}")
     require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
+    require(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
     require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
     if cfg.recovery == "two_pass":
         require(

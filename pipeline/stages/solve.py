@@ -113,14 +113,7 @@ def write_two_pass_basis(run: RunDir, spec: SketchSpec, step: int, split: str) -
         handle.attrs["qr_seconds"] = qr_seconds
     os.replace(tmp, path)
     get_logger().info(
-        "solve step %d %s: basis Q (%d x %d) written; next: `hessov measure %s step=%d "
-        "split=%s round=second`, then solve again",
-        step,
-        split,
-        *basis.shape,
-        run.root,
-        step,
-        split,
+        "solve step %d %s: basis Q (%d x %d) of the first round written", step, split, *basis.shape
     )
     return {"state": "awaiting_second_round", "basis": str(path)}
 

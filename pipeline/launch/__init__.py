@@ -1,0 +1,1 @@
+"""Running the stage graph: locally in sequence, or as a chain of Slurm jobs."""

@@ -1,0 +1,103 @@
+"""The stage graph of a run, and what of it is done: the source of truth is the files.
+
+A run's work, in dependency order: train; layout; for every step and split the first
+round of measurement tasks, then (two-pass) the basis solve and the second round, then
+the solve; optionally the exhaustive check. :func:`run_status` reads every flag and
+output file to say which of these are done and which measurement indices are missing,
+so ``hessov status`` and ``hessov resume`` never trust a scheduler's memory of a job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.rundir import RunDir
+from pipeline.sketchspec import SketchSpec, load_spec
+from skerch_ext.storage import describe_indices
+
+
+@dataclass
+class RoundStatus:
+    """Flags of one measurement round of one step and split."""
+
+    total: int
+    missing: list[int]
+    tasks_missing: list[int]  # array tasks with at least one missing index
+
+    @property
+    def done(self) -> bool:
+        return not self.missing
+
+
+@dataclass
+class SketchStatus:
+    """One step and split: its rounds and whether it is solved."""
+
+    step: int
+    split: str
+    rounds: dict[str, RoundStatus] = field(default_factory=dict)
+    basis_written: bool = False
+    solved: bool = False
+    exhaustive_done: bool = False
+
+
+def round_status(
+    run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str
+) -> RoundStatus:
+    store = spec.store(run, step, split, round_name)
+    missing = (
+        store.missing_indices()
+        if store.directory.is_dir()
+        else list(range(spec.layout.num_measurements))
+    )
+    missing_set = set(missing)
+    tasks = [
+        t for t in range(spec.num_tasks) if any(m in missing_set for m in spec.task_indices(t))
+    ]
+    return RoundStatus(spec.layout.num_measurements, missing, tasks)
+
+
+def run_status(run: RunDir) -> dict:
+    """Everything ``hessov status`` shows, as plain data."""
+    status = {
+        "run": str(run.root),
+        "train": run.summary("train").is_file(),
+        "layout": run.sketch_spec.is_file(),
+        "sketches": [],
+    }
+    if not status["layout"]:
+        return status
+    spec = load_spec(run)
+    for step in spec.steps:
+        for split in spec.splits:
+            item = SketchStatus(step, split)
+            for round_name in spec.rounds:
+                item.rounds[round_name] = round_status(run, spec, step, split, round_name)
+            item.basis_written = run.two_pass_basis(step, split).is_file()
+            item.solved = run.eigen(step, split).is_file()
+            item.exhaustive_done = run.exhaustive(step, split).is_file()
+            status["sketches"].append(item)
+    return status
+
+
+def describe_status(status: dict) -> str:
+    """A human-readable report of :func:`run_status`."""
+    lines = [
+        f"run {status['run']}",
+        f"  train:  {'done' if status['train'] else 'not finished'}",
+        f"  layout: {'done' if status['layout'] else 'not created'}",
+    ]
+    for item in status["sketches"]:
+        parts = []
+        for name, rnd in item.rounds.items():
+            measured = rnd.total - len(rnd.missing)
+            text = f"{name} round {measured}/{rnd.total} measured"
+            if rnd.missing:
+                text += (
+                    f" (missing indices {describe_indices(rnd.missing)}; "
+                    f"array tasks {rnd.tasks_missing})"
+                )
+            parts.append(text)
+        state = "solved" if item.solved else "not solved"
+        lines.append(f"  step {item.step} {item.split}: {'; '.join(parts)}; {state}")
+    return "\n".join(lines)
