@@ -167,3 +167,64 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, hessov):
     with h5py.File(f"{reference}/params.h5") as a, h5py.File(run_dir / "params.h5") as b:
         assert b["steps"][:].tolist() == [0, 700, 1500]
         assert np.array_equal(a["data"][:], b["data"][:])
+
+
+def test_full_batch_gd_in_chunks_equals_one_pass():
+    from pipeline.config import load_run_config
+    from pipeline.problems import build_problem
+    from pipeline.training import loss_and_gradient
+
+    problem = build_problem(load_run_config(["problem=fc-tanh", "dtype=float64"]))
+    model = problem.model.double()
+    inputs, targets = problem.train.images[:600].double(), problem.train.labels[:600]
+    grads = []
+    for chunk in (0, 250):  # one pass, then chunks of 250, 250 and 100
+        model.zero_grad()
+        loss = loss_and_gradient(model, problem.loss, inputs, targets, chunk)
+        grads.append((loss, torch.cat([p.grad.flatten() for p in model.parameters()])))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-12)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-10, atol=1e-14)
+
+
+def test_training_stops_at_the_accuracy_goal(tmp_path, hessov, summary_of):
+    run = last_line(
+        hessov(
+            "train",
+            "problem=mnist_mini",
+            "MAX_STEPS=2000",
+            "EVAL_EVERY=50",
+            "RECORD_STEPS=[0]",
+            "SNAPSHOT_STEPS=[]",
+            "TARGET_TEST_ACCURACY=0.8",
+            f"OUTPUT_DIR={tmp_path}",
+        ).stdout
+    )
+    train = summary_of(run)["train"]
+    assert train["stopped_by"] == "TARGET_TEST_ACCURACY"
+    assert train["final_test_accuracy"] >= 0.8 and train["steps_run"] < 2000
+    assert train["steps_run"] % 50 == 0
+
+
+def test_edge_of_stability_problem_on_a_cifar10_subset(tmp_path):
+    import pickle
+
+    from pipeline.config import load_run_config
+    from pipeline.problems import build_problem
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (400, 3072)).astype(np.uint8),
+            b"labels": list(rng.integers(0, 10, 400).tolist()),
+        }
+        with open(root / name, "wb") as handle:
+            pickle.dump(batch, handle)
+    cfg = load_run_config(["problem=cnn-relu", "data=cifar10-1k", f"OBS_DATASETS={tmp_path}"])
+    problem = build_problem(cfg)
+    assert len(problem.train) == 1000 and problem.num_params == 30_634
+    flat = problem.train.images.flatten(1)
+    assert torch.allclose(flat.mean(0), torch.zeros(3072), atol=1e-5)
+    assert torch.allclose(flat.std(0), torch.ones(3072), atol=1e-4)
+    assert problem.model(problem.train.images[:4]).shape == (4, 10)
