@@ -75,6 +75,23 @@ def _cmd_layout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sketch_stage_inputs(args: argparse.Namespace, stage_keys: tuple[str, ...]):
+    """What every stage after the layout starts from: the run, its per-invocation
+    arguments, the run's config (only device, threads and the Hessian batch size may be
+    overridden) with the layout's dtype, and the layout's sketch spec."""
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.sketchspec import load_spec
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, stage_keys)
+    cfg = override_run_config(
+        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
+    )
+    spec = load_spec(run)
+    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    return run, stage, cfg, spec
+
+
 def _steps_and_splits(stage: dict, spec) -> list[tuple[int, str]]:
     steps = [_int_arg(stage, "step")] if "step" in stage else spec.steps
     splits = [stage["split"]] if "split" in stage else spec.splits
@@ -82,19 +99,11 @@ def _steps_and_splits(stage: dict, spec) -> list[tuple[int, str]]:
 
 
 def _cmd_measure(args: argparse.Namespace) -> int:
-    from pipeline.hessian import load_run_config as run_config
-    from pipeline.sketchspec import load_spec
     from pipeline.stages.measure import measure
 
-    run = _open_run(args.run_dir)
-    stage, overrides = _split_stage_args(
-        args.overrides, ("step", "split", "indices", "task", "round")
+    run, stage, cfg, spec = _sketch_stage_inputs(
+        args, ("step", "split", "indices", "task", "round")
     )
-    cfg = override_run_config(
-        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
-    )
-    spec = load_spec(run)
-    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
     if "indices" in stage:
         start, sep, stop = stage["indices"].partition(":")
         try:
@@ -114,17 +123,9 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
 
 def _cmd_solve(args: argparse.Namespace) -> int:
-    from pipeline.hessian import load_run_config as run_config
-    from pipeline.sketchspec import load_spec
     from pipeline.stages.solve import solve
 
-    run = _open_run(args.run_dir)
-    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
-    cfg = override_run_config(
-        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
-    )
-    spec = load_spec(run)
-    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    run, stage, cfg, spec = _sketch_stage_inputs(args, ("step", "split"))
     for step, split in _steps_and_splits(stage, spec):
         result = solve(run, cfg, spec, step, split)
         if result.get("state") == "awaiting_second_round":
@@ -137,17 +138,9 @@ def _cmd_solve(args: argparse.Namespace) -> int:
 
 
 def _cmd_exhaustive(args: argparse.Namespace) -> int:
-    from pipeline.hessian import load_run_config as run_config
-    from pipeline.sketchspec import load_spec
     from pipeline.stages.exhaustive import exhaustive
 
-    run = _open_run(args.run_dir)
-    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
-    cfg = override_run_config(
-        run_config(run), overrides, ("device", "threads", "HESSIAN_BATCH_SIZE")
-    )
-    spec = load_spec(run)
-    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    run, stage, cfg, spec = _sketch_stage_inputs(args, ("step", "split"))
     for step, split in _steps_and_splits(stage, spec):
         exhaustive(run, cfg, spec, step, split)
     return 0

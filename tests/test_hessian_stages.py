@@ -25,6 +25,7 @@ TRAIN = [
     "NUM_HESSIAN_DATAPOINTS=200",
 ]
 SKETCH = [
+    "recovery=single_pass",
     "k=20",
     "s=60",
     "block_size=10",
@@ -87,7 +88,14 @@ def test_measuring_twice_measures_nothing_twice(trained, tmp_path, hessov):
 
 
 def test_killed_worker_rerun_gives_identical_results(trained, tmp_path, hessov):
-    sketch = ["k=40", "s=200", "block_size=1", "HESSIAN_STEPS=[50]", "HESSIAN_SPLITS=[train]"]
+    sketch = [
+        "recovery=single_pass",
+        "k=40",
+        "s=200",
+        "block_size=1",
+        "HESSIAN_STEPS=[50]",
+        "HESSIAN_SPLITS=[train]",
+    ]
     reference, killed = copy_run(trained, tmp_path, "ref"), copy_run(trained, tmp_path, "kill")
     for run in (reference, killed):
         hessov("layout", str(run), *sketch)
@@ -162,11 +170,11 @@ def test_virtual_view_reads_nan_not_zeros_for_unmeasured_parts(trained, tmp_path
 @pytest.mark.parametrize(
     ("args", "key"),
     [
-        (["k=60", "s=60"], "k"),
-        (["k=8000", "s=9000"], "k"),
-        (["k=20", "s=60", "HESSIAN_STEPS=[7]"], "HESSIAN_STEPS"),
-        (["k=20", "s=60", "MEAS_PER_JOB=15", "block_size=10"], "MEAS_PER_JOB"),
-        (["k=20", "s=60", "optimizer.lr=1"], "optimizer.lr"),
+        (["recovery=single_pass", "k=60", "s=60"], "k"),
+        (["recovery=single_pass", "k=8000", "s=9000"], "k"),
+        (["k=20", "HESSIAN_STEPS=[7]"], "HESSIAN_STEPS"),
+        (["k=20", "MEAS_PER_JOB=15", "block_size=10"], "MEAS_PER_JOB"),
+        (["k=20", "optimizer.lr=1"], "optimizer.lr"),
         (["recovery=two_pass", "s=60"], "s"),
     ],
 )
@@ -181,7 +189,7 @@ def test_relayout_for_another_shape_and_bad_measure_input_are_refused(trained, t
     run = copy_run(trained, tmp_path)
     hessov("layout", str(run), *SKETCH)
     hessov("layout", str(run), *SKETCH)  # the same settings again: fine
-    result = hessov("layout", str(run), "k=30", "s=60", check=False)
+    result = hessov("layout", str(run), "recovery=single_pass", "k=30", "s=60", check=False)
     assert result.returncode == 2 and "already fixes" in result.stderr
     result = hessov("measure", str(run), "step=7", "split=train", check=False)
     assert result.returncode == 2 and "step" in result.stderr
@@ -229,7 +237,7 @@ def test_exhaustive_reports_errors_and_overlaps(tmp_path, hessov, summary_of):
             f"OUTPUT_DIR={tmp_path}",
         ).stdout
     )
-    hessov("layout", run, "k=30", "s=90", "HESSIAN_SPLITS=[train]")
+    hessov("layout", run, "recovery=single_pass", "k=30", "s=90", "HESSIAN_SPLITS=[train]")
     hessov("exhaustive", run)  # no solve yet: the in-core sketch
     result = summary_of(run)["exhaustive"]["0"]["train"]
     assert result["sketch_source"] == "in-core"

@@ -162,7 +162,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, hessov):
     refused = hessov("train", *config, f"RUN_DIR={run_dir}", check=False)
     assert refused.returncode == 2 and "resume=true" in refused.stderr
     hessov("train", *config, f"RUN_DIR={run_dir}", "resume=true")
-    resumed = [json.loads(line) for line in open(run_dir / "log.jsonl") if '"resume"' in line]
+    events = [json.loads(line) for line in open(run_dir / "log.jsonl")]
+    resumed = [e for e in events if e["event"] == "resume"]
     assert resumed[0]["step"] >= 200  # from the rolling snapshot, not from scratch
     with h5py.File(f"{reference}/params.h5") as a, h5py.File(run_dir / "params.h5") as b:
         assert b["steps"][:].tolist() == [0, 700, 1500]
