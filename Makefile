@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUTPUT_DIR ?= output
 
-.PHONY: demo test lint format bench clean-venv system-deps
+.PHONY: demo test lint format bench clean-venv system-deps slurm-start slurm-stop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ demo: $(STAMP) system-deps
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# Benchmarks are scripts, not tests: they write bench/RESULTS.md (see its header).
+bench: $(STAMP)
+	$(PY) -m bench.hvp_blocks --write
+	$(PY) -m bench.phases --write
+	$(PY) -m bench.accuracy --write
+
+# The local single-node Slurm cluster the tests use (root and apt needed).
+slurm-start:
+	bash slurm/local-cluster.sh start
+slurm-stop:
+	bash slurm/local-cluster.sh stop
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline skerch_ext analysis tests bench

@@ -174,6 +174,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pipeline.launch.chain import plan_chain
+
+    plan = plan_chain(load_run_config(args.overrides, args.config))
+    print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.as_lines())
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.launch.plan import describe_status, run_status
 
@@ -304,6 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("config", nargs="?", help="optional YAML config file")
     pipeline.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     pipeline.set_defaults(func=_cmd_run)
+
+    plan = commands.add_parser(
+        "plan",
+        help="the jobs a run will need (run directory, D, rounds, array tasks, sketches)",
+        description=(
+            "Resolve a config as `hessov run` would and print, before anything runs, the run "
+            "directory it will use, D, the measurement rounds, the array tasks per round and "
+            "the (step, split) pairs to sketch: what slurm/submit_chain.sh submits."
+        ),
+    )
+    plan.add_argument("config", nargs="?", help="optional YAML config file")
+    plan.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    plan.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    plan.set_defaults(func=_cmd_plan)
 
     status = commands.add_parser(
         "status",

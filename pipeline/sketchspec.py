@@ -23,11 +23,11 @@ from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
 from skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
 from skerch_ext.test_matrices import SketchMatrices
 
-#: Largest automatic block: past 64 columns curvlinops' vmapped products stop getting
-#: cheaper per column (bench/RESULTS.md), while memory keeps growing linearly.
-MAX_AUTO_BLOCK = 64
-#: Memory the vmapped HVP block may take for its vectors and their products, in bytes.
-AUTO_BLOCK_BYTES = 2**30
+#: Automatic block sizes, from bench/RESULTS.md (HVP seconds per column against one
+#: gradient): on the 7,030-parameter mnist_mini MLP the cost per column keeps falling up to
+#: 32-64 columns; on the 895,210-parameter cifar10_3c3d network 4 columns were cheapest
+#: and 16 cost more, because curvlinops' vmap copies every activation per column.
+SMALL_NETWORK_BLOCK, LARGE_NETWORK_BLOCK, LARGE_NETWORK_DIM = 64, 4, 100_000
 
 
 @dataclass
@@ -120,13 +120,10 @@ class SketchSpec:
         return cls(**payload)
 
 
-def automatic_block_size(dim: int, itemsize: int) -> int:
-    """The default block: the largest power of two up to 64 whose vectors, products and
-    the vmapped intermediate copies (about 8 D-vectors per column) fit in 1 GiB."""
-    block = MAX_AUTO_BLOCK
-    while block > 1 and block * dim * itemsize * 8 > AUTO_BLOCK_BYTES:
-        block //= 2
-    return block
+def automatic_block_size(dim: int) -> int:
+    """The default block (columns per batched HVP and per part file): 64 up to
+    D = 100,000 parameters, 4 above (see the constants' comment for the measurement)."""
+    return SMALL_NETWORK_BLOCK if dim <= LARGE_NETWORK_DIM else LARGE_NETWORK_BLOCK
 
 
 def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchSpec:
@@ -142,8 +139,7 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
         raise ConfigError(f"k: k={k} exceeds the number of parameters D={dim}")
     if s > dim:
         raise ConfigError(f"s: s={s} exceeds the number of parameters D={dim}")
-    itemsize = 8 if cfg.dtype == "float64" else 4
-    block = cfg.block_size or automatic_block_size(dim, itemsize)
+    block = cfg.block_size or automatic_block_size(dim)
     measurements = s or k
     block = min(block, measurements)
     per_job = cfg.MEAS_PER_JOB or measurements

@@ -30,6 +30,7 @@ from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
 from pipeline.sketchspec import SketchSpec
+from pipeline.training import set_cpu_threads
 from skerch_ext.errors import (
     apost_error,
     apost_failure_probabilities,
@@ -126,6 +127,7 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
     solves.
     """
     log = get_logger()
+    set_cpu_threads(cfg.threads)  # before the basis QR, which runs outside hessian_at_step
     if spec.recovery == "two_pass" and not run.two_pass_basis(step, split).is_file():
         return write_two_pass_basis(run, spec, step, split)
     seconds = {

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Submit a whole run to Slurm as a chain of jobs linked by --dependency=afterok:
+#   train -> layout -> per step and split: measurement array (first round)
+#         [-> basis solve -> measurement array (second round)] -> solve
+# Usage: slurm/submit_chain.sh KEY=VALUE ...   (the same arguments as `hessov run`)
+# Extra sbatch options for every job: SBATCH_OPTS (e.g. "--partition=gpu --time=02:00:00").
+# Prints one line per submitted job, then the run directory as the last line.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+export HESSOV=${HESSOV:-hessov}
+plan=$($HESSOV plan "$@")
+RUN_DIR=$(awk '$1 == "run_dir" {print $2}' <<<"$plan")
+tasks=$(awk '$1 == "tasks" {print $2}' <<<"$plan")
+read -r -a rounds <<<"$(awk '$1 == "rounds" {$1 = ""; print}' <<<"$plan")"
+export RUN_DIR HESSOV_ARGS="$*"
+logs=${HESSOV_SLURM_LOGS:-$PWD/slurm-logs}
+mkdir -p "$logs"
+
+submit() {  # submit [sbatch options...] SCRIPT; prints the job id
+  # shellcheck disable=SC2086  # SBATCH_OPTS is a list of options
+  sbatch --parsable --kill-on-invalid-dep=yes --output="$logs/%x-%j_%a.out" ${SBATCH_OPTS:-} "$@"
+}
+
+train=$(submit "$here/train.sbatch"); echo "train $train"
+layout=$(submit --dependency="afterok:$train" "$here/layout.sbatch"); echo "layout $layout"
+while read -r _ step split; do
+  previous=$layout
+  for round in "${rounds[@]}"; do
+    if [[ $round == second ]]; then
+      previous=$(STEP=$step SPLIT=$split submit --dependency="afterok:$previous" \
+        "$here/solve.sbatch")
+      echo "basis $step $split $previous"
+    fi
+    previous=$(STEP=$step SPLIT=$split ROUND=$round submit --array="0-$((tasks - 1))" \
+      --dependency="afterok:$previous" "$here/measure.sbatch")
+    echo "measure-$round $step $split $previous"
+  done
+  solve=$(STEP=$step SPLIT=$split submit --dependency="afterok:$previous" "$here/solve.sbatch")
+  echo "solve $step $split $solve"
+done < <(awk '$1 == "sketch"' <<<"$plan")
+echo "$RUN_DIR"
