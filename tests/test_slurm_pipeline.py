@@ -1,0 +1,75 @@
+"""The sbatch chain on a real local Slurm cluster, and the sequential emulation without it:
+both run the tiny mnist_mini pipeline to the numbers of `hessov run backend=local`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, last_line
+from slurm_cluster import slurm_cluster, wait_for_jobs
+
+# Two recorded steps, three measurement array tasks per round; the train split only, to
+# keep the ~20 short jobs of the chain within the test suite's time.
+TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
+SKETCHES = [(100, "train"), (300, "train")]
+HESSOV = str(Path(sys.executable).parent / "hessov")
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory):
+    from conftest import run_hessov
+
+    out = tmp_path_factory.mktemp("local")
+    return Path(last_line(run_hessov("run", *TINY, f"OUTPUT_DIR={out}").stdout))
+
+
+def assert_same_eigenpairs(reference: Path, other: Path):
+    for step, split in SKETCHES:
+        with (
+            h5py.File(reference / f"eigen/step_{step}_{split}.h5") as a,
+            h5py.File(other / f"eigen/step_{step}_{split}.h5") as b,
+        ):
+            np.testing.assert_allclose(a["eigenvalues"][:], b["eigenvalues"][:], atol=1e-6)
+            overlap = (a["eigenvectors"][:, :10].T @ b["eigenvectors"][:, :10]) ** 2
+            assert overlap.sum() / 10 > 1 - 1e-6
+
+
+@pytest.mark.slurm
+def test_sbatch_chain_matches_the_local_backend(slurm_cluster, local_reference, tmp_path):
+    env = {**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")}
+    submitted = subprocess.run(
+        ["bash", "slurm/submit_chain.sh", *TINY, f"OUTPUT_DIR={tmp_path / 'runs'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    run_dir = Path(last_line(submitted.stdout))
+    jobs = [line.split() for line in submitted.stdout.splitlines()[:-1]]
+    # 1 train, 1 layout, and per step and split: basis, 2 arrays, solve.
+    assert len(jobs) == 2 + 4 * len(SKETCHES)
+    for kind, *_, job_id in jobs:
+        count = 3 if kind.startswith("measure") else 1
+        states = wait_for_jobs(slurm_cluster, job_id, count=count, timeout=900)
+        assert all(state == "COMPLETED" for state, _ in states.values()), (kind, states)
+    assert_same_eigenpairs(local_reference, run_dir)
+
+
+def test_sequential_emulation_matches_the_local_backend(local_reference, tmp_path):
+    env = {"HESSOV": HESSOV, "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        ["bash", "slurm/run_sequential.sh", *TINY, f"OUTPUT_DIR={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=True,
+    )
+    assert_same_eigenpairs(local_reference, Path(last_line(result.stdout)))
