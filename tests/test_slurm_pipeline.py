@@ -39,7 +39,9 @@ def assert_same_eigenpairs(reference: Path, other: Path):
 
 
 @pytest.mark.slurm
-def test_sbatch_chain_matches_the_local_backend(slurm_cluster, local_reference, tmp_path):
+def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
+    slurm_cluster, local_reference, tmp_path, hessov
+):
     env = {**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")}
     submitted = subprocess.run(
         ["bash", "slurm/submit_chain.sh", *TINY, f"OUTPUT_DIR={tmp_path / 'runs'}"],
@@ -54,11 +56,31 @@ def test_sbatch_chain_matches_the_local_backend(slurm_cluster, local_reference, 
     jobs = [line.split() for line in submitted.stdout.splitlines()[:-1]]
     # 1 train, 1 layout, and per step and split: basis, 2 arrays, solve.
     assert len(jobs) == 2 + 4 * len(SKETCHES)
-    for kind, *_, job_id in jobs:
-        count = 3 if kind.startswith("measure") else 1
-        states = wait_for_jobs(slurm_cluster, job_id, count=count, timeout=900)
-        assert all(state == "COMPLETED" for state, _ in states.values()), (kind, states)
+    # The fault: task 1 of step 300's first measurement round dies (still pending behind
+    # training, so it never runs); everything downstream of it is cancelled by Slurm.
+    killed = next(j[-1] for j in jobs if j[:3] == ["measure-first", "300", "train"])
+    subprocess.run(["scancel", f"{killed}_1"], env=env, check=True, timeout=30)
+    states = {}
+    for kind, *where, job_id in jobs:
+        # A task cancelled while pending never started, so sacct has no record of it.
+        count = (2 if job_id == killed else 3) if kind.startswith("measure") else 1
+        found = wait_for_jobs(slurm_cluster, job_id, count=count, timeout=400)
+        states[(kind, *where)] = {state for state, _ in found.values()}
+    assert states[("solve", "100", "train")] == {"COMPLETED"}
+    assert states[("measure-first", "300", "train")] == {"COMPLETED"}  # tasks 0 and 2
+    assert states[("solve", "300", "train")] == {"CANCELLED"}
+
+    status = hessov("status", str(run_dir)).stdout
+    assert "step 100 train: first round 30/30 measured" in status
+    assert "step 300 train: first round 20/30 measured (missing indices 10-19" in status
+    assert "array tasks [1]" in status
+    hessov("resume", str(run_dir))
     assert_same_eigenpairs(local_reference, run_dir)
+    parts = sorted(run_dir.glob("measurements/*/*/part_*.h5"))
+    before = [p.stat().st_mtime_ns for p in parts]
+    again = hessov("resume", str(run_dir))  # submitted twice: nothing is measured twice
+    assert "HVPs/s" not in again.stderr
+    assert [p.stat().st_mtime_ns for p in parts] == before
 
 
 def test_sequential_emulation_matches_the_local_backend(local_reference, tmp_path):
