@@ -6,12 +6,8 @@
 # Prints the run directory as the last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export HESSOV=${HESSOV:-hessov}
-plan=$($HESSOV plan "$@")
-RUN_DIR=$(awk '$1 == "run_dir" {print $2}' <<<"$plan")
-tasks=$(awk '$1 == "tasks" {print $2}' <<<"$plan")
-read -r -a rounds <<<"$(awk '$1 == "rounds" {$1 = ""; print}' <<<"$plan")"
-export RUN_DIR HESSOV_ARGS="$*"
+# shellcheck source=slurm/plan.sh
+source "$here/plan.sh"
 
 bash "$here/train.sbatch"
 bash "$here/layout.sbatch"

@@ -7,12 +7,8 @@
 # Prints one line per submitted job, then the run directory as the last line.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-export HESSOV=${HESSOV:-hessov}
-plan=$($HESSOV plan "$@")
-RUN_DIR=$(awk '$1 == "run_dir" {print $2}' <<<"$plan")
-tasks=$(awk '$1 == "tasks" {print $2}' <<<"$plan")
-read -r -a rounds <<<"$(awk '$1 == "rounds" {$1 = ""; print}' <<<"$plan")"
-export RUN_DIR HESSOV_ARGS="$*"
+# shellcheck source=slurm/plan.sh
+source "$here/plan.sh"
 logs=${HESSOV_SLURM_LOGS:-$PWD/slurm-logs}
 mkdir -p "$logs"
 

@@ -3,7 +3,7 @@ edge-of-stability architectures.
 
 DeepOBS (Schneider et al. 2019) ships its PyTorch networks in
 ``deepobs/pytorch/testproblems/testproblems_modules.py``, but ``import deepobs`` imports
-TensorFlow and its datasets call torchvision with ``download=True``. The network files
+TensorFlow and its datasets download through torchvision at run time. The network files
 need only torch, numpy and scipy, so :func:`deepobs_modules` loads them without running
 the package ``__init__``: it registers a private package object whose ``__path__`` is the
 testproblems directory (found with ``importlib.util.find_spec``, which does not execute
