@@ -163,6 +163,50 @@ def mask_iou(mask_a: torch.Tensor, mask_b: torch.Tensor) -> float:
     return shared / (mask_a.numel() + mask_b.numel() - shared)
 
 
+def mask_grassmannian_similarities(mask_a: torch.Tensor, mask_b: torch.Tensor) -> dict[str, float]:
+    """``grassmannian_similarities`` of the coordinate subspaces of two masks, without forming
+    their one-hot ``D x m`` frames.
+
+    ``mask_a`` ``(ma,)``, ``mask_b`` ``(mb,)``: distinct indices. ``O_A^T O_B`` is the 0/1 matrix
+    of shared indices, so of the ``m = min(ma, mb)`` principal angles ``c = |A & B|`` are 0 and
+    the other ``m - c`` are ``pi/2``; ``"overlap"`` equals ``mask_similarity``.
+    """
+    _check_mask(mask_a, "mask_a")
+    _check_mask(mask_b, "mask_b")
+    shared = torch.isin(mask_a, mask_b.to(mask_a.device)).sum().item()
+    return _coordinate_similarities(shared, min(mask_a.numel(), mask_b.numel()))
+
+
+def _coordinate_similarities(shared: int, m: int) -> dict[str, float]:
+    """Similarities of two coordinate subspaces with ``m`` principal angles, ``shared`` of them 0
+    and the rest ``pi/2``."""
+    theta = torch.full((m,), math.pi / 2, dtype=torch.float64)
+    theta[:shared] = 0.0
+    return _similarities_from_angles(theta)
+
+
+def random_mask_similarities(
+    dimension: int, m: int, num_samples: int, seed: int
+) -> dict[str, float]:
+    """Mean of each similarity of ``mask_grassmannian_similarities`` between two independent,
+    uniformly random ``m``-coordinate masks of ``D`` coordinates, over ``num_samples`` draws
+    from ``numpy.random.default_rng(seed)``: the chance level of mask crystallization.
+
+    The number of shared coordinates is hypergeometric (``m`` draws from ``D`` with ``m``
+    marked), so each draw costs ``O(m)`` whatever ``D`` is; ``E[overlap] = m / D``.
+    """
+    if not 1 <= m <= dimension:
+        raise ValueError(f"m must lie in [1, D={dimension}], got {m}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    shared_counts = np.random.default_rng(seed).hypergeometric(m, dimension - m, m, num_samples)
+    totals = dict.fromkeys(("overlap", *DISTANCE_NAMES), 0.0)
+    for shared in shared_counts:
+        for name, value in _coordinate_similarities(int(shared), m).items():
+            totals[name] += value
+    return {name: total / num_samples for name, total in totals.items()}
+
+
 # --------------------------------------------------------------------------- mask overlaps
 
 

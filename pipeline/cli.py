@@ -146,6 +146,20 @@ def _cmd_exhaustive(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.analyze import analyze
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("step", "split"))
+    if overrides:
+        raise ConfigError(f"{overrides[0].partition('=')[0]}: analyze accepts only step= split=")
+    items = _steps_and_splits(stage, load_spec(run)) if stage else None
+    analyze(run, items)
+    print(run.report)
+    return 0
+
+
 def _cmd_check_operator(args: argparse.Namespace) -> int:
     from pipeline.hessian import load_run_config as run_config
     from pipeline.stages.check_operator import check_operator
@@ -283,6 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
             "next to it the sketch at the layout's settings (the solve stage's result, or the "
             "in-core sketch): top-20 eigenvalue errors, sign-invariant eigenvector residuals, "
             "subspace overlaps at k = 1, 5, 10, 20, 50, 100 and k. step= split= (default all).",
+        ),
+        "analyze": (
+            _cmd_analyze,
+            "stage 5: magnitude masks vs eigenspaces, crystallization, figures and report",
+            "For step=T split=S (default: every solved step and split): overlap(k) of the "
+            "top-k parameter-magnitude mask with the top-k eigenspace for k = 1..K against "
+            "chance k/D, random masks and the best k-sparse mask; Grassmannian similarities "
+            "across steps for eigenspaces and masks (sparsity 0.005, 0.01, 0.05, 0.2). Writes "
+            "RUN/analysis/analysis.h5, figures/*.png, report.md and the 'analyze' summary; "
+            "names the steps not solved yet and adds them when re-run. Prints the report path.",
         ),
         "check-operator": (
             _cmd_check_operator,

@@ -15,7 +15,8 @@ any machine that sees the directory, given only its path (a Slurm job does exact
       measurements/merged_{split}.h5   monolithic arrays, allocated once, reused per step
       eigen/step_T_{split}.h5  eigenpairs and provenance (solve)
       exhaustive/              exact-vs-sketch comparisons
-      analysis/                analysis HDF5, figures/, report.md
+      analysis/steps/step_T_{split}.h5   overlap curves of one step and split (analyze)
+      analysis/analysis.h5     all analysed steps and the cross-step metrics, figures/, report.md
       replays/NAME/            spectral-filter replays
       logs/                    per-task logs of the measurement and Slurm jobs
 """
@@ -104,6 +105,20 @@ class RunDir:
     @property
     def analysis(self) -> Path:
         return self.root / "analysis"
+
+    def analysis_step(self, step: int, split: str) -> Path:
+        """Overlap curves of one step and split, written by that step's analyze job."""
+        return self.analysis / "steps" / f"step_{step}_{split}.h5"
+
+    @property
+    def analysis_results(self) -> Path:
+        """Every analysed step and the cross-step metrics in one file (rebuilt each time)."""
+        return self.analysis / "analysis.h5"
+
+    @property
+    def analysis_lock(self) -> Path:
+        """Serialises parallel analyze jobs while they rebuild the shared results."""
+        return self.analysis / ".lock"
 
     @property
     def figures(self) -> Path:

@@ -19,5 +19,6 @@ while read -r _ step split; do
     done
   done
   STEP=$step SPLIT=$split bash "$here/solve.sbatch"
+  STEP=$step SPLIT=$split bash "$here/analyze.sbatch"
 done < <(awk '$1 == "sketch"' <<<"$plan")
 echo "$RUN_DIR"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit a whole run to Slurm as a chain of jobs linked by --dependency=afterok:
 #   train -> layout -> per step and split: measurement array (first round)
-#         [-> basis solve -> measurement array (second round)] -> solve
+#         [-> basis solve -> measurement array (second round)] -> solve -> analyze
 # Usage: slurm/submit_chain.sh KEY=VALUE ...   (the same arguments as `hessov run`)
 # Extra sbatch options for every job: SBATCH_OPTS (e.g. "--partition=gpu --time=02:00:00").
 # Prints one line per submitted job, then the run directory as the last line.
@@ -33,5 +33,7 @@ while read -r _ step split; do
   done
   solve=$(STEP=$step SPLIT=$split submit --dependency="afterok:$previous" "$here/solve.sbatch")
   echo "solve $step $split $solve"
+  analyze=$(STEP=$step SPLIT=$split submit --dependency="afterok:$solve" "$here/analyze.sbatch")
+  echo "analyze $step $split $analyze"
 done < <(awk '$1 == "sketch"' <<<"$plan")
 echo "$RUN_DIR"

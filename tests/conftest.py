@@ -44,3 +44,13 @@ def summary_of():
         return json.loads(run_hessov("summary", str(run_dir)).stdout)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> str:
+    """One finished `hessov run problem=mnist_mini preset=tiny` (local backend), shared by
+    every test that only reads it; tests that change a run work on a copy."""
+    out = tmp_path_factory.mktemp("tiny-runs")
+    return last_line(
+        run_hessov("run", "problem=mnist_mini", "preset=tiny", f"OUTPUT_DIR={out}").stdout
+    )

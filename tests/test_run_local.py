@@ -4,19 +4,6 @@ import shutil
 
 import h5py
 import numpy as np
-import pytest
-
-from conftest import last_line
-
-TINY = ["problem=mnist_mini", "preset=tiny"]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    from conftest import run_hessov
-
-    out = tmp_path_factory.mktemp("runs")
-    return last_line(run_hessov("run", *TINY, f"OUTPUT_DIR={out}").stdout)
 
 
 def test_run_produces_every_stage_summary(tiny_run, summary_of):

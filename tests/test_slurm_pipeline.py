@@ -47,6 +47,12 @@ def assert_same_eigenpairs(reference: Path, other: Path):
             np.testing.assert_allclose(a["eigenvalues"][:], b["eigenvalues"][:], atol=1e-6)
             overlap = (a["eigenvectors"][:, :10].T @ b["eigenvectors"][:, :10]) ** 2
             assert overlap.sum() / 10 > 1 - 1e-6
+        with (
+            h5py.File(reference / f"analysis/steps/step_{step}_{split}.h5") as a,
+            h5py.File(other / f"analysis/steps/step_{step}_{split}.h5") as b,
+        ):
+            np.testing.assert_allclose(a["overlap"][:], b["overlap"][:], atol=1e-6)
+    assert (other / "analysis/report.md").is_file()
 
 
 @pytest.mark.slurm
@@ -65,8 +71,8 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     )
     run_dir = Path(last_line(submitted.stdout))
     jobs = [line.split() for line in submitted.stdout.splitlines()[:-1]]
-    # 1 train, 1 layout, and per step and split: basis, 2 arrays, solve.
-    assert len(jobs) == 2 + 4 * len(SKETCHES)
+    # 1 train, 1 layout, and per step and split: basis, 2 arrays, solve, analyze.
+    assert len(jobs) == 2 + 5 * len(SKETCHES)
     # The fault: task 1 of step 300's first measurement round dies (still pending behind
     # training, so it never runs); everything downstream of it is cancelled by Slurm.
     killed = next(j[-1] for j in jobs if j[:3] == ["measure-first", "300", "train"])
@@ -81,6 +87,8 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     assert states[("solve", "100", "train")] == {"COMPLETED"}
     assert "COMPLETED" in states[("measure-first", "300", "train")]  # tasks 0 and 2
     assert states[("solve", "300", "train")] == {"CANCELLED"}
+    assert states[("analyze", "100", "train")] == {"COMPLETED"}
+    assert states[("analyze", "300", "train")] == {"CANCELLED"}
 
     status = hessov("status", str(run_dir)).stdout
     assert "step 100 train: first round 30/30 measured" in status

@@ -25,6 +25,7 @@ from analysis.subspaces import (
     grassmannian_distances,
     grassmannian_similarities,
     magnitude_mask,
+    mask_grassmannian_similarities,
     mask_iou,
     mask_overlap,
     mask_similarity,
@@ -33,6 +34,7 @@ from analysis.subspaces import (
     random_baseline,
     random_mask_overlap,
     random_mask_overlap_curve,
+    random_mask_similarities,
     random_subspace_similarities,
     sign_invariant_residuals,
     subspace_overlap,
@@ -414,3 +416,23 @@ def test_top_magnitude_eigenpairs_of_an_indefinite_matrix():
     assert sign_invariant_residuals(top_vectors, expected).max().item() < 1e-10
     # The last three columns of eigh (the paper's comparison) are a different subspace.
     assert grassmannian_similarities(eigenvectors[:, -3:], expected)["overlap"] < 0.9
+
+
+def test_mask_similarities_equal_those_of_the_one_hot_frames():
+    dimension = 50
+    mask_a = torch.tensor([0, 3, 7, 9, 20, 33])
+    mask_b = torch.tensor([3, 9, 21, 33, 40, 49])
+    one_hot = torch.eye(dimension, dtype=torch.float64)
+    expected = grassmannian_similarities(one_hot[:, mask_a], one_hot[:, mask_b])
+    got = mask_grassmannian_similarities(mask_a, mask_b)
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+    assert got["overlap"] == pytest.approx(mask_similarity(mask_a, mask_b))
+
+
+def test_random_mask_similarities_average_to_chance():
+    chance = random_mask_similarities(1000, 100, num_samples=400, seed=3)
+    assert chance["overlap"] == pytest.approx(100 / 1000, rel=0.05)
+    identical = random_mask_similarities(100, 100, num_samples=3, seed=0)  # m = D: one mask
+    assert all(value == pytest.approx(1.0) for value in identical.values())

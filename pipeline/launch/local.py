@@ -3,7 +3,8 @@
 The same stage functions a Slurm job runs, called one after the other on this machine,
 with the same files and therefore the same numbers: train; layout; for every step and
 split each measurement array task of the first round, (two-pass) the basis solve and each
-task of the second round, the solve; the exhaustive check when ``EXHAUSTIVE=true``.
+task of the second round, the solve; the exhaustive check when ``EXHAUSTIVE=true``; the
+analysis of each step as soon as it is solved, and the figures and report at the end.
 Every stage skips what its files say is done (a finished training, measured blocks, a
 solved step), so running it again on a run directory finishes only what is missing:
 that is ``hessov resume`` for the local backend.
@@ -16,6 +17,7 @@ import time
 from pipeline.config import RunConfig
 from pipeline.rundir import RunDir
 from pipeline.runlog import get_logger
+from pipeline.stages.analyze import analyze
 from pipeline.stages.exhaustive import exhaustive
 from pipeline.stages.layout import layout
 from pipeline.stages.measure import measure
@@ -69,6 +71,10 @@ def run_local(cfg: RunConfig, run: RunDir | None = None) -> RunDir:
         if cfg.EXHAUSTIVE and not run.exhaustive(step, split).is_file():
             log.info("%s: exhaustive check", prefix)
             exhaustive(run, cfg, spec, step, split)
+        log.info("%s: analyze", prefix)
+        analyze(run, [(step, split)], report=False)
+    log.info("[analyze] figures and report")
+    analyze(run)
     log.info("pipeline finished in %.1f s: %s", time.perf_counter() - started, run.root)
     return run
 
