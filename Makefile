@@ -43,6 +43,7 @@ demo: $(STAMP) system-deps
 	$(VENV)/bin/hessov run problem=mnist_mini OUTPUT_DIR=$(OUTPUT_DIR) > $(OUTPUT_DIR)/.last-demo
 	@echo "results in $$(tail -n1 $(OUTPUT_DIR)/.last-demo)"
 	@echo "see them with: $(VENV)/bin/hessov summary $$(tail -n1 $(OUTPUT_DIR)/.last-demo)"
+	@echo "report: $$(tail -n1 $(OUTPUT_DIR)/.last-demo)/analysis/report.md"
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
