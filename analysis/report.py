@@ -15,18 +15,11 @@ import h5py
 import numpy as np
 
 from analysis.figures import read_crystallization, read_overlap_curves
+from analysis.subspaces import DISTANCE_NAMES
 
 #: The paper's overlap/chance ratios (REFERENCE.md section 4): problem -> (split, step, {k: x}).
 PAPER_RATIOS = {"mnist_mini": ("test", 100, {10: 6.7, 355: 3.1})}
-SIMILARITY_COLUMNS = (
-    "overlap",
-    "geodesic",
-    "chordal_2",
-    "chordal_f",
-    "projection_2",
-    "projection_f",
-    "fubini_study",
-)
+SIMILARITY_COLUMNS = ("overlap", *DISTANCE_NAMES)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
