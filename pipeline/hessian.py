@@ -3,8 +3,9 @@
 Every Hessian stage (check-operator, measure, solve, exhaustive) needs the same object:
 the problem's network with the parameters recorded at step ``T`` (read from
 ``params.h5``), the deterministic Hessian subset of the train or test split recorded by
-the train stage, the model in eval mode, as a curvlinops operator on the requested device
-and dtype. This module builds it in one place so the stages cannot drift apart.
+the train stage, the model in eval mode, as a batched Hessian-vector product
+(:class:`skerch_ext.operator.AutogradHessian`) on the requested device and dtype. This
+module builds it in one place so the stages cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pipeline.problems import Problem, build_problem
 from pipeline.rundir import SPLITS, RunDir
 from pipeline.runlog import read_events
 from pipeline.training import TORCH_DTYPES, set_cpu_threads, to_device
-from skerch_ext.operator import MatMat, as_matmat, hessian_operator
+from skerch_ext.operator import AutogradHessian, MatMat
 
 
 @dataclass
@@ -90,17 +91,14 @@ def hessian_at_step(
     indices = recorded_subsets(run)[split].to(cfg.device)
     data = getattr(problem, split)
     inputs, targets = data.images[indices], data.labels[indices]
-    operator = hessian_operator(
-        problem.model,
-        problem.loss,
-        inputs,
-        targets,
-        batch_size=cfg.HESSIAN_BATCH_SIZE,
-        check_deterministic=check_deterministic,
+    operator = AutogradHessian(
+        problem.model, problem.loss, inputs, targets, batch_size=cfg.HESSIAN_BATCH_SIZE
     )
+    if check_deterministic:
+        operator.check_deterministic(seed=cfg.RANDOM_SEED)
     return HessianAtStep(
-        as_matmat(operator),
-        operator.shape[0],
+        operator.matmat,
+        operator.dim,
         problem,
         inputs,
         targets,

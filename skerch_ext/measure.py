@@ -17,8 +17,9 @@ HDF5 file per index, ...) and merge them with :func:`assemble_sketch`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -36,12 +37,15 @@ class MeasurementBlock:
     :ivar inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``.
     :ivar outer_indices: The indices of this block that are below ``k``, shape ``(n_o,)``.
     :ivar outer: ``H Omega[:, outer_indices]``, shape ``(D, n_o)``.
+    :ivar seconds: Wall seconds of the block's ``"hvps"`` (the batched product alone) and
+      ``"test_matrices"`` (drawing Omega's columns and applying Psi).
     """
 
     indices: torch.Tensor
     inner: torch.Tensor
     outer_indices: torch.Tensor
     outer: torch.Tensor
+    seconds: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 def checked_matmat(matmat: MatMat, x: torch.Tensor) -> torch.Tensor:
@@ -63,14 +67,31 @@ def measure_block(
     :param num_outer: ``k``; indices below it also give outer columns.
     """
     index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
-    hvps = checked_matmat(matmat, sketch.omega_columns(index_tensor))
+    start = time.perf_counter()
+    omega = synchronized(sketch.omega_columns(index_tensor))
+    drawn = time.perf_counter()
+    hvps = synchronized(checked_matmat(matmat, omega))
+    multiplied = time.perf_counter()
+    inner = synchronized(sketch.psi_apply(hvps))
     is_outer = index_tensor < num_outer
     return MeasurementBlock(
         indices=index_tensor,
-        inner=sketch.psi_apply(hvps),
+        inner=inner,
         outer_indices=index_tensor[is_outer],
         outer=hvps[:, is_outer.to(hvps.device)],
+        seconds={
+            "hvps": multiplied - drawn,
+            "test_matrices": (drawn - start) + (time.perf_counter() - multiplied),
+        },
     )
+
+
+def synchronized(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` once the device has finished computing it (CUDA runs asynchronously), so
+    that wall-clock timings around it are the computation's."""
+    if tensor.is_cuda:
+        torch.cuda.synchronize(tensor.device)
+    return tensor
 
 
 def measure_indices(

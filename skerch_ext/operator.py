@@ -1,16 +1,27 @@
 """The loss Hessian as a matrix-free operator, and checks that it is safe to sketch.
 
-The Hessian of the mean loss over a fixed data subset is exposed through curvlinops'
-``HessianLinearOperator`` (Dangel et al., "Convolutions and More as Einsum" /
-curvlinops 3.0.1): ``H @ M`` for an ``(D, b)`` matrix ``M`` runs one forward-over-reverse
-pass per data batch, vmapped over the ``b`` columns, so the cost of a block of columns
-is shared and its memory grows with ``b``.
+Two implementations of ``H @ M`` for an ``(D, b)`` matrix ``M``, the Hessian of the mean
+loss over a fixed data subset:
 
-Sketching assumes ``H`` is a fixed symmetric matrix: the same product every time it is
-applied (a random augmentation or dropout in train mode would break that, and with it
-every a-posteriori bound) and finite. :func:`operator_checks` measures exactly that:
-curvlinops' determinism probe, a symmetry probe ``v^T H w`` vs ``w^T H v``, a NaN/inf
-probe, and the time of one Hessian-vector product.
+* :class:`AutogradHessian`, what the sketch stages use: reverse-over-reverse automatic
+  differentiation batched over the ``b`` columns (``torch.autograd.grad`` with
+  ``is_grads_batched``). When the data is one batch, the graph of the gradient is built
+  once and every block only runs its second backward pass: no forward pass and no first
+  backward pass per block, and the fewest operations per column of the implementations
+  measured in bench/RESULTS.md (question 1). It uses plain ``torch.autograd`` only, so a
+  process that multiplies with it never imports ``torch._dynamo`` (``torch.func``'s
+  transforms import it on their first call, about 1.7 s per process on 2 cores).
+* :func:`hessian_operator`: curvlinops' ``HessianLinearOperator`` (Dangel et al.,
+  curvlinops 3.0.1), forward-over-reverse ``torch.func.jvp`` of the gradient, vmapped over
+  the columns, redoing the forward and backward pass of every data batch for every block.
+  The replay stage uses it on a model whose parameters change between products.
+
+Both have memory growing with ``b``: ``block_size`` bounds it. Sketching assumes ``H`` is a
+fixed symmetric matrix: the same product every time it is applied (a random augmentation
+or dropout in train mode would break that, and with it every a-posteriori bound) and
+finite. :meth:`AutogradHessian.check_deterministic` and :func:`operator_checks` measure
+exactly that: two independent passes over the data must agree, ``v^T H w`` must equal
+``w^T H v``, products must be finite; the latter also times one Hessian-vector product.
 """
 
 from __future__ import annotations
@@ -18,11 +29,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from curvlinops import HessianLinearOperator
 from torch import nn
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from curvlinops import HessianLinearOperator
 
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,6 +70,8 @@ def hessian_operator(
         RuntimeError: from curvlinops when ``check_deterministic`` finds two passes over
             the data that differ.
     """
+    from curvlinops import HessianLinearOperator  # imports scipy.sparse.linalg: only when used
+
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
     return HessianLinearOperator(
@@ -77,6 +93,113 @@ def as_matmat(operator: HessianLinearOperator) -> MatMat:
     return matmat
 
 
+class AutogradHessian:
+    """``H @ M`` for the Hessian ``(D, D)`` of the mean of ``loss_fn`` over ``inputs`` w.r.t.
+    all of ``model``'s trainable parameters (``model.parameters()`` order), by batched
+    reverse-over-reverse differentiation (see the module docstring).
+
+    The model is put in eval mode: the Hessian of a fixed function. ``batch_size`` bounds
+    the examples per forward pass (0 = all at once). With a single batch the gradient's
+    graph is kept for the operator's lifetime, holding the activations and the first
+    backward pass's intermediates; with several batches each batch's graph is rebuilt for
+    every block and freed, so memory stays that of one batch. The parameters must not
+    change while the operator lives: autograd refuses a kept graph whose saved tensors
+    were modified in place.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        batch_size: int = 0,
+    ):
+        model.eval()
+        self.model, self.loss_fn = model, loss_fn
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.dim = sum(self.sizes)
+        self.batches = data_batches(inputs, targets, batch_size)
+        # The mean loss over all data is the batch means weighted by the batch shares.
+        self.weights = [x.shape[0] / inputs.shape[0] for x, _ in self.batches]
+        self.kept_graph = self.gradient_graph(*self.batches[0]) if len(self.batches) == 1 else None
+
+    def gradient_graph(
+        self, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> list[tuple[int, torch.Tensor]]:
+        """``(parameter index, gradient)`` of the batch's mean loss for every gradient that
+        depends on the parameters (the others have a zero Hessian block), each with its graph
+        for the second backward pass."""
+        with torch.enable_grad():
+            loss = self.loss_fn(self.model(inputs), targets)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def batch_products(
+        self, graph: list[tuple[int, torch.Tensor]], columns: list[torch.Tensor], keep: bool
+    ) -> torch.Tensor:
+        """``(b, D)``: the rows of ``(H_batch M)^T`` from one batch's gradient graph, with
+        ``columns`` the rows of ``M^T`` shaped like the parameters, ``(b, *shape)`` each."""
+        products: list[torch.Tensor | None] = [None] * len(self.params)
+        if graph:
+            products = torch.autograd.grad(
+                [g for _, g in graph],
+                self.params,
+                grad_outputs=[columns[i] for i, _ in graph],
+                retain_graph=keep,
+                is_grads_batched=True,
+                allow_unused=True,
+            )
+        return torch.cat(
+            [
+                torch.zeros_like(c).flatten(1) if p is None else p.flatten(1)
+                for p, c in zip(products, columns, strict=True)
+            ],
+            dim=1,
+        )
+
+    def matmat(self, matrix: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
+        """``H @ matrix`` for ``matrix`` of shape ``(D, b)``; ``fresh=True`` rebuilds the
+        gradient graph even when one is kept (an independent pass over the data)."""
+        if matrix.ndim != 2 or matrix.shape[0] != self.dim:
+            raise ValueError(f"expected a ({self.dim}, b) matrix, got {tuple(matrix.shape)}")
+        num = matrix.shape[1]
+        columns = [
+            chunk.reshape(num, *shape)
+            for chunk, shape in zip(matrix.T.split(self.sizes, dim=1), self.shapes, strict=True)
+        ]
+        result = None
+        for (inputs, targets), weight in zip(self.batches, self.weights, strict=True):
+            keep = self.kept_graph is not None and not fresh
+            graph = self.kept_graph if keep else self.gradient_graph(inputs, targets)
+            products = self.batch_products(graph, columns, keep)
+            if len(self.batches) > 1:
+                products = products.mul_(weight)
+            result = products if result is None else result.add_(products)
+        return result.T
+
+    def __matmul__(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.matmat(matrix)
+
+    def check_deterministic(self, *, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-8):
+        """Raise ``RuntimeError`` unless two independent passes over the data (forward,
+        gradient and one Hessian-vector product each) agree with each other and with the
+        kept graph, to curvlinops' tolerances: what random augmentation, train-mode dropout
+        or a nondeterministic kernel would break."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        dtype = self.params[0].dtype
+        probe = torch.randn(self.dim, 1, generator=generator, dtype=torch.float64)
+        probe = probe.to(self.params[0].device, dtype)
+        first, second = self.matmat(probe, fresh=True), self.matmat(probe, fresh=True)
+        if not torch.allclose(first, second, rtol=rtol, atol=atol):
+            raise RuntimeError("two passes over the data gave different Hessian-vector products")
+        if not torch.allclose(self.matmat(probe), first, rtol=rtol, atol=atol):
+            raise RuntimeError("the kept gradient graph no longer matches a fresh pass")
+
+
 @dataclass
 class OperatorReport:
     """Result of :func:`operator_checks`.
@@ -86,7 +209,7 @@ class OperatorReport:
         symmetry_rel_diff: ``|v^T H w - w^T H v| / max(|v^T H w|, tiny)``.
         finite: whether ``H @ [v, w]`` held no NaN/inf.
         seconds_per_hvp: wall time of one Hessian-vector product.
-        deterministic: curvlinops' probe passed (the operator was built with it).
+        deterministic: the determinism probe passed (the operator was built with it).
     """
 
     dim: int

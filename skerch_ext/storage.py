@@ -16,10 +16,10 @@ Why this shape (Fernandez et al., section "Distributed SEIGH", and what went wro
   ``inner`` (s, s) stitched from the parts, with NaN as fill value so that a missing part
   reads as NaN, never as plausible zeros.
 - **Monolithic arrays, allocated once per split and reused for every recorded step**
-  (:class:`MonolithicArrays`): solve verifies every flag and checksum, then merges the
-  parts into contiguous ``outer``/``inner`` datasets it reads in large slabs. Allocation
-  happens once at layout time, however many steps are solved; a lock file serialises
-  solves of different steps that share the arrays.
+  (:class:`MonolithicArrays`): solve reads every part once, verifying every flag and
+  checksum as it copies it into memory, and writes each contiguous ``outer``/``inner``
+  dataset in one write. Allocation happens once at layout time, however many steps are
+  solved; a lock file serialises solves of different steps that share the arrays.
 
 Shapes: ``D`` parameters, ``k`` outer measurements, ``s`` inner measurements (``k < s``).
 Measurement ``m`` stores inner column ``m`` (``Psi H Omega[:, m]``, length ``s``) and, for
@@ -111,16 +111,33 @@ def check_part_count(num_parts: int, limit: int | None = None) -> None:
 
 def column_checksums(inner: np.ndarray | None, outer: np.ndarray | None, count: int) -> np.ndarray:
     """CRC-32 of each of ``count`` measurements: inner column ``j`` (if there is an inner
-    sketch) then outer column ``j`` (if any). ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)``."""
+    sketch) then outer column ``j`` (if any). ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)``.
+
+    The columns are checksummed as rows of one transposed copy: the same bytes as copying
+    each strided column on its own, in one pass over the block."""
+    inner_rows = None if inner is None else np.ascontiguousarray(inner.T)
+    outer_rows = None if outer is None else np.ascontiguousarray(outer.T)
     sums = np.empty(count, dtype=np.uint32)
     for j in range(count):
         crc = 0
-        if inner is not None:
-            crc = zlib.crc32(np.ascontiguousarray(inner[:, j]).tobytes())
-        if outer is not None and j < outer.shape[1]:
-            crc = zlib.crc32(np.ascontiguousarray(outer[:, j]).tobytes(), crc)
+        if inner_rows is not None:
+            crc = zlib.crc32(inner_rows[j])
+        if outer_rows is not None and j < outer_rows.shape[0]:
+            crc = zlib.crc32(outer_rows[j], crc)
         sums[j] = crc
     return sums
+
+
+class IncompleteMeasurements(ValueError):
+    """Some measurements are missing (not flagged measured) or corrupt (checksum or file
+    damage); ``missing`` and ``corrupt`` name their indices."""
+
+    def __init__(self, missing: list[int], corrupt: list[int]):
+        super().__init__(
+            f"measurements missing: {describe_indices(missing)}; "
+            f"corrupt: {describe_indices(corrupt)}"
+        )
+        self.missing, self.corrupt = missing, corrupt
 
 
 class MeasurementStore:
@@ -272,8 +289,13 @@ class MeasurementStore:
             missing += [m for m, f in zip(block, flags, strict=True) if f != FLAG_MEASURED]
         return missing
 
-    def verify(self) -> dict[str, list[int]]:
-        """Indices that are missing (not measured) or corrupt (checksum or file damage)."""
+    def verify(self, sink=None) -> dict[str, list[int]]:
+        """Indices that are missing (not measured) or corrupt (checksum or file damage).
+
+        Every part is read once; with ``sink``, each part whose measurements are all
+        intact is also handed over as ``sink(block, inner, outer)`` (``inner`` ``(s, P)`` or
+        None, ``outer`` ``(D, P_outer)`` or None), so that a merge needs no second read.
+        """
         missing, corrupt = [], []
         for block_id, block in enumerate(self.layout.blocks):
             path = self.part_path(block_id)
@@ -287,11 +309,16 @@ class MeasurementStore:
                 (corrupt if path.is_file() else missing).extend(block)
                 continue
             actual = column_checksums(inner, outer, len(block))
+            intact = True
             for j, m in enumerate(block):
                 if flags[j] != FLAG_MEASURED:
                     missing.append(m)
+                    intact = False
                 elif actual[j] != stored[j]:
                     corrupt.append(m)
+                    intact = False
+            if intact and sink is not None:
+                sink(block, inner, outer)
         return {"missing": missing, "corrupt": corrupt}
 
     def part_attrs(self) -> list[dict]:
@@ -392,25 +419,40 @@ class MonolithicArrays:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def merge(self, store: MeasurementStore, label: str) -> None:
-        """Copy every part of ``store`` into the arrays (call :meth:`MeasurementStore.verify`
-        first, inside :meth:`locked`)."""
+    def merge(self, store: MeasurementStore, label: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Verify every part of ``store`` and merge it into the arrays (inside
+        :meth:`locked`); returns the merged ``outer`` (D, k) and ``inner`` (s, s) (None
+        without inner sketch), which the caller would otherwise read back.
+
+        Each part is read once (checksums and copy in one pass) into arrays in memory, and
+        each array is written in one contiguous write: copying ``(D, P)`` parts straight
+        into the ``(D, k)`` dataset would write ``D`` short strided runs per part.
+
+        Raises:
+            IncompleteMeasurements: naming the missing and corrupt indices; the arrays on
+                disk are then left untouched.
+        """
+        layout = self.layout
+        outer = np.empty((layout.dim, layout.num_outer), dtype=layout.dtype)
+        inner = (
+            np.empty((layout.num_inner, layout.num_inner), dtype=layout.dtype)
+            if layout.num_inner
+            else None
+        )
+
+        def place(block: range, part_inner, part_outer) -> None:
+            if part_inner is not None:
+                inner[:, block.start : block.stop] = part_inner
+            if part_outer is not None:
+                outer[:, block.start : block.start + part_outer.shape[1]] = part_outer
+
+        problems = store.verify(sink=place)
+        if problems["missing"] or problems["corrupt"]:
+            raise IncompleteMeasurements(problems["missing"], problems["corrupt"])
         with h5py.File(self.path, "r+") as target:
             target.attrs["holds"] = ""
-            for block_id, block in enumerate(store.layout.blocks):
-                with h5py.File(store.part_path(block_id), "r") as part:
-                    if "inner" in part:
-                        target["inner"][:, block.start : block.stop] = part["inner"][:]
-                    if "outer" in part:
-                        width = part["outer"].shape[1]
-                        target["outer"][:, block.start : block.start + width] = part["outer"][:]
+            target["outer"][...] = outer
+            if inner is not None:
+                target["inner"][...] = inner
             target.attrs["holds"] = label
-
-    def read(self, label: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """``outer`` (D, k) and ``inner`` (s, s) (None without inner sketch), checking they
-        hold ``label``."""
-        with h5py.File(self.path, "r") as handle:
-            if handle.attrs["holds"] != label:
-                raise ValueError(f"{self.path} holds {handle.attrs['holds']!r}, not {label!r}")
-            inner = handle["inner"][:] if "inner" in handle else None
-            return handle["outer"][:], inner
+        return outer, inner

@@ -34,7 +34,7 @@ from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
 from pipeline.sketchspec import SketchSpec
-from skerch_ext.measure import measure_block
+from skerch_ext.measure import measure_block, synchronized
 from skerch_ext.storage import SketchLayout
 
 
@@ -146,19 +146,24 @@ def measure(
             t0 = time.perf_counter()
             if round_name == "first":
                 result = measure_block(hessian.matmat, sketch, block, k)
+                products_seconds = result.seconds["hvps"]
                 inner = result.inner.cpu().numpy() if spec.layout.num_inner else None
                 outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
             else:
                 columns = torch.from_numpy(read_basis_columns(run, step, split, block))
-                inner = None
-                outer = hessian.matmat(columns.to(hessian.device, hessian.dtype)).cpu().numpy()
-            hvp_seconds = time.perf_counter() - t0
+                columns = synchronized(columns.to(hessian.device, hessian.dtype))
+                t1 = time.perf_counter()
+                outer = synchronized(hessian.matmat(columns))
+                products_seconds = time.perf_counter() - t1
+                inner, outer = None, outer.cpu().numpy()
+            block_seconds = time.perf_counter() - t0
             store.write_block(
                 block_id,
                 inner,
                 outer,
                 attrs={
-                    "seconds": hvp_seconds,
+                    "seconds": block_seconds,
+                    "products_seconds": products_seconds,
                     "hvps": len(block),
                     "task": task_name,
                     "host": socket.gethostname(),
@@ -167,13 +172,14 @@ def measure(
             )
         stats["measured"] += 1
         stats["hvps"] += len(block)
-        stats["seconds"] += hvp_seconds
-        rate = len(block) / hvp_seconds
+        stats["seconds"] += block_seconds
+        rate = len(block) / block_seconds
         events.write(
             "block",
             block=block_id,
             indices=[block.start, block.stop],
-            seconds=round(hvp_seconds, 4),
+            seconds=round(block_seconds, 4),
+            products_seconds=round(products_seconds, 4),
             hvps_per_second=round(rate, 2),
         )
         progress.set_postfix(hvps_per_s=f"{rate:.1f}")

@@ -1,13 +1,15 @@
 """Stage 4, solve: verify, merge, and solve the SEIGH core for the top-k eigenpairs.
 
-Before anything else every part's flags and checksums are verified; a missing or
-corrupt measurement stops the solve and names the indices (``hessov resume`` re-measures
-them). The parts are merged into the split's monolithic arrays (allocated once by the
-layout), then single-pass SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``,
-the core ``(Psi Q)^+ Z ((Omega^T Q)^+)^T`` from two least-squares solves with block
-transforms, symmetrised, ``eigh``, sorted by ``|lambda|``, ``W = Q U``. Finally the
-a-posteriori error is estimated with ``NUM_A_POSTERIORI`` Gaussian probes (their own
-seed range), with its probability and scree bounds.
+Before anything else every part's flags and checksums are verified, in the same single
+read of each part that merges it into the split's monolithic arrays (allocated once by
+the layout); a missing or corrupt measurement stops the solve and names the indices
+(``hessov resume`` re-measures them), leaving the arrays untouched. Then single-pass
+SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``, the core
+``(Psi Q)^+ Z ((Omega^T Q)^+)^T`` from two least-squares solves with block transforms,
+symmetrised, ``eigh``, sorted by ``|lambda|``, ``W = Q U`` (or, two-pass, Rayleigh-Ritz on
+the first round's basis and the second round's ``H Q``). Finally the a-posteriori error is
+estimated with ``NUM_A_POSTERIORI`` Gaussian probes (their own seed range), with its
+probability and scree bounds.
 
 Writes ``eigen/step_T_{split}.h5`` (eigenvalues ``(k,)``, eigenvectors ``(D, k)``, bounds,
 provenance) and the ``solve`` summary for that step and split.
@@ -43,21 +45,7 @@ from skerch_ext.solve import (
     seigh_two_pass,
     single_pass_core,
 )
-from skerch_ext.storage import describe_indices
-
-
-def verify_measurements(
-    run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str = "first"
-) -> None:
-    """Raise :class:`MissingInputError` naming every missing or corrupt measurement."""
-    problems = spec.store(run, step, split, round_name).verify()
-    if problems["missing"] or problems["corrupt"]:
-        raise MissingInputError(
-            f"step {step} {split} ({round_name} round): measurements missing: "
-            f"{describe_indices(problems['missing'])}; "
-            f"corrupt: {describe_indices(problems['corrupt'])}. Re-measure them with "
-            f"`hessov resume {run.root}` (or `hessov measure ... indices=a:b`)."
-        )
+from skerch_ext.storage import IncompleteMeasurements
 
 
 def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dict) -> None:
@@ -75,26 +63,35 @@ def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dic
 
 
 def merged_round(run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str):
-    """Verify one round's measurements, merge them into the split's monolithic arrays and
-    read them back: ``outer`` (D, k) and ``inner`` (s, s) or None."""
-    verify_measurements(run, spec, step, split, round_name)
+    """Verify one round's measurements and merge them into the split's monolithic arrays:
+    ``outer`` (D, k) and ``inner`` (s, s) or None. Raises :class:`MissingInputError` naming
+    every missing or corrupt measurement."""
     arrays = spec.monolithic(run, split, round_name)
-    label = f"step_{step}_{split}_{round_name}"
     with arrays.locked():
-        arrays.merge(spec.store(run, step, split, round_name), label)
-        return arrays.read(label)
+        try:
+            return arrays.merge(
+                spec.store(run, step, split, round_name), f"step_{step}_{split}_{round_name}"
+            )
+        except IncompleteMeasurements as err:
+            raise MissingInputError(
+                f"step {step} {split} ({round_name} round): {err}. Re-measure them with "
+                f"`hessov resume {run.root}` (or `hessov measure ... indices=a:b`)."
+            ) from None
 
 
-def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) -> float:
-    """HVP seconds of every round, as the measurement workers recorded them."""
-    return round(
-        sum(
-            float(attrs.get("seconds", 0))
-            for round_name in spec.rounds
-            for attrs in spec.store(run, step, split, round_name).part_attrs()
-        ),
-        3,
-    )
+def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) -> dict:
+    """Seconds of every round's blocks as the measurement workers recorded them:
+    ``"measurements"`` whole blocks (test matrices or basis reads included) and
+    ``"products"`` the batched Hessian-vector products alone."""
+    parts = [
+        attrs
+        for round_name in spec.rounds
+        for attrs in spec.store(run, step, split, round_name).part_attrs()
+    ]
+    return {
+        key: round(sum(float(attrs.get(field, 0)) for attrs in parts), 3)
+        for key, field in (("measurements", "seconds"), ("products", "products_seconds"))
+    }
 
 
 def write_two_pass_basis(run: RunDir, spec: SketchSpec, step: int, split: str) -> dict:
@@ -130,11 +127,10 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
     set_cpu_threads(cfg.threads)  # before the basis QR, which runs outside hessian_at_step
     if spec.recovery == "two_pass" and not run.two_pass_basis(step, split).is_file():
         return write_two_pass_basis(run, spec, step, split)
-    seconds = {
-        "layout": spec.layout_seconds,
-        "measurements": measurement_seconds(run, spec, step, split),
-    }
+    seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
+    t0 = time.perf_counter()
     hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
+    seconds["operator_setup"] = time.perf_counter() - t0
     dtype, device = hessian.dtype, hessian.device
     if spec.recovery == "two_pass":
         t0 = time.perf_counter()
