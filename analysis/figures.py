@@ -222,7 +222,9 @@ def draw_all(results: Path, out_dir: Path) -> list[dict]:
     drawn = []
 
     def add(name: str, title: str, fig) -> None:
-        drawn.append({"name": name, "title": title, "path": save_figure(fig, out_dir / f"{name}.png")})
+        drawn.append(
+            {"name": name, "title": title, "path": save_figure(fig, out_dir / f"{name}.png")}
+        )
 
     with h5py.File(results, "r") as handle:
         dimension = int(handle.attrs["dimension"])
