@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUTPUT_DIR ?= output
 
-.PHONY: demo test lint format bench clean-venv system-deps slurm-start slurm-stop
+.PHONY: demo eos-replay test lint format bench clean-venv system-deps slurm-start slurm-stop
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,14 +45,23 @@ demo: $(STAMP) system-deps
 	@echo "see them with: $(VENV)/bin/hessov summary $$(tail -n1 $(OUTPUT_DIR)/.last-demo)"
 	@echo "report: $$(tail -n1 $(OUTPUT_DIR)/.last-demo)/analysis/report.md"
 
+# The edge-of-stability replay experiment (config/experiments/eos_replay.yaml): train, the
+# 17 replays two at a time, then their comparison (RUN/replays/report.md). ~10 min, 2 cores.
+eos-replay: $(STAMP)
+	@mkdir -p $(OUTPUT_DIR)
+	$(VENV)/bin/hessov train config/experiments/eos_replay.yaml OUTPUT_DIR=$(OUTPUT_DIR) > $(OUTPUT_DIR)/.last-eos
+	$(VENV)/bin/hessov replay $$(tail -n1 $(OUTPUT_DIR)/.last-eos) --list | \
+	  xargs -P 2 -I{} $(VENV)/bin/hessov replay $$(tail -n1 $(OUTPUT_DIR)/.last-eos) name={} > /dev/null
+	$(VENV)/bin/hessov compare $$(tail -n1 $(OUTPUT_DIR)/.last-eos)
+	@echo "report: $$(tail -n1 $(OUTPUT_DIR)/.last-eos)/replays/report.md"
+
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
 
-# Benchmarks are scripts, not tests: they write bench/RESULTS.md (see its header).
+# Benchmarks are scripts, not tests: one run (under 15 minutes on 2 cores) answers the
+# benchmark questions and writes bench/RESULTS.md; `$(PY) -m bench --help` for options.
 bench: $(STAMP)
-	$(PY) -m bench.hvp_blocks --write
-	$(PY) -m bench.phases --write
-	$(PY) -m bench.accuracy --write
+	$(PY) -m bench
 
 # The local single-node Slurm cluster the tests use (root and apt needed).
 slurm-start:

@@ -179,10 +179,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.overrides, args.config)
     if cfg.backend == "slurm":
-        raise ConfigError(
-            "backend: the Slurm backend of `hessov run` is not available in this version; "
-            "use backend=local, or the sbatch scripts in slurm/"
-        )
+        from pipeline.launch.slurm import submit_run
+
+        return submit_run(cfg, wait=args.wait)
     run = run_local(cfg)
     print(run.root)
     return 0
@@ -198,8 +197,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from pipeline.launch.plan import describe_status, run_status
+    from pipeline.launch.slurm import describe_jobs
 
-    print(describe_status(run_status(_open_run(args.run_dir))))
+    run = _open_run(args.run_dir)
+    print(describe_status(run_status(run)))
+    jobs = describe_jobs(run)  # None: never submitted to Slurm
+    if jobs is not None:
+        print(jobs)
     return 0
 
 
@@ -208,7 +212,17 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from pipeline.launch.local import resume_local
 
     run = _open_run(args.run_dir)
-    cfg = override_run_config(run_config(run), args.overrides, ("device", "threads"))
+    # The backend is this call's choice (default local), not the one the run started with.
+    stage, overrides = _split_stage_args(args.overrides, ("backend",))
+    backend = stage.get("backend", "local")
+    if backend not in ("local", "slurm"):
+        raise ConfigError(f"backend: must be local or slurm, got {backend!r}")
+    cfg = override_run_config(run_config(run), overrides, ("device", "threads", "slurm"))
+    if backend == "slurm":
+        from pipeline.launch.slurm import submit_resume
+
+        compute = [item for item in overrides if item.split("=")[0] in ("device", "threads")]
+        return submit_resume(run, cfg, compute, wait=args.wait)
     resume_local(run, cfg)
     print(run.root)
     return 0
@@ -233,6 +247,68 @@ def _cmd_nqm(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(Path(cfg.out_dir).resolve())
+    return 0
+
+
+#: Run-config keys a replay may still change: where and how precisely it computes.
+REPLAY_COMPUTE_KEYS = ("device", "dtype", "threads", "HESSIAN_BATCH_SIZE")
+
+
+def _replay_from_args(run: RunDir, cfg, settings: list[str]):
+    """``name=NAME`` alone: that configured replay; otherwise an ad-hoc one from the keys."""
+    from pipeline.config import replay_from_overrides
+
+    configured = {replay.name: replay for replay in cfg.replays}
+    if [item.partition("=")[0] for item in settings] == ["name"]:
+        name = settings[0].partition("=")[2]
+        if name not in configured:
+            raise ConfigError(
+                f"name: no replay {name!r} in {run.config} (configured: "
+                f"{', '.join(configured) or 'none'}); for an ad-hoc replay pass snapshot= mode= "
+                "scaling= nfilter= eig_freq= ..."
+            )
+        return configured[name]
+    if not settings:
+        raise ConfigError(
+            "name: pass name=NAME of a configured replay ("
+            + (", ".join(configured) or "none")
+            + ") or the settings of an ad-hoc one: snapshot=T mode=... scaling=... nfilter=..."
+        )
+    replay = replay_from_overrides(cfg, settings)
+    if replay.name in configured and configured[replay.name] != replay:
+        raise ConfigError(
+            f"name: {replay.name!r} is a configured replay with other settings; pass name=... "
+            "to give this ad-hoc replay its own name"
+        )
+    return replay
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.hessian import load_run_config as run_config
+    from pipeline.stages.replay import run_replay
+
+    run = _open_run(args.run_dir)
+    if args.list:
+        for replay in run_config(run).replays:
+            print(replay.name)
+        return 0
+    compute = [item for item in args.overrides if item.partition("=")[0] in REPLAY_COMPUTE_KEYS]
+    settings = [item for item in args.overrides if item not in compute]
+    cfg = override_run_config(run_config(run), compute, REPLAY_COMPUTE_KEYS)
+    replay = _replay_from_args(run, cfg, settings)
+    run_replay(run, cfg, replay)
+    print(run.replay(replay.name))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipeline.stages.replay import compare
+
+    run = _open_run(args.run_dir)
+    stage, overrides = _split_stage_args(args.overrides, ("zoom",))
+    if overrides:
+        raise ConfigError(f"{overrides[0].partition('=')[0]}: compare accepts only zoom=")
+    print(compare(run, _int_arg(stage, "zoom") if "zoom" in stage else 0))
     return 0
 
 
@@ -329,12 +405,20 @@ def build_parser() -> argparse.ArgumentParser:
             "Build the stage graph from the config and run it: train, layout, every "
             "measurement task of every recorded step and split, the solves (and with "
             "EXHAUSTIVE=true the exact check). backend=local runs the stages one after "
-            "another on this machine. problem=NAME picks that problem's config; preset=tiny "
+            "another on this machine; backend=slurm submits them as Slurm jobs through "
+            "submitit (resources: slurm.* keys), prints the job ids and returns. "
+            "problem=NAME picks that problem's config; preset=tiny "
             "shrinks any problem to about a minute. Prints the run directory last."
         ),
     )
     pipeline.add_argument("config", nargs="?", help="optional YAML config file")
     pipeline.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    pipeline.add_argument(
+        "--wait",
+        action="store_true",
+        help="backend=slurm: follow the jobs until they end (at most "
+        "slurm.wait_timeout_minutes); exit 1 naming failed jobs and missing work",
+    )
     pipeline.set_defaults(func=_cmd_run)
 
     plan = commands.add_parser(
@@ -355,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         help="what is done and what is missing in a run, read from its files",
         description="Per recorded step and split: measured and missing indices (and the "
-        "array tasks they belong to) of every round, and whether it is solved.",
+        "array tasks they belong to) of every round, and whether it is solved. For a run "
+        "submitted with backend=slurm, also its latest jobs' ids and Slurm states.",
     )
     status.add_argument("run_dir")
     status.set_defaults(func=_cmd_status)
@@ -363,12 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
     resume = commands.add_parser(
         "resume",
         help="finish only what is missing in a run, reusing everything measured",
-        description="Resume an interrupted run locally: unfinished training continues from "
+        description="Resume an interrupted run: unfinished training continues from "
         "its last snapshot, measured blocks are kept, only missing measurements and "
-        "unsolved steps are computed. Also device= threads=.",
+        "unsolved steps are computed. backend=local (default) computes them here; "
+        "backend=slurm submits only those jobs. Also device= threads= slurm.*=.",
     )
     resume.add_argument("run_dir")
     resume.add_argument("overrides", nargs="*")
+    resume.add_argument(
+        "--wait",
+        action="store_true",
+        help="backend=slurm: follow the jobs until they end (at most "
+        "slurm.wait_timeout_minutes); exit 1 naming failed jobs and missing work",
+    )
     resume.set_defaults(func=_cmd_resume)
 
     show = commands.add_parser(
@@ -397,6 +489,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     nqm.add_argument("--json", action="store_true", help="print the result object as JSON")
     nqm.set_defaults(func=_cmd_nqm)
+
+    replay = commands.add_parser(
+        "replay",
+        help="continue a run from a snapshot with a spectral filter on the gradient",
+        description=(
+            "Replay a snapshot of a trained run with the gradient filtered in the Hessian's "
+            "top eigenbasis before the optimizer (REFERENCE section 5): name=NAME runs that "
+            "replay of the run's config (replays: [...]); or an ad-hoc one: snapshot=T "
+            "mode=none|global_scaling|flat_scaling_v1|flat_scaling_v2|dynamic scaling=ALPHA "
+            "nfilter=N eig_freq=F [neigs= eigensolver=lanczos|sketch eig_tol= warmup=W "
+            "MAX_STEPS= EVAL_EVERY= TARGET_TRAIN_LOSS= STOP_AT_TARGET= TARGET_TRAIN_ACCURACY= "
+            "optimizer.lr= optimizer.name= name=]. Also device= dtype= threads= "
+            "HESSIAN_BATCH_SIZE=. Writes RUN/replays/NAME/ and the 'replay' summary; a "
+            "finished replay is not run again, a name used with other settings is refused. "
+            "Prints the replay's directory last."
+        ),
+    )
+    replay.add_argument("run_dir", help="the run directory printed by `hessov train`")
+    replay.add_argument("overrides", nargs="*", help="KEY=VALUE arguments (see above)")
+    replay.add_argument(
+        "--list", action="store_true", help="print the names of the configured replays and exit"
+    )
+    replay.set_defaults(func=_cmd_replay)
+
+    compare = commands.add_parser(
+        "compare",
+        help="figures and report comparing every finished replay of a run",
+        description=(
+            "Per snapshot: the train-loss curves of every finished replay (the switch "
+            "marked, the baseline's history before it), a zoom on the first zoom=Z steps "
+            "after the switch (default a tenth of the longest replay), and per replay its "
+            "sharpness flow; RUN/replays/report.md states which replay reaches the loss "
+            "target first and whether flat_scaling_v1 sent the frozen eigenvalues up. "
+            "Drawing again replaces them. Prints RUN/replays last."
+        ),
+    )
+    compare.add_argument("run_dir")
+    compare.add_argument("overrides", nargs="*", help="zoom=Z")
+    compare.set_defaults(func=_cmd_compare)
     return parser
 
 

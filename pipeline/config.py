@@ -18,6 +18,7 @@ reads it from there, so a stage never re-derives what training used.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,91 @@ class ScheduleConfig:
 
 
 @dataclass
+class SlurmStageConfig:
+    """One stage's Slurm resources; an unset (null) key keeps the ``slurm`` section's value.
+
+    ``additional_parameters`` is merged over the section's (the stage's keys win).
+    """
+
+    partition: str | None = None
+    time_minutes: int | None = None
+    mem_gb: int | None = None
+    cpus_per_task: int | None = None
+    gpus_per_node: int | None = None
+    additional_parameters: dict[str, Any] | None = None
+
+
+@dataclass
+class SlurmStagesConfig:
+    """Per-stage overrides of the Slurm resources, e.g. ``slurm.stages.measure.time_minutes=30``.
+    ``solve`` also covers the two-pass basis solve."""
+
+    train: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    layout: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    measure: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    solve: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    exhaustive: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    analyze: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    replay: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    compare: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+
+
+@dataclass
+class SlurmConfig:
+    """Jobs of ``backend=slurm`` (``hessov run``, ``hessov resume``): resources and waiting.
+
+    Every job gets the values below unless its stage overrides them in ``stages``.
+    ``additional_parameters`` are further sbatch options, ``{name: value}`` as in
+    ``--name=value`` (``true`` for a bare flag), e.g. ``{account: proj, qos: high}``.
+    """
+
+    partition: str = ""  # "" = the cluster's default partition
+    time_minutes: int = 60  # 0 = the partition's default time limit
+    mem_gb: int = 0  # 0 = the cluster's default memory
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    stages: SlurmStagesConfig = field(default_factory=SlurmStagesConfig)
+    logs: str = ""  # submitit's job files and job output; "" = RUN/logs/slurm
+    wait_timeout_minutes: float = 1440.0  # `--wait` gives up (exit 1) after this long
+    poll_seconds: float = 10.0  # `--wait` asks squeue/sacct this often
+
+
+@dataclass
+class ReplayConfig:
+    """One spectral-filter replay (stage replay, REFERENCE section 5): training continued
+    from the snapshot at step ``snapshot`` with the gradient filtered in the Hessian's top
+    eigenbasis (:mod:`pipeline.optim.spectral_filter`), written to ``RUN/replays/<name>/``.
+
+    ``mode``: none | global_scaling | flat_scaling_v1 | flat_scaling_v2 | dynamic, with
+    ``scaling`` = alpha and ``nfilter`` = N top directions (for dynamic: at most N frozen).
+    The top ``max(neigs, N + 1)`` eigenpairs are recomputed every ``eig_freq`` steps
+    (``eig_freq <= 0``: never, only for none and global_scaling) on the run's train Hessian
+    subset, by ``eigensolver`` lanczos (scipy) or sketch (the in-core two-pass sketch).
+    ``optimizer``: fields of the run's optimizer to change for this replay, e.g.
+    ``{lr: 0.1}`` or ``{name: Adam, lr: 1e-3}``; empty = the run's optimizer with its saved
+    state (a true continuation). Upper-case keys are the replay's own, counted in replay steps.
+    """
+
+    name: str = ""  # unique; "" = derived from the settings, e.g. v1_a2_n20
+    snapshot: int | None = None  # a step in SNAPSHOT_STEPS; None = the last one
+    mode: str = "none"
+    scaling: float = 1.0
+    nfilter: int = 0
+    eig_freq: int = 100
+    neigs: int = 20  # eigenvalues logged per recomputation (the sharpness flow)
+    eigensolver: str = "lanczos"  # lanczos | sketch
+    eig_tol: float = 1e-5  # lanczos: relative residual of the eigenpairs
+    warmup: int = 0  # steps over which alpha rises linearly from 1 to scaling
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    MAX_STEPS: int = 1000
+    EVAL_EVERY: int = 100
+    TARGET_TRAIN_LOSS: float | None = None  # steps_to_target: first step with loss <= it
+    STOP_AT_TARGET: bool = False  # stop once TARGET_TRAIN_LOSS is reached
+    TARGET_TRAIN_ACCURACY: float | None = None  # stop once the train accuracy reaches it
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs, saved as ``config.yaml`` in its run directory.
 
@@ -126,6 +212,8 @@ class RunConfig:
     HESSIAN_SPLITS: list[str] = field(default_factory=lambda: ["train", "test"])
     EXHAUSTIVE: bool = False  # `hessov run` adds the exact-vs-sketch check (small D only)
     backend: str = "local"  # `hessov run`: local (sequential) | slurm
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)  # backend=slurm: job resources
+    replays: list[ReplayConfig] = field(default_factory=list)  # spectral-filter replays
 
 
 RECOVERIES = ("single_pass", "two_pass")
@@ -287,6 +375,169 @@ def validate(cfg: RunConfig) -> None:
     obs = cfg.OBS_DATASETS or os.environ.get("OBS_DATASETS")
     if obs:
         require(Path(obs).expanduser().is_dir(), "OBS_DATASETS", f"{obs} is not a directory")
+    _validate_slurm(cfg.slurm, require)
+    validate_replays(cfg)
+
+
+#: sbatch options that hessov itself sets on every job (names as in ``--name``, with ``_``).
+SLURM_RESERVED_OPTIONS = ("array", "dependency", "job_name", "output", "error", "wrap")
+
+
+def _validate_slurm(slurm: SlurmConfig, require) -> None:
+    require(slurm.wait_timeout_minutes > 0, "slurm.wait_timeout_minutes", "must be > 0")
+    require(slurm.poll_seconds > 0, "slurm.poll_seconds", "must be > 0")
+    sections = [("slurm", slurm)] + [
+        (f"slurm.stages.{name}", getattr(slurm.stages, name))
+        for name in SlurmStagesConfig.__dataclass_fields__
+    ]
+    for prefix, section in sections:
+        for key, minimum in (
+            ("time_minutes", 0),
+            ("mem_gb", 0),
+            ("cpus_per_task", 1),
+            ("gpus_per_node", 0),
+        ):
+            value = getattr(section, key)
+            if value is not None:
+                require(value >= minimum, f"{prefix}.{key}", f"must be >= {minimum}, got {value}")
+        for option in section.additional_parameters or {}:
+            require(
+                option.replace("-", "_") not in SLURM_RESERVED_OPTIONS,
+                f"{prefix}.additional_parameters.{option}",
+                "is set by hessov for each job; remove it",
+            )
+
+
+REPLAY_EIGENSOLVERS = ("lanczos", "sketch")
+_REPLAY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_REPLAY_SHORT_MODES = {
+    "global_scaling": "global",
+    "flat_scaling_v1": "v1",
+    "flat_scaling_v2": "v2",
+    "dynamic": "dynamic",
+}
+
+
+def replay_default_name(replay: ReplayConfig) -> str:
+    """``none``, ``global_a2``, ``v1_a2_n20``, ``v2_a1.5_n10``, ``dynamic_a2_n40_w100``; a
+    changed optimizer is appended, e.g. ``none_lr0.1`` or ``v1_a2_n20_nameAdam_lr0.001``."""
+    if replay.mode == "none":
+        name = "none"
+    else:
+        name = f"{_REPLAY_SHORT_MODES[replay.mode]}_a{replay.scaling:g}"
+        if replay.mode != "global_scaling":
+            name += f"_n{replay.nfilter}"
+        name += f"_w{replay.warmup}" if replay.warmup else ""
+    for key, value in sorted(replay.optimizer.items()):
+        name += f"_{key}{value:g}" if isinstance(value, float) else f"_{key}{value}"
+    return name
+
+
+def replay_optimizer(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> OptimizerConfig:
+    """The run's optimizer with the replay's ``optimizer`` fields changed."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cfg.optimizer), replay.optimizer)
+        optimizer: OptimizerConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or ""
+        raise ConfigError(f"{prefix}optimizer.{key}: {getattr(err, 'msg', err)}") from None
+    if optimizer.lr <= 0:
+        raise ConfigError(f"{prefix}optimizer.lr: must be > 0, got {optimizer.lr}")
+    return optimizer
+
+
+def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> None:
+    """Refuse an impossible replay of ``cfg``'s run, naming ``prefix + key``; resolve its
+    default ``snapshot`` (the run's last) and ``name`` in place. ``nfilter < D`` and the
+    snapshot file are checked by the replay stage, which knows D and the run directory."""
+    from pipeline.optim.spectral_filter import FILTERING_MODES, MODES
+
+    def require(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{prefix}{key}: {message}")
+
+    mode = replay.mode
+    require(mode in MODES, "mode", f"must be one of {MODES}, got {mode!r}")
+    require(replay.scaling > 0, "scaling", f"must be > 0, got {replay.scaling}")
+    require(replay.warmup >= 0, "warmup", f"must be >= 0, got {replay.warmup}")
+    if mode == "none":
+        require(replay.scaling == 1, "scaling", "mode=none continues unchanged; must be 1")
+        require(replay.warmup == 0, "warmup", "mode=none continues unchanged; must be 0")
+    require(replay.nfilter >= 0, "nfilter", f"must be >= 0, got {replay.nfilter}")
+    if mode in FILTERING_MODES:
+        require(
+            replay.nfilter >= 1,
+            "nfilter",
+            f"mode={mode} filters the top nfilter eigendirections; must be >= 1",
+        )
+        require(
+            replay.eig_freq >= 1,
+            "eig_freq",
+            f"mode={mode} recomputes U every eig_freq steps; must be >= 1, got {replay.eig_freq}",
+        )
+    require(replay.neigs >= 0, "neigs", f"must be >= 0, got {replay.neigs}")
+    require(
+        replay.eigensolver in REPLAY_EIGENSOLVERS,
+        "eigensolver",
+        f"must be one of {REPLAY_EIGENSOLVERS}, got {replay.eigensolver!r}",
+    )
+    require(replay.eig_tol > 0, "eig_tol", "must be > 0")
+    require(replay.MAX_STEPS >= 1, "MAX_STEPS", f"must be >= 1, got {replay.MAX_STEPS}")
+    require(replay.EVAL_EVERY >= 1, "EVAL_EVERY", f"must be >= 1, got {replay.EVAL_EVERY}")
+    if replay.TARGET_TRAIN_LOSS is not None:
+        require(replay.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
+    require(
+        not replay.STOP_AT_TARGET or replay.TARGET_TRAIN_LOSS is not None,
+        "STOP_AT_TARGET",
+        "needs TARGET_TRAIN_LOSS",
+    )
+    if replay.TARGET_TRAIN_ACCURACY is not None:
+        require(0 < replay.TARGET_TRAIN_ACCURACY <= 1, "TARGET_TRAIN_ACCURACY", "must be in (0, 1]")
+    if replay.snapshot is None:
+        require(bool(cfg.SNAPSHOT_STEPS), "snapshot", "the run saves no snapshots (SNAPSHOT_STEPS)")
+        replay.snapshot = max(cfg.SNAPSHOT_STEPS)
+    require(
+        replay.snapshot in cfg.SNAPSHOT_STEPS,
+        "snapshot",
+        f"the run saves no snapshot at step {replay.snapshot}; SNAPSHOT_STEPS={cfg.SNAPSHOT_STEPS}",
+    )
+    replay_optimizer(cfg, replay, prefix)
+    replay.name = replay.name or replay_default_name(replay)
+    require(
+        bool(_REPLAY_NAME.match(replay.name)) and replay.name != "figures",
+        "name",
+        f"{replay.name!r} must be letters, digits, '_', '.', '-' (and not 'figures')",
+    )
+
+
+def validate_replays(cfg: RunConfig) -> None:
+    """Validate every configured replay (keys named ``replays[i].KEY``); names are unique."""
+    seen: dict[str, int] = {}
+    for index, replay in enumerate(cfg.replays):
+        validate_replay(cfg, replay, f"replays[{index}].")
+        if replay.name in seen:
+            raise ConfigError(
+                f"replays[{index}].name: {replay.name!r} is also replays[{seen[replay.name]}]'s "
+                "name; give one of them another name"
+            )
+        seen[replay.name] = index
+
+
+def replay_from_overrides(cfg: RunConfig, overrides: list[str]) -> ReplayConfig:
+    """An ad-hoc replay of ``cfg``'s run from ``KEY=VALUE`` strings (``mode=flat_scaling_v1
+    scaling=2 nfilter=20 eig_freq=50 optimizer.lr=0.1``), validated."""
+    pairs = _split_dotlist(overrides)
+    try:
+        merged = OmegaConf.merge(
+            OmegaConf.structured(ReplayConfig),
+            OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]),
+        )
+        replay: ReplayConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "replay"
+        raise ConfigError(f"{key}: {getattr(err, 'msg', err)}") from None
+    validate_replay(cfg, replay)
+    return replay
 
 
 #: Keys a stage after training may still override: how and where to compute, and the
@@ -315,7 +566,8 @@ def override_run_config(
     """Apply ``KEY=VALUE`` overrides to a trained run's config, only for ``allowed`` keys."""
     pairs = _split_dotlist(overrides)
     for key in pairs:
-        if key not in allowed:
+        # A section name in ``allowed`` (e.g. "slurm") allows every key below it.
+        if key not in allowed and key.split(".")[0] not in allowed:
             raise ConfigError(
                 f"{key}: cannot be changed after training; this stage accepts {', '.join(allowed)}"
             )

@@ -17,8 +17,10 @@ any machine that sees the directory, given only its path (a Slurm job does exact
       exhaustive/              exact-vs-sketch comparisons
       analysis/steps/step_T_{split}.h5   overlap curves of one step and split (analyze)
       analysis/analysis.h5     all analysed steps and the cross-step metrics, figures/, report.md
-      replays/NAME/            spectral-filter replays
-      logs/                    per-task logs of the measurement and Slurm jobs
+      replays/NAME/            spectral-filter replays: replay.yaml, log.jsonl, final.pt
+      replays/figures/, report.md   their comparison (hessov compare)
+      logs/                    per-task logs of the measurement and Slurm jobs (logs/slurm/)
+      slurm/jobs.json          job ids and names of every backend=slurm submission
 """
 
 from __future__ import annotations
@@ -132,9 +134,55 @@ class RunDir:
     def replays(self) -> Path:
         return self.root / "replays"
 
+    def replay(self, name: str) -> Path:
+        """One replay's directory: ``replay.yaml``, ``log.jsonl``, ``final.pt``."""
+        return self.replays / name
+
+    def replay_config(self, name: str) -> Path:
+        """The replay's resolved settings (its optimizer included), written before step 0."""
+        return self.replay(name) / "replay.yaml"
+
+    def replay_log(self, name: str) -> Path:
+        """Per-step metrics, evaluations and eigenvalues of one replay (JSON lines)."""
+        return self.replay(name) / "log.jsonl"
+
+    def replay_final(self, name: str) -> Path:
+        """The model's state dict after the replay's last step."""
+        return self.replay(name) / "final.pt"
+
+    def replay_summary(self, name: str) -> Path:
+        """A finished replay's summary, ``summary.record(run, "replay", fields, name)``."""
+        return self.summaries / "replay" / f"{name}.json"
+
+    def replay_names(self) -> list[str]:
+        """Replays that have a directory with settings, sorted."""
+        if not self.replays.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.replays.glob("*/replay.yaml"))
+
+    @property
+    def replay_figures(self) -> Path:
+        """Loss curves and sharpness flows drawn by ``hessov compare``."""
+        return self.replays / "figures"
+
+    @property
+    def replay_report(self) -> Path:
+        """The comparison of the replays written by ``hessov compare``."""
+        return self.replays / "report.md"
+
     @property
     def task_logs(self) -> Path:
         return self.root / "logs"
+
+    @property
+    def slurm_logs(self) -> Path:
+        """submitit's job files and the output of every job ``backend=slurm`` submitted."""
+        return self.task_logs / "slurm"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """The Slurm job ids ``backend=slurm`` submitted, per submission (``hessov status``)."""
+        return self.root / "slurm" / "jobs.json"
 
     def require(self, path: Path, produced_by: str) -> Path:
         """Return ``path`` if it exists, else raise naming the stage that makes it."""

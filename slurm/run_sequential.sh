@@ -10,6 +10,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/plan.sh"
 
 bash "$here/train.sbatch"
+for name in "${replays[@]}"; do REPLAY=$name bash "$here/replay.sbatch"; done
+if ((${#replays[@]})); then bash "$here/compare.sbatch"; fi
 bash "$here/layout.sbatch"
 while read -r _ step split; do
   for round in "${rounds[@]}"; do

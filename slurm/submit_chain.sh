@@ -2,6 +2,7 @@
 # Submit a whole run to Slurm as a chain of jobs linked by --dependency=afterok:
 #   train -> layout -> per step and split: measurement array (first round)
 #         [-> basis solve -> measurement array (second round)] -> solve -> analyze
+#   train -> each configured replay (side by side) -> compare
 # Usage: slurm/submit_chain.sh KEY=VALUE ...   (the same arguments as `hessov run`)
 # Extra sbatch options for every job: SBATCH_OPTS (e.g. "--partition=gpu --time=02:00:00").
 # Prints one line per submitted job, then the run directory as the last line.
@@ -19,6 +20,15 @@ submit() {  # submit [sbatch options...] SCRIPT; prints the job id
 
 train=$(submit "$here/train.sbatch"); echo "train $train"
 layout=$(submit --dependency="afterok:$train" "$here/layout.sbatch"); echo "layout $layout"
+replayed=()
+for name in "${replays[@]}"; do
+  replayed+=("$(REPLAY=$name submit --dependency="afterok:$train" "$here/replay.sbatch")")
+  echo "replay $name ${replayed[-1]}"
+done
+if ((${#replayed[@]})); then
+  compare=$(submit --dependency="afterok:$(IFS=:; echo "${replayed[*]}")" "$here/compare.sbatch")
+  echo "compare $compare"
+fi
 while read -r _ step split; do
   previous=$layout
   for round in "${rounds[@]}"; do

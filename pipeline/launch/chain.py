@@ -4,7 +4,8 @@ A Slurm chain is submitted before training has produced anything, yet the size o
 measurement job array depends on D (k defaults to 5% of D) and on the sketch settings.
 :func:`plan_chain` builds the problem's network to count D, resolves the sketch settings
 exactly as the layout stage will, and chooses the run directory, so that ``hessov plan``,
-the sbatch chain script and the submitit backend all submit the same jobs.
+the sbatch chain script and the submitit backend all submit the same jobs. The replays of
+``cfg.replays`` are named too: each is one job after training.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from pipeline.stages.train import new_run_dir
 
 @dataclass
 class ChainPlan:
-    """Run directory, sketch spec, and the (step, split) pairs to sketch."""
+    """Run directory, sketch spec, the (step, split) pairs to sketch, and the replays."""
 
     run: RunDir
     spec: SketchSpec
+    replays: list[str]
 
     @property
     def sketches(self) -> list[tuple[int, str]]:
@@ -38,6 +40,7 @@ class ChainPlan:
             f"tasks {self.spec.num_tasks}",
         ]
         lines += [f"sketch {step} {split}" for step, split in self.sketches]
+        lines += [f"replay {name}" for name in self.replays]
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
@@ -47,6 +50,7 @@ class ChainPlan:
             "rounds": list(self.spec.rounds),
             "tasks": self.spec.num_tasks,
             "sketches": [[step, split] for step, split in self.sketches],
+            "replays": self.replays,
         }
 
 
@@ -54,4 +58,5 @@ def plan_chain(cfg: RunConfig) -> ChainPlan:
     """Plan the jobs of ``cfg``'s run (choosing a new run directory unless ``RUN_DIR``)."""
     dim = build_problem(cfg).num_params
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
-    return ChainPlan(run, resolve_spec(cfg, dim, list(cfg.RECORD_STEPS)))
+    spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
+    return ChainPlan(run, spec, [replay.name for replay in cfg.replays])

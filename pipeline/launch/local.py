@@ -1,9 +1,10 @@
 """The local sequential emulation of the Slurm chain: every stage, in order, in-process.
 
 The same stage functions a Slurm job runs, called one after the other on this machine,
-with the same files and therefore the same numbers: train; layout; for every step and
-split each measurement array task of the first round, (two-pass) the basis solve and each
-task of the second round, the solve; the exhaustive check when ``EXHAUSTIVE=true``; the
+with the same files and therefore the same numbers: train; the configured replays, one
+after another, and their comparison (Slurm runs the replays in parallel); layout; for every
+step and split each measurement array task of the first round, (two-pass) the basis solve
+and each task of the second round, the solve; the exhaustive check when ``EXHAUSTIVE=true``; the
 analysis of each step as soon as it is solved, and the figures and report at the end.
 Every stage skips what its files say is done (a finished training, measured blocks, a
 solved step), so running it again on a run directory finishes only what is missing:
@@ -21,6 +22,7 @@ from pipeline.stages.analyze import analyze
 from pipeline.stages.exhaustive import exhaustive
 from pipeline.stages.layout import layout
 from pipeline.stages.measure import measure
+from pipeline.stages.replay import compare, run_replay
 from pipeline.stages.solve import solve
 from pipeline.stages.train import train
 
@@ -33,6 +35,11 @@ def run_local(cfg: RunConfig, run: RunDir | None = None) -> RunDir:
         log.info("[train] %s", cfg.problem)
         run = train(cfg)
     cfg.RUN_DIR = str(run.root)
+    for number, replay in enumerate(cfg.replays, start=1):
+        log.info("[replay %d/%d] %s", number, len(cfg.replays), replay.name)
+        run_replay(run, cfg, replay)  # a finished replay returns at once
+    if cfg.replays:
+        log.info("[compare] replays: %s", compare(run))
     log.info("[layout] %s", run.root)
     spec = layout(run, cfg)
     cfg.dtype = spec.layout.dtype

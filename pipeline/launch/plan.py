@@ -39,6 +39,7 @@ class SketchStatus:
     basis_written: bool = False
     solved: bool = False
     exhaustive_done: bool = False
+    analysed: bool = False
 
 
 def round_status(
@@ -76,8 +77,32 @@ def run_status(run: RunDir) -> dict:
             item.basis_written = run.two_pass_basis(step, split).is_file()
             item.solved = run.eigen(step, split).is_file()
             item.exhaustive_done = run.exhaustive(step, split).is_file()
+            item.analysed = run.analysis_step(step, split).is_file()
             status["sketches"].append(item)
     return status
+
+
+def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
+    """What :func:`run_status` says is still to do, one line per item; empty when the run is
+    complete (with ``exhaustive``, the exact checks count too)."""
+    if not status["train"]:
+        return ["train: not finished (everything after it is missing)"]
+    if not status["layout"]:
+        return ["layout: not created (every measurement and solve is missing)"]
+    lines = []
+    for item in status["sketches"]:
+        where = f"step {item.step} {item.split}"
+        for name, rnd in item.rounds.items():
+            if rnd.missing:
+                lines.append(
+                    f"{where}: {name} round missing indices {describe_indices(rnd.missing)} "
+                    f"(array tasks {rnd.tasks_missing})"
+                )
+        if not item.solved:
+            lines.append(f"{where}: not solved")
+        if exhaustive and not item.exhaustive_done:
+            lines.append(f"{where}: exhaustive check missing")
+    return lines
 
 
 def describe_status(status: dict) -> str:
@@ -99,5 +124,7 @@ def describe_status(status: dict) -> str:
                 )
             parts.append(text)
         state = "solved" if item.solved else "not solved"
+        if item.solved:
+            state += ", analysed" if item.analysed else ", not analysed"
         lines.append(f"  step {item.step} {item.split}: {'; '.join(parts)}; {state}")
     return "\n".join(lines)
