@@ -388,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
             _cmd_check_operator,
             "check that a recorded step's Hessian is deterministic, symmetric and finite",
             "Build the Hessian of step=T split=train|test as the measurements will, and "
-            "report curvlinops' determinism probe, a symmetry probe (v^T H w vs w^T H v), "
-            "NaN/inf detection and the time of one HVP. Also device= dtype= threads=.",
+            "report a determinism probe (two passes over the data), a symmetry probe "
+            "(v^T H w vs w^T H v), NaN/inf detection and the time of one HVP. Also device= "
+            "dtype= threads=.",
         ),
     }
     for name, (func, short, long) in stage_parsers.items():

@@ -26,7 +26,7 @@ from skerch_ext.test_matrices import SketchMatrices
 #: Automatic block sizes, from bench/RESULTS.md (HVP seconds per column against one
 #: gradient): on the 7,030-parameter mnist_mini MLP the cost per column keeps falling up to
 #: 32-64 columns; on the 895,210-parameter cifar10_3c3d network 4 columns were cheapest
-#: and 16 cost more, because curvlinops' vmap copies every activation per column.
+#: and 16 cost more: each column's second backward pass carries a copy of every activation.
 SMALL_NETWORK_BLOCK, LARGE_NETWORK_BLOCK, LARGE_NETWORK_DIM = 64, 4, 100_000
 
 

@@ -1,7 +1,7 @@
 """Operator checks before sketching (the paper's script 20a): is this Hessian safe to sketch?
 
 Builds the Hessian of a recorded step and split exactly as the measurement stage will,
-and reports curvlinops' determinism probe (two passes over the data must agree: random
+and reports a determinism probe (two independent passes over the data must agree: random
 augmentation or train-mode dropout would fail it), a symmetry probe ``v^T H w`` vs
 ``w^T H v``, a NaN/inf probe, and the time of one Hessian-vector product. Side-effect
 free apart from its log line and summary entry.
