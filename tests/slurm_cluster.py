@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.launch.slurm import TERMINAL_STATES  # the states the pipeline waits on too
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 
@@ -47,18 +49,6 @@ START_TIMEOUT_S = 1200
 STOP_TIMEOUT_S = 300
 STATUS_TIMEOUT_S = 120
 
-# sacct states after which a job will not change any more.
-TERMINAL_STATES = {
-    "BOOT_FAIL",
-    "CANCELLED",
-    "COMPLETED",
-    "DEADLINE",
-    "FAILED",
-    "NODE_FAIL",
-    "OUT_OF_MEMORY",
-    "PREEMPTED",
-    "TIMEOUT",
-}
 
 HOW_TO_ENABLE = (
     "To run the Slurm tests, run pytest as root on Debian (bookworm) with apt-get: the "
