@@ -20,11 +20,14 @@ whole ``(D, block)`` block from that one stream, so its Omega changes with the b
   float64 on the CPU and then cast, so it is also identical across devices and dtypes up to
   that rounding.
 
-Every product is computed column by column of its input (the SSRFT's DCTs act per column;
-the i.i.d. products are matrix-vector products, because BLAS matrix-matrix products round
-a column differently depending on how many columns travel with it). So each output column
-is a function of its own input column only, and results merged from any partition are
-bit-identical.
+The columns themselves are the same bits on every machine and device (up to the cast to
+``dtype``). Every product is computed column by column of its input (the SSRFT's DCTs act
+per column; the i.i.d. products are matrix-vector products on a contiguous copy of each
+column, because BLAS matrix-matrix products round a column differently depending on how
+many columns travel with it). So on one machine and kernel path each output column is a
+function of its own input column only, and results merged from any partition are
+bit-identical. Across kernel paths (CPU instruction sets, devices, thread counts) products
+agree only within rounding: :mod:`skerch_ext.tolerances`.
 """
 
 from __future__ import annotations
@@ -109,10 +112,11 @@ class RandomMatrix:
         for start in range(0, self.num_columns, chunk):
             stop = min(start + chunk, self.num_columns)
             block_t = self.columns(range(start, stop), dtype=x.dtype, device=x.device).T
-            # One matrix-vector product per column of x keeps its result independent of
-            # the other columns of x (a matrix-matrix product would not).
+            # One matrix-vector product per column of x, on a contiguous copy of it: a
+            # matrix-matrix product, or a strided vector, takes other BLAS kernels whose
+            # rounding depends on the other columns of x.
             for j in range(x.shape[1]):
-                result[start:stop, j] = block_t @ x[:, j]
+                result[start:stop, j] = block_t @ x[:, j].contiguous()
         return result
 
     def _iid_column(self, index: int) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -54,3 +57,43 @@ def tiny_run(tmp_path_factory) -> str:
     return last_line(
         run_hessov("run", "problem=mnist_mini", "preset=tiny", f"OUTPUT_DIR={out}").stdout
     )
+
+
+def measured_parts(parts: Path) -> int:
+    """Part files under ``parts`` whose first measurement is flagged measured (a part is
+    written whole, then renamed, so its first flag stands for the part)."""
+    measured = 0
+    for part in parts.glob("part_*.h5"):
+        try:
+            with h5py.File(part, "r") as handle:
+                measured += int(handle["flags"][0] == 2)
+        except OSError:  # renamed into place while we looked
+            pass
+    return measured
+
+
+def kill_while_measuring(args: list[str], parts: Path, after: int, timeout: float = 120) -> int:
+    """Start ``hessov ARGS`` (a measure command), ``kill -9`` it once ``after`` parts under
+    ``parts`` are measured; returns how many were measured when it died."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.time() + timeout
+    while time.time() < deadline and measured_parts(parts) < after:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return measured_parts(parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tmp_path_factory) -> Path:
+    """A trained `preset=tiny` run (train split, step 300 to sketch) with no layout yet; tests
+    lay it out on a copy."""
+    out = tmp_path_factory.mktemp("tiny-trained")
+    args = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]", "HESSIAN_STEPS=[300]"]
+    return Path(last_line(run_hessov("train", *args, f"OUTPUT_DIR={out}").stdout))

@@ -197,6 +197,8 @@ def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) 
         "hvps": spec.total_hvps,
         "seconds_by_phase": seconds,
         "apost_rel_err": estimate.relative_error,
+        "apost_error": estimate.error,
+        "frobenius_estimate": estimate.frobenius,
     }
     write_eigen_file(
         run.eigen(step, split),
