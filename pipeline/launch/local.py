@@ -20,15 +20,20 @@ from pipeline.rundir import RunDir
 from pipeline.runlog import get_logger
 from pipeline.stages.analyze import analyze
 from pipeline.stages.exhaustive import exhaustive
-from pipeline.stages.layout import layout
+from pipeline.sketchspec import load_spec
+from pipeline.stages.layout import complete_layout, layout
 from pipeline.stages.measure import measure
 from pipeline.stages.replay import compare, run_replay
 from pipeline.stages.solve import solve
 from pipeline.stages.train import train
 
 
-def run_local(cfg: RunConfig, run: RunDir | None = None) -> RunDir:
-    """Run (or finish) the whole pipeline of ``cfg`` on this machine; returns the run."""
+def run_local(cfg: RunConfig, run: RunDir | None = None, finish_on_disk: bool = False) -> RunDir:
+    """Run (or finish) the whole pipeline of ``cfg`` on this machine; returns the run.
+
+    ``finish_on_disk``: the sketch is the one ``run``'s layout holds, whatever ``cfg`` says
+    (``hessov resume``); otherwise a layout that differs from ``cfg``'s is refused.
+    """
     log = get_logger()
     started = time.perf_counter()
     if run is None or not run.summary("train").is_file():
@@ -41,7 +46,12 @@ def run_local(cfg: RunConfig, run: RunDir | None = None) -> RunDir:
     if cfg.replays:
         log.info("[compare] replays: %s", compare(run))
     log.info("[layout] %s", run.root)
-    spec = layout(run, cfg)
+    # A resumed run finishes the sketch its files hold, which may differ from the config's
+    # defaults (a layout made by hand with other k, s, block_size or recovery).
+    if finish_on_disk and run.sketch_spec.is_file():
+        spec = complete_layout(run, load_spec(run))
+    else:
+        spec = layout(run, cfg)
     cfg.dtype = spec.layout.dtype
     items = [(step, split) for step in spec.steps for split in spec.splits]
     for number, (step, split) in enumerate(items, start=1):
@@ -87,6 +97,7 @@ def run_local(cfg: RunConfig, run: RunDir | None = None) -> RunDir:
 
 
 def resume_local(run: RunDir, cfg: RunConfig) -> RunDir:
-    """Finish whatever ``run`` is missing, reusing everything already measured."""
+    """Finish whatever ``run`` is missing, reusing everything already measured: the sketch
+    of the layout on disk."""
     cfg.RUN_DIR, cfg.resume = str(run.root), True
-    return run_local(cfg, run)
+    return run_local(cfg, run, finish_on_disk=True)

@@ -5,7 +5,8 @@ which steps and splits to measure), writes them to ``measurements/sketch.json``,
 one set of part files with ``initialized`` flags and a virtual view per step and split,
 and allocates each split's monolithic merge arrays once (reused for every step).
 Running it again with the same settings only creates what is missing; with other
-settings it is refused, since the measured parts belong to the first layout.
+settings it is refused, since the measured parts belong to the first layout. A resumed run
+finishes the layout on disk (:func:`complete_layout`), whatever its config's defaults say.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
                 f"{spec.layout}. Use the same settings, or a new run."
             )
         spec = existing
+    return complete_layout(run, spec, started)
+
+
+def complete_layout(run: RunDir, spec: SketchSpec, started: float | None = None) -> SketchSpec:
+    """Create whatever storage of ``spec`` is missing in ``run`` and record the layout.
+
+    ``hessov resume`` calls this with the spec on disk, so that a layout made by hand with
+    other ``k``, ``s``, ``block_size`` or ``recovery`` than the config's is finished as it is.
+    """
+    log = get_logger()
+    started = time.perf_counter() if started is None else started
     try:
         check_part_count(len(spec.layout.blocks))
     except ValueError as err:
