@@ -1,0 +1,110 @@
+"""A heterogeneous cluster: the array tasks of one sketch run on different kernel paths (one
+task per setting of tests/kernel_paths.py, rotated between rounds), as node types of one
+job array would. The sequential emulation runs the sbatch scripts with each task's setting;
+the real local Slurm cluster gets one ``sbatch --export`` per task. Both reproduce the
+single-process eigenpairs within the tolerances of tests/equivalence.py, and `hessov solve`
+accepts every measurement (checksums are of the bits each task wrote)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import REPO, run_hessov
+from equivalence import compare_eigen_files
+from kernel_paths import setting_of, torch_has_vector_kernels
+from slurm_cluster import sbatch, slurm_cluster, wait_for_jobs
+
+HESSOV = str(Path(sys.executable).parent / "hessov")
+WHERE = {"STEP": "300", "SPLIT": "train"}
+ROUNDS = ("first", "second")  # preset=tiny: two-pass, three array tasks per round
+TASKS = 3
+EIGEN = "eigen/step_300_train.h5"
+
+
+def single_process(trained: Path, target: Path) -> Path:
+    """Every task in this process's kernel path, one after another: the reference."""
+    shutil.copytree(trained, target)
+    run_hessov("layout", str(target))
+    where = ["step=300", "split=train"]
+    run_hessov("measure", str(target), *where)
+    run_hessov("solve", str(target), *where)  # the basis
+    run_hessov("measure", str(target), *where, "round=second")
+    run_hessov("solve", str(target), *where)
+    return target
+
+
+def laid_out(trained: Path, target: Path) -> Path:
+    shutil.copytree(trained, target)
+    run_hessov("layout", str(target))
+    return target
+
+
+def script_env(run: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RUN_DIR": str(run), "HESSOV": HESSOV, **WHERE, **extra}
+
+
+def assert_mixed_and_equivalent(reference: Path, run: Path):
+    if torch_has_vector_kernels():  # otherwise ATEN_CPU_CAPABILITY=default changes nothing
+        part = "measurements/step_300_train/first/part_00001.h5"  # task 1, first round
+        with h5py.File(reference / part) as a, h5py.File(run / part) as b:
+            assert not np.array_equal(a["outer"][:], b["outer"][:]), "kernel paths not mixed"
+    figures = compare_eigen_files(reference / EIGEN, run / EIGEN)
+    assert figures["gapped_sizes"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_trained, tmp_path_factory):
+    return single_process(tiny_trained, tmp_path_factory.mktemp("reference") / "run")
+
+
+def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, tmp_path):
+    run = laid_out(tiny_trained, tmp_path / "run")
+
+    def script(name: str, **extra: str) -> None:
+        env = script_env(run, **extra)
+        subprocess.run(["bash", f"slurm/{name}"], cwd=REPO, env=env, check=True)
+
+    for number, round_name in enumerate(ROUNDS):
+        if round_name == "second":
+            script("solve.sbatch")  # the basis
+        for task in range(TASKS):
+            setting = setting_of(task, number)
+            script("measure.sbatch", ROUND=round_name, SLURM_ARRAY_TASK_ID=str(task), **setting)
+    script("solve.sbatch")
+    assert_mixed_and_equivalent(reference, run)
+
+
+@pytest.mark.slurm
+def test_slurm_array_tasks_on_mixed_kernel_paths(slurm_cluster, tiny_trained, reference, tmp_path):
+    run = laid_out(tiny_trained, tmp_path / "run")
+    logs = f"--output={tmp_path}/%x-%j_%a.out"
+
+    def submit(script: str, *options: str, **extra: str) -> str:
+        env = {**slurm_cluster, **script_env(run, **extra)}
+        return sbatch(env, logs, *options, str(REPO / "slurm" / script))
+
+    previous: list[str] = []
+    for number, round_name in enumerate(ROUNDS):
+        after = [f"--dependency=afterok:{':'.join(previous)}"] if previous else []
+        if round_name == "second":
+            previous = [submit("solve.sbatch", *after)]  # the basis
+            after = [f"--dependency=afterok:{previous[0]}"]
+        previous = [
+            submit(
+                "measure.sbatch",
+                f"--array={task}",
+                *after,
+                ROUND=round_name,
+                **setting_of(task, number),
+            )  # fmt: skip
+            for task in range(TASKS)
+        ]
+    solve = submit("solve.sbatch", f"--dependency=afterok:{':'.join(previous)}")
+    assert wait_for_jobs(slurm_cluster, solve, timeout=600)[solve] == ("COMPLETED", "0:0")
+    assert_mixed_and_equivalent(reference, run)
