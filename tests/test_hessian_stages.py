@@ -49,6 +49,7 @@ def eigenvalues_of(run_dir, step=50, split="train"):
         return handle["eigenvalues"][:], handle["eigenvectors"][:]
 
 
+@pytest.mark.kernel_path
 def test_three_tasks_give_the_same_eigenpairs_as_one(trained, tmp_path, hessov, summary_of):
     one, three = copy_run(trained, tmp_path, "one"), copy_run(trained, tmp_path, "three")
     for run in (one, three):
@@ -84,6 +85,7 @@ def test_measuring_twice_measures_nothing_twice(trained, tmp_path, hessov):
     assert {p: p.stat().st_mtime_ns for p in parts} == before
 
 
+@pytest.mark.kernel_path
 def test_killed_worker_rerun_gives_identical_results(trained, tmp_path, hessov):
     sketch = [
         "recovery=single_pass",

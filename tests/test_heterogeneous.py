@@ -20,6 +20,8 @@ from equivalence import compare_eigen_files
 from kernel_paths import setting_of, torch_has_vector_kernels
 from slurm_cluster import sbatch, slurm_cluster, wait_for_jobs
 
+pytestmark = pytest.mark.kernel_path
+
 HESSOV = str(Path(sys.executable).parent / "hessov")
 WHERE = {"STEP": "300", "SPLIT": "train"}
 ROUNDS = ("first", "second")  # preset=tiny: two-pass, three array tasks per round

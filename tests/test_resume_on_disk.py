@@ -14,6 +14,8 @@ from conftest import kill_while_measuring, run_hessov
 from equivalence import compare_eigen_files
 from slurm_cluster import slurm_cluster
 
+pytestmark = pytest.mark.kernel_path
+
 # preset=tiny's defaults are two_pass, k=30, block_size=10, MEAS_PER_JOB=10: each hand-made
 # layout below differs from them.
 TWO_PASS_BY_HAND = ["k=120", "block_size=1", "MEAS_PER_JOB=40"]

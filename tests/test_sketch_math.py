@@ -42,6 +42,8 @@ from skerch_ext.solve import (
 from skerch_ext.test_matrices import NOISE_TYPES, RandomMatrix, SketchMatrices
 from skerch_ext.tolerances import product_tolerance
 
+pytestmark = pytest.mark.kernel_path
+
 DTYPES = (torch.float32, torch.float64)
 #: Rounding-level tolerance per dtype.
 TOL = {torch.float32: 1e-3, torch.float64: 1e-8}

@@ -13,6 +13,8 @@ from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
 from slurm_cluster import sacct_jobs, slurm_cluster
 
+pytestmark = pytest.mark.kernel_path
+
 # Two recorded steps, three measurement array tasks per round; the train split only, to
 # keep the ~20 short jobs of the chain within the test suite's time.
 TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]

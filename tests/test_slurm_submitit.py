@@ -169,6 +169,7 @@ def test_unknown_partition_or_impossible_resources_submit_nothing(slurm_cluster,
 
 
 @pytest.mark.slurm
+@pytest.mark.kernel_path
 def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     slurm_cluster, local_reference, tmp_path, own_jobs
 ):
