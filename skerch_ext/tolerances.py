@@ -44,12 +44,14 @@ eigenvalue outside the top ``m`` has ``|lambda| <= |lambda_{m+1}|`` and every on
 "The rotation of eigenvectors by a perturbation. III", SIAM J. Numer. Anal. 7(1), 1970)
 then bounds the largest principal angle between the two runs' top-``m`` spaces by
 ``sin theta <= ||E|| / (gap_m - ||E||)``: :func:`subspace_tolerance`, and
-:func:`largest_angle_sine` measures it.
+:func:`largest_angle_sine` measures it. :func:`compare_eigenpairs` applies all of it to two
+runs' eigenpairs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -116,3 +118,70 @@ def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
     basis_b = torch.linalg.qr(second.double()).Q
     residual = basis_b - basis_a @ (basis_a.T @ basis_b)
     return torch.linalg.matrix_norm(residual, ord=2).item()
+
+
+@dataclass
+class Agreement:
+    """Two runs' eigenpairs against the tolerances (see :func:`compare_eigenpairs`).
+
+    :ivar tolerance: ``2 g(D) ||H||``, for the eigenvalues the sketch resolves.
+    :ivar sketch_tolerance: The same widened to the two runs' own errors, for all ``k``.
+    :ivar bounds: ``{m: Davis-Kahan bound}`` for each top-``m`` space a gap defines.
+    :ivar sines: ``{m: measured sin theta}`` for the same ``m``.
+    :ivar resolved_difference: Largest ``|lambda_a - lambda_b|`` over the top ``max(bounds)``.
+    :ivar all_difference: Largest ``|lambda_a - lambda_b|`` over all ``k``.
+    """
+
+    tolerance: float
+    sketch_tolerance: float
+    bounds: dict[int, float]
+    sines: dict[int, float]
+    resolved_difference: float
+    all_difference: float
+
+    @property
+    def holds(self) -> bool:
+        """Every compared figure within its tolerance, and at least one gapped space."""
+        return (
+            bool(self.bounds)
+            and all(self.sines[m] <= bound for m, bound in self.bounds.items())
+            and self.resolved_difference <= self.tolerance
+            and self.all_difference <= self.sketch_tolerance
+        )
+
+
+def compare_eigenpairs(
+    first: tuple[torch.Tensor, torch.Tensor],
+    second: tuple[torch.Tensor, torch.Tensor],
+    dtype: torch.dtype,
+    sketch_error: float = 0.0,
+    max_size: int = 10,
+) -> Agreement:
+    """Compare two runs' ``(eigenvalues (k,), eigenvectors (D, k))``, sorted by magnitude.
+
+    :param dtype: The dtype both were computed in.
+    :param sketch_error: The sum of the two runs' absolute spectral-norm errors (e.g. twice
+      the sum of their a-posteriori estimates), for the eigenvalues the sketch may not resolve.
+    :param max_size: The largest top-``m`` space compared.
+    """
+    (values_a, vectors_a), (values_b, vectors_b) = first, second
+    dim = vectors_a.shape[0]
+    norm = max(values_a.abs().max().item(), values_b.abs().max().item())
+    tolerance = eigenvalue_tolerance(norm, dim, dtype)
+    bounds = {}
+    for size in range(1, min(max_size, len(values_a) - 1) + 1):
+        bound_a = subspace_tolerance(values_a, size, tolerance)
+        bound_b = subspace_tolerance(values_b, size, tolerance)
+        if bound_a is not None and bound_b is not None:
+            bounds[size] = max(bound_a, bound_b)
+    sines = {m: largest_angle_sine(vectors_a[:, :m], vectors_b[:, :m]) for m in bounds}
+    difference = (values_a.double() - values_b.double()).abs()
+    resolved = difference[: max(bounds, default=0)]
+    return Agreement(
+        tolerance=tolerance,
+        sketch_tolerance=eigenvalue_tolerance(norm, dim, dtype, sketch_error),
+        bounds=bounds,
+        sines=sines,
+        resolved_difference=resolved.max().item() if len(resolved) else 0.0,
+        all_difference=difference.max().item(),
+    )
