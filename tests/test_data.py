@@ -137,3 +137,50 @@ def test_class_balanced_subset_takes_lowest_indices_per_class():
         data.class_balanced_subset(labels, 8, 2)
     with pytest.raises(ValueError, match="multiple"):
         data.class_balanced_subset(labels, 5, 2)
+
+
+DATA_DIGEST = """
+import hashlib
+from pipeline.config import load_run_config
+from pipeline.problems import build_problem
+for args in (["problem=mnist_mini"], ["problem=fc-tanh", "data=mnist_embedded"]):
+    problem = build_problem(load_run_config(args))
+    for split in (problem.train, problem.test):
+        print(hashlib.sha256(split.images.numpy().tobytes()).hexdigest())
+"""
+
+
+@pytest.mark.kernel_path
+def test_preprocessed_data_are_the_same_bits_on_every_kernel_path():
+    """Resized (mnist_mini) and standardized (fc-tanh) images are computed in float64 and
+    rounded once, so a worker on another CPU kernel path sketches the Hessian of the same
+    data; in float32 a tenth of the resized pixels came out differently."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from kernel_paths import ATEN_DEFAULT, MKL_COMPATIBLE
+
+    digests = [
+        subprocess.run(
+            [sys.executable, "-c", DATA_DIGEST],
+            cwd=REPO,
+            env={**os.environ, **setting},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for setting in ({}, ATEN_DEFAULT, MKL_COMPATIBLE)
+    ]
+    assert len(digests[0].split()) == 4
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_resize_in_float64_matches_float32_interpolation_to_rounding():
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ours = data.resize_images(images, 16)
+    direct = torch.nn.functional.interpolate(
+        images, size=(16, 16), mode="bilinear", antialias=True, align_corners=False
+    ).clamp(0, 1)
+    assert ours.dtype == torch.float32
+    assert (ours - direct).abs().max() <= 4 * torch.finfo(torch.float32).eps

@@ -129,12 +129,15 @@ def standardize_features(train: torch.Tensor, *others: torch.Tensor) -> list[tor
     """Centre and scale every feature by the training split's mean and std (Cohen et al.).
 
     Features that are constant in the training split (MNIST's border pixels) keep a
-    scale of 1 instead of dividing by zero.
+    scale of 1 instead of dividing by zero. Computed in float64 and rounded once to each
+    input's dtype, so that the data are the same bits on every CPU kernel path (see
+    :func:`pipeline.problems.data.resize_images`).
     """
-    mean = train.mean(dim=0, keepdim=True)
-    std = train.std(dim=0, keepdim=True)
+    wide = train.double()
+    mean = wide.mean(dim=0, keepdim=True)
+    std = wide.std(dim=0, keepdim=True)
     std = torch.where(std > 0, std, torch.ones_like(std))
-    return [(x - mean) / std for x in (train, *others)]
+    return [((x.double() - mean) / std).to(x.dtype) for x in (train, *others)]
 
 
 _EOS_SUBSET = re.compile(r"^cifar10-(\d+)k$")

@@ -227,10 +227,18 @@ def cifar100(obs_dir: Path | None) -> dict[str, Split]:
 
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize ``(N, C, H, W)`` images to ``(N, C, size, size)`` with antialiased bilinear
-    interpolation (what the paper's 16x16 MNIST does with a resize transform)."""
-    return torch.nn.functional.interpolate(
-        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-    ).clamp_(0.0, 1.0)
+    interpolation (what the paper's 16x16 MNIST does with a resize transform).
+
+    Interpolated in float64 and rounded once to the input's dtype: in float32, torch's
+    vectorised and scalar kernels (another CPU, ``ATEN_CPU_CAPABILITY``) round a tenth of the
+    pixels differently, so workers on different node types would sketch the Hessian of
+    different data. Float64 results differ by a few 1e-16 at most, which moves a float32
+    rounding only at a tie (about 1e-9 per value).
+    """
+    resized = torch.nn.functional.interpolate(
+        images.double(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.clamp_(0.0, 1.0).to(images.dtype)
 
 
 def class_balanced_subset(labels: torch.Tensor, size: int, num_classes: int) -> torch.Tensor:
