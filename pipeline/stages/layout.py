@@ -25,7 +25,6 @@ from skerch_ext.storage import check_part_count
 
 def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
     """Create (or complete) the measurement layout of ``run``; returns the spec."""
-    log = get_logger()
     started = time.perf_counter()
     params = ColumnStore(run.require(run.params, "train"))
     spec = resolve_spec(cfg, params.dim(), params.steps())
