@@ -46,7 +46,8 @@ demo: $(STAMP) system-deps
 	@echo "report: $$(tail -n1 $(OUTPUT_DIR)/.last-demo)/analysis/report.md"
 
 # The edge-of-stability replay experiment (config/experiments/eos_replay.yaml): train, the
-# 17 replays two at a time, then their comparison (RUN/replays/report.md). ~10 min, 2 cores.
+# 10 replays x 3 seeds two jobs at a time, then their comparison over the seeds
+# (RUN/replays/report.md). ~15 min, 2 cores.
 eos-replay: $(STAMP)
 	@mkdir -p $(OUTPUT_DIR)
 	$(VENV)/bin/hessov train config/experiments/eos_replay.yaml OUTPUT_DIR=$(OUTPUT_DIR) > $(OUTPUT_DIR)/.last-eos

@@ -2,10 +2,11 @@
 
 Three kinds, as in the research README: the train-loss curves of every replay of one
 snapshot on one axis (the baseline's pre-snapshot history drawn before the switch step,
-which is marked), the same zoomed on the first steps after the switch (where global scaling
-spikes and the flat modes do not), and per replay a sharpness flow: the loss above, the top
-Hessian eigenvalues below with the maximal stable sharpness ``2 / eta`` and, for a scaled
-mode, ``2 / (alpha eta)``. Every function draws from arrays only (:class:`ReplayCurves`),
+which is marked; the seeds of one replay as thin lines of one colour), the same zoomed on
+the first steps after the switch (where global scaling spikes and the flat modes do not),
+and per replay a sharpness flow over its seeds: the loss above, the top Hessian eigenvalues
+below with the maximal stable sharpness ``2 / eta`` and, for a scaled mode,
+``2 / (alpha eta)``. Every function draws from arrays only (:class:`ReplayCurves`),
 so notebooks can call them on anything read from a run.
 """
 
@@ -33,6 +34,9 @@ MODE_COLORMAPS = {
 class ReplayCurves:
     """What one replay logged, in replay steps ``s`` (global step ``snapshot + s``).
 
+    :ivar group: the replay whose seed this is (its own name without seeds); the seeds of
+        one group are drawn in one colour.
+    :ivar seed: the seed of its starting point (None: the snapshot, unseeded).
     :ivar steps: ``(S,)`` steps of ``train_loss``.
     :ivar train_loss: ``(S,)`` loss at the parameters after ``s`` updates.
     :ivar eigen_steps: ``(E,)`` steps of the eigenvalue recomputations.
@@ -42,6 +46,8 @@ class ReplayCurves:
     """
 
     name: str
+    group: str
+    seed: int | None
     mode: str
     scaling: float
     nfilter: int
@@ -55,26 +61,35 @@ class ReplayCurves:
 
 
 def _colors(curves: list[ReplayCurves]) -> dict[str, object]:
-    """Black for the baseline (mode none); one hue per mode, shaded by (alpha, N)."""
+    """Per group: black for the baseline (mode none); one hue per mode, shaded by (alpha, N)."""
     colors: dict[str, object] = {}
     for mode, cmap_name in MODE_COLORMAPS.items():
-        members = sorted(
-            (c for c in curves if c.mode == mode), key=lambda c: (c.scaling, c.nfilter)
-        )
+        groups = sorted({(c.scaling, c.nfilter, c.group) for c in curves if c.mode == mode})
         cmap = plt.get_cmap(cmap_name)
-        for rank, curve in enumerate(members):
-            colors[curve.name] = cmap(0.45 + 0.5 * (rank + 1) / len(members))
+        for rank, (_, _, group) in enumerate(groups):
+            colors[group] = cmap(0.45 + 0.5 * (rank + 1) / len(groups))
     for curve in curves:
-        colors.setdefault(curve.name, "black")
+        colors.setdefault(curve.group, "black")
     return colors
 
 
-def _label(curve: ReplayCurves) -> str:
+def _label(curve: ReplayCurves, seeds: int = 1) -> str:
+    """The group's name and settings, and its number of seeds if more than one."""
+    label = curve.group
     if curve.mode == "none":
-        return f"{curve.name} (baseline)"
-    if curve.mode == "global_scaling":
-        return f"{curve.name}: alpha={curve.scaling:g}"
-    return f"{curve.name}: alpha={curve.scaling:g}, N={curve.nfilter}"
+        label += " (baseline)"
+    elif curve.mode == "global_scaling":
+        label += f": alpha={curve.scaling:g}"
+    else:
+        label += f": alpha={curve.scaling:g}, N={curve.nfilter}"
+    return label + (f", {seeds} seeds" if seeds > 1 else "")
+
+
+def _group_sizes(curves: list[ReplayCurves]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for curve in curves:
+        sizes[curve.group] = sizes.get(curve.group, 0) + 1
+    return sizes
 
 
 def _draw_history(axis, history_steps: np.ndarray, history_loss: np.ndarray) -> None:
@@ -89,9 +104,10 @@ def draw_loss_comparison(
     history_loss: np.ndarray,
     zoom: int | None = None,
 ) -> Path:
-    """Train loss of every replay of one snapshot against the global step, the switch step
-    dashed; ``zoom``: only the first ``zoom`` steps after the switch (and a fifth as many
-    before it), with the loss axis fitted to them. ``history_*``: ``(H,)`` global steps and
+    """Train loss of every replay of one snapshot against the global step (the seeds of a
+    group as thin lines of one colour), the switch step dashed; ``zoom``: only the first
+    ``zoom`` steps after the switch (and a fifth as many before it), with the loss axis
+    fitted to them. ``history_*``: ``(H,)`` global steps and
     losses of the baseline run before the snapshot."""
     snapshot = curves[0].snapshot
     colors = _colors(curves)
@@ -104,14 +120,18 @@ def draw_loss_comparison(
         visible.append(history_loss[keep])
     else:
         _draw_history(axis, history_steps, history_loss)
+    sizes, labelled = _group_sizes(curves), set()
     for curve in curves:
         steps, loss = curve.steps + snapshot, curve.train_loss
         if zoom:
             keep = steps <= high
             steps, loss = steps[keep], loss[keep]
             visible.append(loss)
-        lw = 2.0 if curve.mode == "none" else 1.2
-        axis.plot(steps, loss, color=colors[curve.name], lw=lw, label=_label(curve))
+        # Seeds of one group: thin lines of one colour, the group labelled once.
+        lw = (2.0 if curve.mode == "none" else 1.2) / (1.6 if sizes[curve.group] > 1 else 1)
+        label = None if curve.group in labelled else _label(curve, sizes[curve.group])
+        labelled.add(curve.group)
+        axis.plot(steps, loss, color=colors[curve.group], lw=lw, label=label)
     axis.axvline(snapshot, color="0.2", ls="--", lw=1.0, label=f"switch at step {snapshot}")
     axis.set_yscale("log")
     if zoom:
@@ -132,31 +152,28 @@ def draw_loss_comparison(
 
 
 def draw_sharpness_flow(
-    path: Path, curve: ReplayCurves, history_steps: np.ndarray, history_loss: np.ndarray
+    path: Path, curves: list[ReplayCurves], history_steps: np.ndarray, history_loss: np.ndarray
 ) -> Path:
     """Loss above; below, each of the top eigenvalues against the global step, with the
     lines ``2 / eta`` (the maximal stable sharpness) and, if ``alpha != 1``,
-    ``2 / (alpha eta)``; for filtering modes eigenvalue N+1 (the first unfrozen) is bold."""
-    snapshot = curve.snapshot
+    ``2 / (alpha eta)``; for filtering modes eigenvalue N+1 (the first unfrozen) is bold.
+    ``curves``: the seeds of one group, drawn over each other (thinner lines for several)."""
+    curve = curves[0]
+    snapshot, thin = curve.snapshot, 1.6 if len(curves) > 1 else 1.0
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     _draw_history(top, history_steps, history_loss)
-    top.plot(curve.steps + snapshot, curve.train_loss, color="tab:green", label=_label(curve))
+    for index, seed_curve in enumerate(curves):
+        top.plot(
+            seed_curve.steps + snapshot,
+            seed_curve.train_loss,
+            color="tab:green",
+            lw=1.5 / thin,
+            label=None if index else _label(curve, len(curves)),
+        )
+        _draw_eigenvalues(bottom, seed_curve, thin, labelled=not index)
     top.set_yscale("log")
     top.set_ylabel("train loss")
     top.legend(fontsize=8)
-    if curve.eigenvalues.size:
-        steps = curve.eigen_steps + snapshot
-        count = curve.eigenvalues.shape[1]
-        cmap = plt.get_cmap("viridis")
-        for index in range(count):
-            first_free = curve.mode != "none" and curve.nfilter and index == curve.nfilter
-            bottom.plot(
-                steps,
-                curve.eigenvalues[:, index],
-                color="black" if first_free else cmap(index / max(1, count - 1)),
-                lw=2.0 if first_free else 0.9,
-                label=f"eigenvalue N+1 = {index + 1}" if first_free else None,
-            )
     mss = 2.0 / curve.lr
     bottom.axhline(mss, color="tab:red", ls="--", label=f"2/eta = {mss:.3g}")
     if curve.scaling != 1:
@@ -171,9 +188,27 @@ def draw_sharpness_flow(
     bottom.set_xlabel("step")
     bottom.set_ylabel("top Hessian eigenvalues")
     bottom.legend(fontsize=8)
-    top.set_title(f"sharpness flow of {curve.name}")
+    top.set_title(f"sharpness flow of {curve.group}")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _draw_eigenvalues(axis, curve: ReplayCurves, thin: float, labelled: bool) -> None:
+    """Every recorded eigenvalue of one replay against the global step; N+1 bold black."""
+    if not curve.eigenvalues.size:
+        return
+    steps = curve.eigen_steps + curve.snapshot
+    count = curve.eigenvalues.shape[1]
+    cmap = plt.get_cmap("viridis")
+    for index in range(count):
+        first_free = curve.mode != "none" and curve.nfilter and index == curve.nfilter
+        axis.plot(
+            steps,
+            curve.eigenvalues[:, index],
+            color="black" if first_free else cmap(index / max(1, count - 1)),
+            lw=(2.0 if first_free else 0.9) / thin,
+            label=f"eigenvalue N+1 = {index + 1}" if first_free and labelled else None,
+        )

@@ -254,50 +254,60 @@ def _cmd_nqm(args: argparse.Namespace) -> int:
 REPLAY_COMPUTE_KEYS = ("device", "dtype", "threads", "HESSIAN_BATCH_SIZE")
 
 
-def _replay_from_args(run: RunDir, cfg, settings: list[str]):
-    """``name=NAME`` alone: that configured replay; otherwise an ad-hoc one from the keys."""
-    from pipeline.config import replay_from_overrides
+def _replay_jobs_from_args(run: RunDir, cfg, settings: list[str]):
+    """The replay jobs to run: ``name=NAME`` alone names a configured job (``--list``) or a
+    configured replay with seeds (all its jobs); otherwise an ad-hoc replay from the keys
+    (one job per seed of ``seeds=[...]``)."""
+    from pipeline.config import replay_from_overrides, replay_jobs
 
-    configured = {replay.name: replay for replay in cfg.replays}
+    configured = {job.name: job for job in replay_jobs(cfg.replays)}
+    seeded = {replay.name: replay_jobs([replay]) for replay in cfg.replays if replay.seeds}
     if [item.partition("=")[0] for item in settings] == ["name"]:
         name = settings[0].partition("=")[2]
+        if name in seeded:
+            return seeded[name]
         if name not in configured:
             raise ConfigError(
                 f"name: no replay {name!r} in {run.config} (configured: "
                 f"{', '.join(configured) or 'none'}); for an ad-hoc replay pass snapshot= mode= "
                 "scaling= nfilter= eig_freq= ..."
             )
-        return configured[name]
+        return [configured[name]]
     if not settings:
         raise ConfigError(
             "name: pass name=NAME of a configured replay ("
             + (", ".join(configured) or "none")
             + ") or the settings of an ad-hoc one: snapshot=T mode=... scaling=... nfilter=..."
         )
-    replay = replay_from_overrides(cfg, settings)
-    if replay.name in configured and configured[replay.name] != replay:
-        raise ConfigError(
-            f"name: {replay.name!r} is a configured replay with other settings; pass name=... "
-            "to give this ad-hoc replay its own name"
-        )
-    return replay
+    jobs = replay_jobs([replay_from_overrides(cfg, settings)])
+    for job in jobs:
+        if job.name in configured and configured[job.name] != job:
+            raise ConfigError(
+                f"name: {job.name!r} is a configured replay with other settings; pass name=... "
+                "to give this ad-hoc replay its own name"
+            )
+    return jobs
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
+    from pipeline.config import replay_jobs
     from pipeline.hessian import load_run_config as run_config
-    from pipeline.stages.replay import run_replay
+    from pipeline.stages.replay import finished_replay, run_replay
 
     run = _open_run(args.run_dir)
     if args.list:
-        for replay in run_config(run).replays:
-            print(replay.name)
+        for job in replay_jobs(run_config(run).replays):
+            print(job.name)
         return 0
     compute = [item for item in args.overrides if item.partition("=")[0] in REPLAY_COMPUTE_KEYS]
     settings = [item for item in args.overrides if item not in compute]
     cfg = override_run_config(run_config(run), compute, REPLAY_COMPUTE_KEYS)
-    replay = _replay_from_args(run, cfg, settings)
-    run_replay(run, cfg, replay)
-    print(run.replay(replay.name))
+    jobs = _replay_jobs_from_args(run, cfg, settings)
+    for job in jobs:  # every name free (or finished alike) before the first step of any job
+        finished_replay(run, job)
+    for job in jobs:
+        run_replay(run, cfg, job)
+        print(run.replay(job.name))
     return 0
 
 
@@ -501,16 +511,23 @@ def build_parser() -> argparse.ArgumentParser:
             "mode=none|global_scaling|flat_scaling_v1|flat_scaling_v2|dynamic scaling=ALPHA "
             "nfilter=N eig_freq=F [neigs= eigensolver=lanczos|sketch eig_tol= warmup=W "
             "MAX_STEPS= EVAL_EVERY= TARGET_TRAIN_LOSS= STOP_AT_TARGET= TARGET_TRAIN_ACCURACY= "
-            "optimizer.lr= optimizer.name= name=]. Also device= dtype= threads= "
-            "HESSIAN_BATCH_SIZE=. Writes RUN/replays/NAME/ and the 'replay' summary; a "
-            "finished replay is not run again, a name used with other settings is refused. "
-            "Prints the replay's directory last."
+            "optimizer.lr= optimizer.name= seeds=[0,1,2] perturbation=1e-5 name=]. Also "
+            "device= dtype= threads= HESSIAN_BATCH_SIZE=. With seeds=[...] a replay is one "
+            "independent job per seed, NAME.seedS in RUN/replays/NAME.seedS/: seed 0 replays "
+            "the snapshot itself, seed S > 0 first perturbs every parameter p <- p (1 + "
+            "perturbation z), z ~ N(0, 1) seeded with S, so that `hessov compare` reports "
+            "what holds across seeds. --list prints one line per job, name=NAME.seedS runs one "
+            "job and name=NAME all of a replay's seeds in turn. Writes RUN/replays/NAME/ and "
+            "the 'replay' summary; a finished replay is not run again, a name used with other "
+            "settings is refused. Prints the directory of each job it ran, one a line."
         ),
     )
     replay.add_argument("run_dir", help="the run directory printed by `hessov train`")
     replay.add_argument("overrides", nargs="*", help="KEY=VALUE arguments (see above)")
     replay.add_argument(
-        "--list", action="store_true", help="print the names of the configured replays and exit"
+        "--list",
+        action="store_true",
+        help="print the configured replay jobs (one per seed), one name a line, and exit",
     )
     replay.set_defaults(func=_cmd_replay)
 
@@ -519,11 +536,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="figures and report comparing every finished replay of a run",
         description=(
             "Per snapshot: the train-loss curves of every finished replay (the switch "
-            "marked, the baseline's history before it), a zoom on the first zoom=Z steps "
-            "after the switch (default a tenth of the longest replay), and per replay its "
-            "sharpness flow; RUN/replays/report.md states which replay reaches the loss "
-            "target first and whether flat_scaling_v1 sent the frozen eigenvalues up. "
-            "Drawing again replaces them. Prints RUN/replays last."
+            "marked, the baseline's history before it; the seeds of one replay in one "
+            "colour), a zoom on the first zoom=Z steps after the switch (default a tenth of "
+            "the longest replay), and per replay its sharpness flow over its seeds; "
+            "RUN/replays/report.md gives per replay the median and min-max over its seeds "
+            "of the steps to the loss target and the final loss, and states only what holds "
+            "across seeds: which replay reaches the target first (A is ahead of B only if "
+            "A's slowest seed beats B's fastest), and whether flat_scaling_v1 sent the frozen "
+            "eigenvalues up. Drawing again replaces them. Prints RUN/replays last."
         ),
     )
     compare.add_argument("run_dir")

@@ -17,9 +17,10 @@ reads it from there, so a stage never re-derives what training used.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,21 @@ class ReplayConfig:
     ``optimizer``: fields of the run's optimizer to change for this replay, e.g.
     ``{lr: 0.1}`` or ``{name: Adam, lr: 1e-3}``; empty = the run's optimizer with its saved
     state (a true continuation). Upper-case keys are the replay's own, counted in replay steps.
+
+    ``seeds``: replay the snapshot once per seed, each run as its own job ``NAME.seedS``
+    (:func:`replay_jobs`), so that conclusions need not rest on one trajectory: full-batch GD
+    at the edge of stability amplifies last-bit floating-point differences (another CPU's
+    kernels) into different trajectories. Seed 0 replays the snapshot itself; seed ``S > 0``
+    first perturbs every parameter, ``p <- p (1 + perturbation z)`` with ``z ~ N(0, 1)`` drawn
+    by a ``torch.Generator`` seeded with ``S``. The default ``perturbation`` 1e-5 is about
+    170 times float32's unit roundoff (6e-8), the size of the differences two CPUs' kernel
+    paths (summation orders, fused multiply-adds) leave in one step, so the seeds start
+    further apart than two machines do; yet each parameter moves by only 1e-5 of itself.
+    Whether a few seeds span what another machine's trajectory does is measured, not
+    assumed (README, the edge-of-stability experiment). Empty ``seeds``: one unperturbed
+    replay named ``NAME``.
+    ``seed`` and ``group`` (the replay's ``NAME``) are set per job by :func:`replay_jobs`,
+    never by hand.
     """
 
     name: str = ""  # unique; "" = derived from the settings, e.g. v1_a2_n20
@@ -164,6 +180,10 @@ class ReplayConfig:
     TARGET_TRAIN_LOSS: float | None = None  # steps_to_target: first step with loss <= it
     STOP_AT_TARGET: bool = False  # stop once TARGET_TRAIN_LOSS is reached
     TARGET_TRAIN_ACCURACY: float | None = None  # stop once the train accuracy reaches it
+    seeds: list[int] = field(default_factory=list)  # one job per seed; [] = one, unperturbed
+    perturbation: float = 1e-5  # relative std of the parameters' perturbation for seeds > 0
+    seed: int | None = None  # this job's seed (set by replay_jobs); None = unperturbed
+    group: str = ""  # the NAME of the replay whose seed this job runs (set by replay_jobs)
 
 
 @dataclass
@@ -501,6 +521,14 @@ def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> N
         "snapshot",
         f"the run saves no snapshot at step {replay.snapshot}; SNAPSHOT_STEPS={cfg.SNAPSHOT_STEPS}",
     )
+    for index, seed in enumerate(replay.seeds):
+        require(seed >= 0, "seeds", f"seed {seed} must be >= 0")
+        require(seed not in replay.seeds[:index], "seeds", f"seed {seed} is given twice")
+    require(
+        math.isfinite(replay.perturbation) and replay.perturbation >= 0,
+        "perturbation",
+        f"must be a finite number >= 0, got {replay.perturbation}",
+    )
     replay_optimizer(cfg, replay, prefix)
     replay.name = replay.name or replay_default_name(replay)
     require(
@@ -510,17 +538,56 @@ def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> N
     )
 
 
+def _refuse_job_keys(replay: ReplayConfig, prefix: str) -> None:
+    """``seed`` and ``group`` belong to the jobs :func:`replay_jobs` makes, not to settings."""
+    for key, unset in (("seed", replay.seed is None), ("group", not replay.group)):
+        if not unset:
+            raise ConfigError(f"{prefix}{key}: set per job from seeds; give seeds=[...] instead")
+
+
 def validate_replays(cfg: RunConfig) -> None:
-    """Validate every configured replay (keys named ``replays[i].KEY``); names are unique."""
+    """Validate every configured replay (keys named ``replays[i].KEY``); the names of their
+    jobs (:func:`replay_jobs`) are unique."""
     seen: dict[str, int] = {}
     for index, replay in enumerate(cfg.replays):
+        _refuse_job_keys(replay, f"replays[{index}].")
         validate_replay(cfg, replay, f"replays[{index}].")
-        if replay.name in seen:
-            raise ConfigError(
-                f"replays[{index}].name: {replay.name!r} is also replays[{seen[replay.name]}]'s "
-                "name; give one of them another name"
+        for job in replay_jobs([replay]):
+            if job.name in seen:
+                raise ConfigError(
+                    f"replays[{index}].name: {job.name!r} is also a job of "
+                    f"replays[{seen[job.name]}]; give one of them another name"
+                )
+            seen[job.name] = index
+
+
+def seeded_name(name: str, seed: int) -> str:
+    """The name (and directory) of seed ``seed``'s job of replay ``name``: ``NAME.seedS``."""
+    return f"{name}.seed{seed}"
+
+
+def replay_jobs(replays: list[ReplayConfig]) -> list[ReplayConfig]:
+    """The independent jobs of validated replays, in order: a replay without ``seeds`` is its
+    own job; one with seeds is one job per seed, named :func:`seeded_name`, with ``seed`` and
+    ``group`` (the replay's name) set and no ``seeds``. Every launcher runs exactly these:
+    ``hessov replay --list``, ``hessov run`` (local and Slurm) and ``hessov plan``."""
+    jobs = []
+    for replay in replays:
+        if not replay.seeds:
+            jobs.append(replay)
+            continue
+        for seed in replay.seeds:
+            jobs.append(
+                replace(
+                    replay,
+                    name=seeded_name(replay.name, seed),
+                    seeds=[],
+                    seed=seed,
+                    group=replay.name,
+                    optimizer=dict(replay.optimizer),
+                )
             )
-        seen[replay.name] = index
+    return jobs
 
 
 def replay_from_overrides(cfg: RunConfig, overrides: list[str]) -> ReplayConfig:
@@ -536,6 +603,7 @@ def replay_from_overrides(cfg: RunConfig, overrides: list[str]) -> ReplayConfig:
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "replay"
         raise ConfigError(f"{key}: {getattr(err, 'msg', err)}") from None
+    _refuse_job_keys(replay, "")
     validate_replay(cfg, replay)
     return replay
 

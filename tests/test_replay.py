@@ -6,6 +6,7 @@ top eigenvectors are the first coordinate axes and every filter has a closed for
 ``m`` the mean of the training points and ``s_i`` the filter's scale of direction ``i``.
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,10 +15,25 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.replay_groups import (
+    RANKING_RULE,
+    ahead,
+    first_to_target,
+    group_statistics,
+    ranking,
+    verdict,
+)
 from pipeline import summary
 from pipeline.cli import main
-from pipeline.config import load_run_config, read_config, replay_from_overrides
+from pipeline.config import (
+    load_run_config,
+    read_config,
+    replay_from_overrides,
+    replay_jobs,
+)
 from pipeline.errors import ConfigError
+from pipeline.launch.chain import plan_chain
+from pipeline.launch.slurm import build_jobs
 from pipeline.optim.spectral_filter import (
     FilteredOptimizer,
     SpectralFilter,
@@ -250,6 +266,13 @@ def test_sketch_eigensolver_approximates_the_lanczos_eigenpairs(nqm_run):
         (["mode=flat_scaling_v1", "nfilter=3", "eig_freq=0", "scaling=2"], "eig_freq"),
         (["mode=flat_scaling_v3", "nfilter=3"], "mode"),
         (["name=no_such_replay"], "name"),
+        (["mode=none", "seeds=[0,-1]"], "seeds"),
+        (["mode=none", "seeds=[2,0,2]"], "seeds"),
+        (["mode=none", "seeds=[1]", "perturbation=-1e-5"], "perturbation"),
+        (["mode=none", "seeds=[1]", "perturbation=nan"], "perturbation"),
+        (["mode=none", "seeds=[1]", "perturbation=inf"], "perturbation"),
+        (["mode=none", "seed=1"], "seed"),
+        (["mode=none", "group=none"], "group"),
     ],
 )
 def test_bad_input_is_refused_before_any_step(nqm_run, capsys, arguments, key):
@@ -293,6 +316,12 @@ def test_configured_replays_are_validated_and_named(tmp_path):
         ("  - {mode: none, snapshot: 3}\n", "replays[0].snapshot"),
         ("  - {mode: dynamic, nfilter: 3, eig_freq: -1}\n", "replays[0].eig_freq"),
         ("  - {mode: none, scaling: 2}\n", "replays[0].scaling"),
+        ("  - {mode: none, seeds: [0, -1]}\n", "replays[0].seeds"),
+        ("  - {mode: none}\n  - {mode: none, name: b, seeds: [1, 2, 1]}\n", "replays[1].seeds"),
+        ("  - {mode: none, seeds: [1], perturbation: -1.0e-5}\n", "replays[0].perturbation"),
+        ("  - {mode: none, seeds: [1], perturbation: .inf}\n", "replays[0].perturbation"),
+        ("  - {mode: none, seed: 3}\n", "replays[0].seed"),
+        ("  - {mode: none, seeds: [1]}\n  - {mode: none, name: none.seed1}\n", "replays[1].name"),
     ]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(base + "replays:\n" + body)
@@ -337,3 +366,198 @@ def test_cli_runs_a_configured_replay_once_and_compare_reports(nqm_run, capsys):
     assert (run.replay_figures / f"loss_snapshot_{SNAPSHOT}.png").stat().st_size > 1000
     assert (run.replay_figures / f"sharpness_flow_{name}.png").is_file()
     assert json.loads(run.replay_summary(name).read_text())["mode"] == "flat_scaling_v2"
+
+
+SEEDED_CONFIG = CONFIG.split("replays:")[0] + (
+    "replays:\n"
+    "  - {mode: none, MAX_STEPS: 8, eig_freq: 4, neigs: 3, TARGET_TRAIN_LOSS: 10.0,"
+    " seeds: [0, 1, 2]}\n"
+    "  - {mode: flat_scaling_v2, scaling: 3, nfilter: 5, eig_freq: 100, neigs: 6, MAX_STEPS: 8,"
+    " TARGET_TRAIN_LOSS: 10.0, seeds: [0, 1, 2], perturbation: 1.0e-3}\n"
+)
+SEEDED_JOBS = [f"{group}.seed{seed}" for group in ("none", "v2_a3_n5") for seed in (0, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def seeded_run(tmp_path_factory):
+    """The nqm run of :func:`nqm_run`, with both replays configured over seeds 0, 1, 2."""
+    directory = tmp_path_factory.mktemp("seeded")
+    config = directory / "nqm_seeded.yaml"
+    config.write_text(SEEDED_CONFIG)
+    cfg = load_run_config([f"OUTPUT_DIR={directory / 'runs'}"], config)
+    run = train(cfg)
+    return run, read_config(run.config)
+
+
+def starting_points(run: RunDir, cfg, names: list[str], lr: float) -> list[np.ndarray]:
+    """Where one-step ``mode=none`` replays at rate ``lr`` started: on the nqm a GD step is
+    ``x1 = m + (1 - lr h)(x0 - m)``, so ``x0 = m + (x1 - m) / (1 - lr h)``."""
+    _, minimum, h = snapshot_and_minimum(run, cfg)
+    finals = [torch.load(run.replay_final(name), weights_only=True)["x"].numpy() for name in names]
+    return [minimum + (final - minimum) / (1 - lr * h) for final in finals]
+
+
+def test_seeds_start_from_distinct_points_perturbed_by_the_stated_size(nqm_run, capsys):
+    run, cfg = nqm_run
+    one_step = ["mode=none", "eig_freq=0", "MAX_STEPS=1", "optimizer.lr=0.5", "name=start"]
+    assert main(["replay", str(run.root), *one_step, "seeds=[0,1,2]"]) == 0
+    names = ["start.seed0", "start.seed1", "start.seed2"]
+    assert capsys.readouterr().out.split() == [str(run.replay(name)) for name in names]
+    x0 = snapshot_and_minimum(run, cfg)[0]
+    starts = starting_points(run, cfg, names, 0.5)
+    np.testing.assert_allclose(starts[0], x0, rtol=1e-12)
+    for seed, start, name in zip((1, 2), starts[1:], names[1:], strict=True):
+        noise = torch.randn(K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        # p <- p (1 + perturbation z): the relative change of each parameter is 1e-5 z.
+        np.testing.assert_allclose((start - x0) / x0, 1e-5 * noise.numpy(), rtol=0, atol=1e-9)
+        relative = np.linalg.norm(start - x0) / np.linalg.norm(x0)
+        assert 0.3e-5 < relative < 3e-5
+        recorded = json.loads(run.replay_summary(name).read_text())
+        assert recorded["relative_perturbation"] == pytest.approx(relative, rel=1e-6)
+        assert (recorded["group"], recorded["seed"], recorded["perturbation"]) == (
+            "start",
+            seed,
+            1e-5,
+        )
+    assert np.abs(starts[1] - starts[2]).min() > 0
+
+
+def test_seed_0_is_the_unperturbed_replay_bit_for_bit(nqm_run):
+    run, cfg = nqm_run
+    common = ["mode=flat_scaling_v1", "scaling=2", "nfilter=3", "eig_freq=3", "neigs=4"]
+    plain = replay_from_overrides(cfg, [*common, "MAX_STEPS=6", "name=plain"])
+    seeded = replay_from_overrides(cfg, [*common, "MAX_STEPS=6", "name=seeded", "seeds=[0]"])
+    (job,) = replay_jobs([seeded])
+    assert (job.name, job.group, job.seed, job.seeds) == ("seeded.seed0", "seeded", 0, [])
+    results = [run_replay(run, cfg, one) for one in (plain, job)]
+    finals = [torch.load(run.replay_final(one.name), weights_only=True) for one in (plain, job)]
+    assert torch.equal(finals[0]["x"], finals[1]["x"])
+    assert results[0]["final_train_loss"] == results[1]["final_train_loss"]
+    assert results[1]["relative_perturbation"] == 0.0
+
+    def logged(name: str) -> list[dict]:
+        """Every step, evaluation and eigenvalue record, without its time."""
+        events = read_events(run.replay_log(name))
+        return [
+            {key: value for key, value in event.items() if key != "time"}
+            for event in events
+            if event["event"] in ("step", "eval", "eigen")
+        ]
+
+    assert logged(plain.name) == logged(job.name)
+
+
+def test_every_launcher_expands_the_seeds_alike(seeded_run, capsys):
+    """``--list``, ``hessov plan`` and the Slurm job graph run one job per (replay, seed)."""
+    run, cfg = seeded_run
+    assert main(["replay", str(run.root), "--list"]) == 0
+    assert capsys.readouterr().out.split() == SEEDED_JOBS
+    assert [job.name for job in replay_jobs(cfg.replays)] == SEEDED_JOBS
+    cfg = dataclasses.replace(cfg, RUN_DIR=str(run.root))
+    plan = plan_chain(cfg)
+    assert plan.replays == SEEDED_JOBS
+    jobs = build_jobs(plan.run, plan.spec, None, cfg, [])
+    replay_argvs = [job.argvs[0] for job in jobs if job.stage == "replay"]
+    assert replay_argvs == [["replay", str(run.root), f"name={name}"] for name in SEEDED_JOBS]
+
+
+def test_compare_reports_median_and_spread_over_seeds(seeded_run, capsys):
+    run, _ = seeded_run
+    for group in ("none", "v2_a3_n5"):  # name=GROUP runs every seed of the group in turn
+        assert main(["replay", str(run.root), f"name={group}"]) == 0
+    assert capsys.readouterr().out.split() == [str(run.replay(name)) for name in SEEDED_JOBS]
+    assert main(["compare", str(run.root)]) == 0
+    recorded = summary.load(run)
+    groups = recorded["replay_compare"][str(SNAPSHOT)]["groups"]
+    assert sorted(groups) == ["none", "v2_a3_n5"]
+    for name, stats in groups.items():
+        seeds = [recorded["replay"][f"{name}.seed{seed}"] for seed in (0, 1, 2)]
+        steps = np.array([s["steps_to_target"] for s in seeds], dtype=np.float64)
+        loss = np.array([s["final_train_loss"] for s in seeds])
+        assert stats["seeds"] == [0, 1, 2]
+        assert stats["steps_to_target"] == [s["steps_to_target"] for s in seeds]
+        assert stats["seeds_reaching_target"] == 3
+        assert stats["steps_to_target_median"] == np.median(steps)
+        assert (stats["steps_to_target_min"], stats["steps_to_target_max"]) == (
+            steps.min(),
+            steps.max(),
+        )
+        assert stats["final_train_loss_median"] == np.median(loss)
+        assert stats["final_train_loss_min"] == loss.min()
+        assert stats["final_train_loss_max"] == loss.max()
+    # Perturbed by 1e-3, the seeds of v2 end apart; v2 is ahead of the baseline in every seed.
+    assert len(set(groups["v2_a3_n5"]["final_train_loss"])) == 3
+    findings = recorded["replay_compare"][str(SNAPSHOT)]
+    assert findings["first_to_target"] == "v2_a3_n5"
+    assert findings["ahead_of"] == {"none": [], "v2_a3_n5": ["none"]}
+    report = run.replay_report.read_text()
+    assert "First to the loss target 10.0: `v2_a3_n5`" in report
+    assert "ahead of every other group in every seed" in report
+    assert RANKING_RULE in report
+    assert (run.replay_figures / "sharpness_flow_v2_a3_n5.png").stat().st_size > 1000
+
+
+def steps_of(*steps_to_target) -> dict:
+    """A group's statistics from its seeds' steps to the target (None: never reached)."""
+    return group_statistics(
+        [{"steps_to_target": s, "final_train_loss": 1.0} for s in steps_to_target]
+    )
+
+
+def test_a_group_is_ahead_only_if_its_slowest_seed_beats_the_others_fastest():
+    separated = {"fast": steps_of(10, 12, 11), "slow": steps_of(13, 15, 14)}
+    assert ahead(separated["fast"], separated["slow"])
+    assert not ahead(separated["slow"], separated["fast"])
+    assert verdict(separated["slow"], separated["fast"]) == "behind"
+    assert ranking(separated) == {"fast": ["slow"], "slow": []}
+    assert first_to_target(separated) == "fast"
+    # Faster by median (11 against 13), but seed 1 of "fast" (14) is slower than 12.
+    overlapping = {"fast": steps_of(10, 14, 11), "slow": steps_of(13, 15, 12)}
+    assert verdict(overlapping["fast"], overlapping["slow"]) == "not resolved across seeds"
+    assert ranking(overlapping) == {"fast": [], "slow": []}
+    assert first_to_target(overlapping) is None
+    # A seed that never reaches the target is infinitely slow.
+    partly = steps_of(5, None, 6)
+    assert partly["steps_to_target_median"] == 6 and partly["seeds_reaching_target"] == 2
+    assert (partly["steps_to_target_min"], partly["steps_to_target_max"]) == (5, 6)
+    assert verdict(partly, steps_of(50, 60, 70)) == "not resolved across seeds"
+    assert verdict(steps_of(50, 60, 70), steps_of(None, None)) == "ahead"
+    assert steps_of(5, None, None)["steps_to_target_median"] is None
+
+
+def test_seeded_and_unseeded_replays_of_one_name_are_refused(nqm_run, capsys):
+    """Refused before any step: no directory of the refused replay appears."""
+    run, _ = nqm_run
+    short = ["mode=none", "eig_freq=0", "MAX_STEPS=2"]
+    assert main(["replay", str(run.root), *short, "name=mixed"]) == 0
+    assert main(["replay", str(run.root), *short, "name=mixed", "seeds=[0,1]"]) == 2
+    assert "error: seeds: replay 'mixed'" in capsys.readouterr().err
+    assert main(["replay", str(run.root), *short, "name=other", "seeds=[1]"]) == 0
+    assert main(["replay", str(run.root), *short, "name=other"]) == 2
+    assert "error: name: 'other' is the group of the seeded replays other.seed1" in (
+        capsys.readouterr().err
+    )
+    # other.seed1 exists with perturbation 1e-5: a new seed 0 must not start either.
+    changed = [*short, "name=other", "seeds=[0,1]", "perturbation=1e-4"]
+    assert main(["replay", str(run.root), *changed]) == 2
+    assert "error: name: replay 'other.seed1'" in capsys.readouterr().err
+    assert sorted(n for n in run.replay_names() if n.startswith(("mixed", "other"))) == [
+        "mixed",
+        "other.seed1",
+    ]
+
+
+def test_a_replay_recorded_before_seeds_existed_still_counts_as_finished(nqm_run, capsys):
+    """A ``replay.yaml`` without the keys added since (seeds, perturbation, seed, group)
+    matches the same settings today: the replay is not run again, nor refused."""
+    run, _ = nqm_run
+    short = ["mode=none", "eig_freq=0", "MAX_STEPS=2", "name=older"]
+    assert main(["replay", str(run.root), *short]) == 0
+    settings = run.replay_config("older")
+    new_keys = ("seeds:", "perturbation:", "seed:", "group:")
+    lines = settings.read_text().splitlines()
+    settings.write_text("\n".join(line for line in lines if not line.startswith(new_keys)))
+    assert "perturbation" not in settings.read_text()
+    log_size = run.replay_log("older").stat().st_size
+    assert main(["replay", str(run.root), *short]) == 0
+    assert run.replay_log("older").stat().st_size == log_size

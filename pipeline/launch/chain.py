@@ -5,14 +5,14 @@ measurement job array depends on D (k defaults to 5% of D) and on the sketch set
 :func:`plan_chain` builds the problem's network to count D, resolves the sketch settings
 exactly as the layout stage will, and chooses the run directory, so that ``hessov plan``,
 the sbatch chain script and the submitit backend all submit the same jobs. The replays of
-``cfg.replays`` are named too: each is one job after training.
+``cfg.replays`` are named too: each of their jobs (one per seed) is one job after training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, replay_jobs
 from pipeline.problems import build_problem
 from pipeline.rundir import RunDir
 from pipeline.sketchspec import SketchSpec, resolve_spec
@@ -59,4 +59,4 @@ def plan_chain(cfg: RunConfig) -> ChainPlan:
     dim = build_problem(cfg).num_params
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
     spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
-    return ChainPlan(run, spec, [replay.name for replay in cfg.replays])
+    return ChainPlan(run, spec, [job.name for job in replay_jobs(cfg.replays)])

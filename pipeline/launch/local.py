@@ -1,7 +1,7 @@
 """The local sequential emulation of the Slurm chain: every stage, in order, in-process.
 
 The same stage functions a Slurm job runs, called one after the other on this machine,
-with the same files and therefore the same numbers: train; the configured replays, one
+with the same files and therefore the same numbers: train; the configured replay jobs, one
 after another, and their comparison (Slurm runs the replays in parallel); layout; for every
 step and split each measurement array task of the first round, (two-pass) the basis solve
 and each task of the second round, the solve; the exhaustive check when ``EXHAUSTIVE=true``; the
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, replay_jobs
 from pipeline.rundir import RunDir
 from pipeline.runlog import get_logger
+from pipeline.sketchspec import load_spec
 from pipeline.stages.analyze import analyze
 from pipeline.stages.exhaustive import exhaustive
-from pipeline.sketchspec import load_spec
 from pipeline.stages.layout import complete_layout, layout
 from pipeline.stages.measure import measure
 from pipeline.stages.replay import compare, run_replay
@@ -40,9 +40,10 @@ def run_local(cfg: RunConfig, run: RunDir | None = None, finish_on_disk: bool = 
         log.info("[train] %s", cfg.problem)
         run = train(cfg)
     cfg.RUN_DIR = str(run.root)
-    for number, replay in enumerate(cfg.replays, start=1):
-        log.info("[replay %d/%d] %s", number, len(cfg.replays), replay.name)
-        run_replay(run, cfg, replay)  # a finished replay returns at once
+    jobs = replay_jobs(cfg.replays)
+    for number, job in enumerate(jobs, start=1):
+        log.info("[replay %d/%d] %s", number, len(jobs), job.name)
+        run_replay(run, cfg, job)  # a finished replay returns at once
     if cfg.replays:
         log.info("[compare] replays: %s", compare(run))
     log.info("[layout] %s", run.root)

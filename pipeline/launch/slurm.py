@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import RunConfig, SlurmConfig, save_config
+from pipeline.config import RunConfig, SlurmConfig, replay_jobs, save_config
 from pipeline.errors import ConfigError, HessovError, RunExistsError
 from pipeline.launch.chain import plan_chain
 from pipeline.launch.plan import missing_work, run_status
@@ -182,10 +182,10 @@ def build_jobs(
             if not (solved and run.analysis_step(step, split).is_file()):
                 add(f"analyze {label}", "analyze", [["analyze", root, *where]], previous)
     replays = []
-    for replay in cfg.replays:
-        if not run.replay_summary(replay.name).is_file():  # written when it finished
-            argv = ["replay", root, f"name={replay.name}", *compute_args]
-            replays += add(f"replay name={replay.name}", "replay", [argv], trained)
+    for job in replay_jobs(cfg.replays):  # one per seed
+        if not run.replay_summary(job.name).is_file():  # written when it finished
+            argv = ["replay", root, f"name={job.name}", *compute_args]
+            replays += add(f"replay name={job.name}", "replay", [argv], trained)
     if replays:
         add("compare", "compare", [["compare", root]], replays)
     return jobs

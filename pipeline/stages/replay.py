@@ -27,15 +27,23 @@ eigenvalues, largest magnitude first (the sharpness flow). The replay stops at i
 ``MAX_STEPS``, at ``TARGET_TRAIN_ACCURACY``, at ``TARGET_TRAIN_LOSS`` with
 ``STOP_AT_TARGET``, or when the loss is no longer finite, and records the ``replay`` summary.
 
-:func:`compare` reads every finished replay and draws the loss curves per snapshot (with
-the baseline's pre-snapshot history), a zoom on the first steps after the switch, one
-sharpness flow per replay, and writes ``RUN/replays/report.md``.
+A replay with ``seeds`` is one job per seed (:func:`~pipeline.config.replay_jobs`), each
+with its own ``RUN/replays/NAME.seedS/`` and summary: seed 0 continues the snapshot itself,
+seed ``S > 0`` a copy perturbed by :func:`perturb_parameters`, because at the edge of
+stability a single trajectory follows the last bits of the floating-point arithmetic.
+
+:func:`compare` reads every finished replay, takes the seeds of one replay together
+(:mod:`analysis.replay_groups`), draws the loss curves per snapshot (with the baseline's
+pre-snapshot history), a zoom on the first steps after the switch, one sharpness flow per
+replay over its seeds, and writes ``RUN/replays/report.md``: medians and min-max over the
+seeds, and an order between replays only where every seed agrees.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -46,11 +54,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from analysis import replay_figures
+from analysis import replay_figures, replay_groups
 from pipeline import summary
 from pipeline.config import (
     ReplayConfig,
     RunConfig,
+    replay_jobs,
     replay_optimizer,
     save_config,
     validate_replay,
@@ -110,16 +119,45 @@ def _settings(replay: ReplayConfig) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(replay))
 
 
+def _saved_settings(run: RunDir, name: str) -> ReplayConfig:
+    """Replay ``name``'s saved settings; keys added to :class:`ReplayConfig` since it was
+    written (``seeds``, ...) take their defaults, so older replays still match."""
+    saved = OmegaConf.merge(
+        OmegaConf.structured(ReplayConfig), OmegaConf.load(run.replay_config(name))
+    )
+    return OmegaConf.to_object(saved)
+
+
+def _refuse_mixed_group(run: RunDir, replay: ReplayConfig) -> None:
+    """Seeds of a replay and an unseeded replay of the same name would mix in one group of
+    :func:`compare`. Only directory names are read: sibling seeds may be writing theirs."""
+    if replay.seed is not None and run.replay_config(replay.group).is_file():
+        raise RunExistsError(
+            f"seeds: replay {replay.group!r} in {run.replay(replay.group)} was run without seeds; "
+            "give the seeded replay another name"
+        )
+    if replay.seed is None and run.replays.is_dir():
+        pattern = re.compile(re.escape(replay.name) + r"\.seed[0-9]+")
+        seeded = sorted(p.name for p in run.replays.iterdir() if pattern.fullmatch(p.name))
+        if seeded:
+            raise RunExistsError(
+                f"name: {replay.name!r} is the group of the seeded replays {', '.join(seeded)} "
+                f"in {run.replays}; choose another name"
+            )
+
+
 def finished_replay(run: RunDir, replay: ReplayConfig) -> dict | None:
     """The recorded summary if ``replay`` already finished with these settings, else None.
 
     Raises:
-        RunExistsError: the name holds a replay with other settings (never overwritten).
+        RunExistsError: the name holds a replay with other settings (never overwritten), or
+            seeded and unseeded replays would share one name (see :func:`_refuse_mixed_group`).
     """
+    _refuse_mixed_group(run, replay)
     path = run.replay_config(replay.name)
     if not path.is_file():
         return None
-    saved, wanted = OmegaConf.to_container(OmegaConf.load(path)), _settings(replay)
+    saved, wanted = _settings(_saved_settings(run, replay.name)), _settings(replay)
     if saved != wanted:
         changed = sorted(
             key for key in saved.keys() | wanted.keys() if saved.get(key) != wanted.get(key)
@@ -224,18 +262,42 @@ def _hessian_eigenpairs(
         model.train()
 
 
+def perturb_parameters(model: torch.nn.Module, seed: int, perturbation: float) -> float:
+    """Move the model to seed ``seed``'s starting point: every parameter
+    ``p <- p (1 + perturbation z)``, ``z ~ N(0, 1)`` drawn on the CPU by a generator seeded
+    with ``seed``, parameter after parameter (the same point on every device). Seed 0 leaves
+    the parameters untouched. Why and how large: :class:`~pipeline.config.ReplayConfig`.
+    Returns the relative change ``||delta|| / ||p||`` over all parameters."""
+    if seed == 0:
+        return 0.0
+    generator = torch.Generator().manual_seed(seed)
+    moved = size = 0.0
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+            delta = param * noise.to(param.device) * perturbation
+            size += float(param.double().pow(2).sum())
+            moved += float(delta.double().pow(2).sum())
+            param.add_(delta)
+    return math.sqrt(moved / size) if size else 0.0
+
+
 def run_replay(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> dict:
-    """Run one replay of ``run`` (see the module docstring); returns its summary.
+    """Run one replay job of ``run`` (see the module docstring); returns its summary. A
+    replay with ``seeds`` is several jobs: run each of :func:`~pipeline.config.replay_jobs`.
 
     A replay that already finished with the same settings is not run again: its recorded
     summary is returned.
 
     Raises:
-        ConfigError, MissingInputError: bad settings, a missing snapshot, ``nfilter >= D``;
-            all before any step.
+        ConfigError, MissingInputError: bad settings, ``seeds`` (not one job), a missing
+            snapshot, ``nfilter >= D``; all before any step.
         RunExistsError: the name is taken by a replay with other settings.
     """
     log = get_logger()
+    if replay.seeds:
+        jobs = ", ".join(job.name for job in replay_jobs([replay]))
+        raise ConfigError(f"seeds: replay {replay.name!r} is one job per seed ({jobs}); run each")
     validate_replay(cfg, replay)
     finished = finished_replay(run, replay)
     if finished is not None:
@@ -255,6 +317,15 @@ def run_replay(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> dict:
     model = problem.model
     state = load_snapshot(run.snapshot(replay.snapshot), cfg.device)
     model.load_state_dict(state["model"])
+    seed_fields = {}
+    if replay.seed is not None:
+        moved = perturb_parameters(model, replay.seed, replay.perturbation)
+        seed_fields = dict(
+            group=replay.group,
+            seed=replay.seed,
+            perturbation=replay.perturbation,
+            relative_perturbation=moved,
+        )
     optimizer = build_optimizer(model.parameters(), optimizer_cfg)
     batches = BatchSchedule(len(problem.train), cfg.BATCH_SIZE, cfg.RANDOM_SEED)
     schedule = build_schedule(
@@ -294,6 +365,7 @@ def run_replay(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> dict:
         num_params=dim,
         eigenpairs=k,
         hessian_datapoints=int(subset.numel()),
+        **seed_fields,
     )
     events.write("start", **start_fields)
     run_events.write("replay_started", **start_fields)
@@ -452,9 +524,7 @@ def _replay_loop(cfg, replay, problem, batches, stepper, schedule, k, events, he
 
 def load_replay_curves(run: RunDir, name: str) -> replay_figures.ReplayCurves:
     """What replay ``name`` logged, as arrays (see :class:`ReplayCurves`)."""
-    settings: ReplayConfig = OmegaConf.to_object(
-        OmegaConf.merge(OmegaConf.structured(ReplayConfig), OmegaConf.load(run.replay_config(name)))
-    )
+    settings = _saved_settings(run, name)
     events = read_events(run.require(run.replay_log(name), f"replay {run.root} name={name}"))
     start = next(e for e in events if e["event"] == "start")
     steps = [e for e in events if e["event"] == "step"]
@@ -463,6 +533,8 @@ def load_replay_curves(run: RunDir, name: str) -> replay_figures.ReplayCurves:
     recorded = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return replay_figures.ReplayCurves(
         name=name,
+        group=settings.group or name,
+        seed=settings.seed,
         mode=settings.mode,
         scaling=settings.scaling,
         nfilter=settings.nfilter,
@@ -523,62 +595,335 @@ def sharpening_under_v1(curve: replay_figures.ReplayCurves) -> dict | None:
     return result
 
 
-def _snapshot_findings(curves: list[replay_figures.ReplayCurves]) -> dict:
-    """Numbers behind the report for the replays of one snapshot."""
-    findings: dict = {"replays": len(curves)}
-    baseline = next((c for c in curves if c.mode == "none"), None)
-    if baseline is not None and baseline.eigenvalues.size:
-        findings["baseline"] = {
-            "name": baseline.name,
-            "sharpness_at_snapshot": float(baseline.eigenvalues[0, 0]),
-            "mss": max_stable_sharpness(baseline.lr),
-            "sharpness_over_mss": float(baseline.eigenvalues[0, 0] * baseline.lr / 2),
-            "sharpness_range": [
-                float(baseline.eigenvalues[:, 0].min()),
-                float(baseline.eigenvalues[:, 0].max()),
-            ],
-        }
-    reached = sorted(
-        (c.summary["steps_to_target"], c.name)
-        for c in curves
-        if c.summary.get("steps_to_target") is not None
-    )
-    targets = sorted({c.summary.get("target_train_loss") for c in curves} - {None})
-    findings["target_train_loss"] = targets[0] if len(targets) == 1 else targets
-    findings["order_to_target"] = [{"name": name, "steps": steps} for steps, name in reached]
-    findings["first_to_target"] = reached[0][1] if reached else None
-    findings["best_final_loss"] = min(
-        (c for c in curves if np.isfinite(c.summary.get("final_train_loss", np.nan))),
-        key=lambda c: c.summary["final_train_loss"],
-        default=None,
-    )
-    if findings["best_final_loss"] is not None:
-        findings["best_final_loss"] = findings["best_final_loss"].name
-    findings["flat_scaling_v1"] = {
-        c.name: sharpening_under_v1(c) for c in curves if c.mode == "flat_scaling_v1"
+def _seed_groups(
+    curves: list[replay_figures.ReplayCurves],
+) -> dict[str, list[replay_figures.ReplayCurves]]:
+    """The replays of each group (one setting over its seeds), seeds ascending."""
+    groups: dict[str, list] = {}
+    for curve in curves:
+        groups.setdefault(curve.group, []).append(curve)
+    return {
+        name: sorted(members, key=lambda c: -1 if c.seed is None else c.seed)
+        for name, members in groups.items()
     }
+
+
+def _group_findings(members: list[replay_figures.ReplayCurves]) -> dict:
+    first = members[0]
+    return {
+        "mode": first.mode,
+        "scaling": first.scaling,
+        "nfilter": first.nfilter,
+        "replays": [c.name for c in members],
+        "seeds": [c.seed for c in members],
+        **replay_groups.group_statistics([c.summary for c in members]),
+    }
+
+
+def _baseline_findings(members: list[replay_figures.ReplayCurves]) -> dict | None:
+    """Sharpness of the baseline group at the snapshot (median over its seeds) and its range
+    over every seed's replay; None without eigenvalues."""
+    members = [c for c in members if c.eigenvalues.size]
+    if not members:
+        return None
+    at_snapshot = float(np.median([c.eigenvalues[0, 0] for c in members]))
+    lr = members[0].lr
+    return {
+        "name": members[0].group,
+        "sharpness_at_snapshot": at_snapshot,
+        "mss": max_stable_sharpness(lr),
+        "sharpness_over_mss": at_snapshot * lr / 2,
+        "sharpness_range": [
+            float(min(c.eigenvalues[:, 0].min() for c in members)),
+            float(max(c.eigenvalues[:, 0].max() for c in members)),
+        ],
+    }
+
+
+def _v1_across_seeds(items: list[dict]) -> dict:
+    """:func:`sharpening_under_v1` of one group's seeds: in how many of them the frozen top-N
+    went up and eigenvalue N+1 reached each line, and the spread of the eigenvalues."""
+    spread = replay_groups.spread
+    result = {
+        "seeds": len(items),
+        "frozen_went_up": sum(item["frozen_went_up"] for item in items),
+        "top_N_mean_ratio": spread([item["top_N_mean_ratio"] for item in items]),
+        "lambda_1_first": spread([item["lambda_1"][0] for item in items]),
+        "lambda_1_last": spread([item["lambda_1"][1] for item in items]),
+    }
+    if all("lambda_N_plus_1" in item for item in items):
+        result["lambda_N_plus_1_first"] = spread([item["lambda_N_plus_1"][0] for item in items])
+        result["lambda_N_plus_1_last"] = spread([item["lambda_N_plus_1"][1] for item in items])
+        result["alpha_eta_lambda_N_plus_1_at_switch"] = spread(
+            [item["alpha_eta_lambda_N_plus_1_at_switch"] for item in items]
+        )
+        for key in ("scaled_mss", "mss"):
+            reached = [item[f"lambda_N_plus_1_reached_{key}_at"] for item in items]
+            result[f"lambda_N_plus_1_reached_{key}"] = sum(step is not None for step in reached)
+            result[key] = items[0][key]
+    return result
+
+
+def _ranking_findings(members: dict[str, list], groups: dict[str, dict]) -> dict:
+    """The order to the loss target by median, and what holds across seeds, among the
+    groups with a loss target."""
+    ranked = {
+        name: groups[name]
+        for name, group in members.items()
+        if any(c.summary.get("target_train_loss") is not None for c in group)
+    }
+    by_median = sorted(
+        (stats["steps_to_target_median"], name)
+        for name, stats in ranked.items()
+        if stats["steps_to_target_median"] is not None
+    )
+    finite_loss = [name for name in groups if np.isfinite(groups[name]["final_train_loss_median"])]
+    return {
+        "order_to_target": [
+            {
+                "name": name,
+                "steps": steps,
+                "steps_min": groups[name]["steps_to_target_min"],
+                "steps_max": groups[name]["steps_to_target_max"],
+                "seeds_reaching_target": groups[name]["seeds_reaching_target"],
+                "seeds": len(groups[name]["seeds"]),
+            }
+            for steps, name in by_median
+        ],
+        "first_to_target": replay_groups.first_to_target(ranked),
+        "first_by_median": by_median[0][1] if by_median else None,
+        "ahead_of": replay_groups.ranking(ranked),
+        "best_final_loss": min(
+            finite_loss, key=lambda name: groups[name]["final_train_loss_median"], default=None
+        ),
+    }
+
+
+def _snapshot_findings(curves: list[replay_figures.ReplayCurves]) -> dict:
+    """Numbers behind the report for the replays of one snapshot, per group of seeds; an
+    order holds only across seeds (:data:`~analysis.replay_groups.RANKING_RULE`)."""
+    members = _seed_groups(curves)
+    groups = {name: _group_findings(group) for name, group in members.items()}
+    targets = sorted({c.summary.get("target_train_loss") for c in curves} - {None})
+    findings: dict = {
+        "replays": len(curves),
+        "groups": groups,
+        "ranking_rule": replay_groups.RANKING_RULE,
+        "target_train_loss": targets[0] if len(targets) == 1 else targets,
+        **_ranking_findings(members, groups),
+    }
+    baseline = next((name for name, stats in groups.items() if stats["mode"] == "none"), None)
+    if baseline is not None:
+        findings["baseline"] = _baseline_findings(members[baseline])
+        findings["global_scaling_vs_baseline"] = {
+            name: replay_groups.verdict(stats, groups[baseline])
+            for name, stats in groups.items()
+            if stats["mode"] == "global_scaling"
+        }
+    v1 = {c.name: sharpening_under_v1(c) for c in curves if c.mode == "flat_scaling_v1"}
+    findings["flat_scaling_v1"] = v1
+    findings["flat_scaling_v1_groups"] = {}
+    for name, group in members.items():
+        items = [v1[c.name] for c in group if v1.get(c.name)]
+        if items:
+            findings["flat_scaling_v1_groups"][name] = _v1_across_seeds(items)
     return findings
 
 
-def _report_section(snapshot: int, curves, findings: dict, figures: dict) -> list[str]:
-    by_name = {c.name: c for c in curves}
-    lines = [f"## Snapshot at step {snapshot}", ""]
-    baseline = findings.get("baseline")
-    if baseline:
-        lines += [
-            f"Baseline `{baseline['name']}`: sharpness at the snapshot "
-            f"lambda_1 = {baseline['sharpness_at_snapshot']:.4g}, 2/eta = {baseline['mss']:.4g} "
-            f"(ratio {baseline['sharpness_over_mss']:.3f}); over its replay lambda_1 stays in "
-            f"[{baseline['sharpness_range'][0]:.4g}, {baseline['sharpness_range'][1]:.4g}].",
-            "",
+def _steps_text(stats: dict) -> str:
+    """A group's steps to the target: ``median (min-max)``, just the value for one seed."""
+    seeds, reached = len(stats["steps_to_target"]), stats["seeds_reaching_target"]
+    if not reached:
+        return "not reached"
+    median = stats["steps_to_target_median"]
+    text = "not reached" if median is None else format(median, "g")
+    if seeds > 1:
+        text += f" ({stats['steps_to_target_min']}-{stats['steps_to_target_max']})"
+    return text if reached == seeds else f"{text}, {reached} of {seeds} seeds reached it"
+
+
+def _spread_text(median: float, low: float, high: float, seeds: int, spec: str = ".4g") -> str:
+    text = format(median, spec)
+    return text if seeds == 1 else f"{text} ({low:{spec}}-{high:{spec}})"
+
+
+def _loss_text(stats: dict) -> str:
+    return _spread_text(
+        stats["final_train_loss_median"],
+        stats["final_train_loss_min"],
+        stats["final_train_loss_max"],
+        len(stats["seeds"]),
+    )
+
+
+def _group_label(name: str, stats: dict) -> str:
+    return f"`{name}` ({stats['mode']}, alpha={stats['scaling']:g}, N={stats['nfilter']})"
+
+
+def _group_table(findings: dict, members: dict[str, list]) -> list[str]:
+    """One row per group, fastest median first."""
+    groups, ahead_of = findings["groups"], findings["ahead_of"]
+
+    def order(name):
+        median = groups[name]["steps_to_target_median"]
+        return (median is None, median or 0, groups[name]["final_train_loss_median"])
+
+    lines = [
+        "| group | mode | alpha | N | seeds | steps to target: median (min-max) "
+        "| final train loss: median (min-max) | ahead of / behind (groups) "
+        "| lambda_1 first -> last (median) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted(groups, key=order):
+        stats = groups[name]
+        behind = sum(name in others for others in ahead_of.values())
+        ranks = f"{len(ahead_of[name])} / {behind}" if name in ahead_of else "-"
+        eigen = [c.eigenvalues for c in members[name] if c.eigenvalues.size]
+        first_last = "-"
+        if eigen:
+            first, last = (np.median([e[row, 0] for e in eigen]) for row in (0, -1))
+            first_last = f"{first:.4g} -> {last:.4g}"
+        seeds = ", ".join("-" if seed is None else str(seed) for seed in stats["seeds"])
+        lines.append(
+            f"| {name} | {stats['mode']} | {stats['scaling']:g} | {stats['nfilter']} | {seeds} | "
+            f"{_steps_text(stats)} | {_loss_text(stats)} | {ranks} | {first_last} |"
+        )
+    return lines + [""]
+
+
+def _first_lines(findings: dict) -> list[str]:
+    groups, target = findings["groups"], findings["target_train_loss"]
+    first = findings["first_to_target"]
+    if first is not None:
+        return [
+            f"**First to the loss target {target}: {_group_label(first, groups[first])} after "
+            f"{_steps_text(groups[first])} steps, ahead of every other group in every seed.**"
         ]
-    target = findings["target_train_loss"]
+    leader = findings["first_by_median"]
+    if leader is None:
+        return [f"No replay reached the loss target {target}."]
+    overlapping = [
+        f"`{name}` {_steps_text(groups[name])}"
+        for name in findings["ahead_of"]
+        if name != leader and name not in findings["ahead_of"][leader]
+    ]
+    return [
+        f"**First to the loss target {target}: not resolved across seeds.** Fastest by median: "
+        f"{_group_label(leader, groups[leader])} after {_steps_text(groups[leader])} steps, "
+        f"but the seeds of {', '.join(overlapping)} overlap its own."
+    ]
+
+
+def _ranking_lines(findings: dict) -> list[str]:
+    """First to the target, the orders that hold across seeds, global scaling against the
+    baseline, and the fastest per mode by median."""
+    groups, ahead_of = findings["groups"], findings["ahead_of"]
+    lines = _first_lines(findings) + ["", "Ahead across seeds (the rule above):", ""]
+    ranked = [o["name"] for o in findings["order_to_target"] if ahead_of.get(o["name"])]
     lines += [
-        f"Loss target: {target}. Steps count from the snapshot.",
+        f"- `{name}` {_steps_text(groups[name])} is ahead of "
+        + ", ".join(f"`{other}`" for other in ahead_of[name])
+        for name in ranked
+    ] or ["- no group is ahead of another in every seed"]
+    baseline = findings.get("baseline")
+    if baseline and findings["global_scaling_vs_baseline"]:
+        lines += [
+            "",
+            f"Global scaling against the baseline `{baseline['name']}` "
+            f"{_steps_text(groups[baseline['name']])}: "
+            + "; ".join(
+                f"`{name}` {_steps_text(groups[name])} {verdict}"
+                for name, verdict in findings["global_scaling_vs_baseline"].items()
+            )
+            + ".",
+        ]
+    best_per_mode: dict[str, str] = {}
+    for item in findings["order_to_target"]:
+        best_per_mode.setdefault(groups[item["name"]]["mode"], item["name"])
+    if best_per_mode:
+        lines += [
+            "",
+            "Fastest per mode by median (an order only where stated above): "
+            + "; ".join(
+                f"{mode} `{name}` {_steps_text(groups[name])}"
+                for mode, name in best_per_mode.items()
+            )
+            + ".",
+        ]
+    best = findings["best_final_loss"]
+    if best is not None:
+        lines.append(f"Lowest median final train loss: `{best}` {_loss_text(groups[best])}.")
+    return lines + [""]
+
+
+def _v1_group_text(name: str, item: dict) -> str:
+    def spread(key: str) -> str:
+        value = item[key]
+        return _spread_text(value["median"], value["min"], value["max"], item["seeds"])
+
+    seeds = item["seeds"]
+    text = (
+        f"- `{name}`: the mean of the frozen top-N went up in {item['frozen_went_up']} of "
+        f"{seeds} seeds (x{spread('top_N_mean_ratio')}); lambda_1 {spread('lambda_1_first')} "
+        f"-> {spread('lambda_1_last')}"
+    )
+    if "lambda_N_plus_1_first" in item:
+        text += (
+            f", lambda_N+1 {spread('lambda_N_plus_1_first')} -> "
+            f"{spread('lambda_N_plus_1_last')} (alpha eta lambda_N+1 at the switch "
+            f"{spread('alpha_eta_lambda_N_plus_1_at_switch')}, < 2 is stable on a quadratic); "
+            f"it reached 2/(alpha eta) = {item['scaled_mss']:.4g} in "
+            f"{item['lambda_N_plus_1_reached_scaled_mss']} of {seeds} seeds and 2/eta = "
+            f"{item['mss']:.4g} in {item['lambda_N_plus_1_reached_mss']} of {seeds}"
+        )
+    return text + "."
+
+
+def _v1_lines(findings: dict) -> list[str]:
+    v1 = findings["flat_scaling_v1_groups"]
+    if not v1:
+        return []
+    lines = [
+        "flat_scaling_v1 and progressive sharpening (first -> last eigenvalue recomputation, "
+        "median (min-max) over the seeds; the README observed the frozen top-N eigenvalues "
+        "rising until eigenvalue N+1 reaches the maximal stable sharpness):",
         "",
-        "| replay | mode | alpha | N | steps | stopped by | final train loss | steps to target "
-        "| max sharpness | lambda_1 first -> last |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [_v1_group_text(name, item) for name, item in v1.items()]
+    up = [name for name, item in v1.items() if item["frozen_went_up"] == item["seeds"]]
+    down = [name for name, item in v1.items() if item["frozen_went_up"] == 0]
+    mixed = [name for name in v1 if name not in up + down]
+    lines += [
+        "",
+        f"Across seeds, the frozen top eigenvalues went up in every seed of {len(up)} of "
+        f"{len(v1)} v1 groups ({', '.join(up) or 'none'}), in no seed of {len(down)} "
+        f"({', '.join(down) or 'none'}); not resolved across seeds: {', '.join(mixed) or 'none'}.",
+        "",
+    ]
+    return lines
+
+
+def _dynamic_lines(members: dict[str, list]) -> list[str]:
+    lines = []
+    for name, group in members.items():
+        frozen = [c.summary["max_frozen"] for c in group if "max_frozen" in c.summary]
+        if group[0].mode == "dynamic" and frozen:
+            every = ""
+            if min(frozen) == group[0].nfilter:
+                every = " (all of them: more eigenvalues may exceed 2/(alpha eta))"
+            lines.append(
+                f"- `{name}` froze at most {', '.join(map(str, frozen))} (per seed) of its "
+                f"N={group[0].nfilter} computed directions{every}."
+            )
+    return lines + [""] if lines else []
+
+
+def _replay_table(curves: list[replay_figures.ReplayCurves]) -> list[str]:
+    """One row per replay (every seed of every group), fastest first."""
+    lines = [
+        "| replay | seed | mode | alpha | N | steps | stopped by | final train loss "
+        "| steps to target | max sharpness | lambda_1 first -> last |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def order(curve):
@@ -593,95 +938,44 @@ def _report_section(snapshot: int, curves, findings: dict, figures: dict) -> lis
             else "-"
         )
         lines.append(
-            f"| {curve.name} | {curve.mode} | {curve.scaling:g} | {curve.nfilter} | "
-            f"{s.get('steps', '-')} | {s.get('stopped_by', 'unfinished')} | "
+            f"| {curve.name} | {_fmt(curve.seed, 'd')} | {curve.mode} | {curve.scaling:g} | "
+            f"{curve.nfilter} | {s.get('steps', '-')} | {s.get('stopped_by', 'unfinished')} | "
             f"{_fmt(s.get('final_train_loss'))} | {_fmt(s.get('steps_to_target'), 'd')} | "
             f"{_fmt(s.get('max_sharpness'))} | {first_last} |"
         )
-    lines.append("")
-    order_to_target = findings["order_to_target"]
-    if order_to_target:
-        first = by_name[order_to_target[0]["name"]]
-        lines.append(
-            f"**First to the loss target {target}: `{first.name}` ({first.mode}, "
-            f"alpha={first.scaling:g}, N={first.nfilter}) after {order_to_target[0]['steps']} "
-            "steps.** Then: "
-            + ", ".join(f"`{o['name']}` {o['steps']}" for o in order_to_target[1:6])
-            + (" ..." if len(order_to_target) > 6 else "")
-        )
-        best_per_mode = {}
-        for item in order_to_target:
-            best_per_mode.setdefault(by_name[item["name"]].mode, item)
-        lines.append(
-            "Fastest per mode: "
-            + "; ".join(f"{mode} `{o['name']}` {o['steps']}" for mode, o in best_per_mode.items())
-            + "."
-        )
-        missing = [c.name for c in curves if c.summary.get("steps_to_target") is None]
-        if missing:
-            lines.append(f"Not reached within their steps: {', '.join(missing)}.")
-    else:
-        lines.append(f"No replay reached the loss target {target}.")
-    lines.append(f"Lowest final train loss: `{findings['best_final_loss']}`.")
-    lines.append("")
-    v1 = {k: v for k, v in findings["flat_scaling_v1"].items() if v}
-    if v1:
+    return lines + [""]
+
+
+def _report_section(snapshot: int, curves, findings: dict, figures: dict) -> list[str]:
+    members = _seed_groups(curves)
+    lines = [f"## Snapshot at step {snapshot}", ""]
+    baseline = findings.get("baseline")
+    if baseline:
         lines += [
-            "flat_scaling_v1 and progressive sharpening (first -> last recomputation; the "
-            "README observed the frozen top-N eigenvalues rising until eigenvalue N+1 reaches "
-            "the maximal stable sharpness, then the edge of stability resuming; 'by replay step "
-            "s' is the first recomputation at or above the line):",
+            f"Baseline `{baseline['name']}`: sharpness at the snapshot "
+            f"lambda_1 = {baseline['sharpness_at_snapshot']:.4g}, 2/eta = {baseline['mss']:.4g} "
+            f"(ratio {baseline['sharpness_over_mss']:.3f}); over its replays lambda_1 stays in "
+            f"[{baseline['sharpness_range'][0]:.4g}, {baseline['sharpness_range'][1]:.4g}].",
             "",
         ]
-        for name, item in v1.items():
-            text = (
-                f"- `{name}`: lambda_1 {item['lambda_1'][0]:.4g} -> {item['lambda_1'][1]:.4g}, "
-                f"lambda_N {item['lambda_N'][0]:.4g} -> {item['lambda_N'][1]:.4g}, mean of the "
-                f"frozen top-N x{item['top_N_mean_ratio']:.3f} "
-                f"({'up' if item['frozen_went_up'] else 'not up'})"
-            )
-            if "lambda_N_plus_1" in item:
-                text += (
-                    f"; lambda_N+1 {item['lambda_N_plus_1'][0]:.4g} -> "
-                    f"{item['lambda_N_plus_1'][1]:.4g} (alpha eta lambda_N+1 at the switch "
-                    f"{item['alpha_eta_lambda_N_plus_1_at_switch']:.2f}, < 2 is stable on a "
-                    "quadratic)"
-                )
-                for key, label in (("scaled_mss", "2/(alpha eta)"), ("mss", "2/eta")):
-                    reached = item[f"lambda_N_plus_1_reached_{key}_at"]
-                    text += (
-                        f", reaches {label} = {item[key]:.4g} by replay step {reached}"
-                        if reached is not None
-                        else f", stays below {label} = {item[key]:.4g}"
-                    )
-            lines.append(text + ".")
-        went_up = sum(item["frozen_went_up"] for item in v1.values())
-        lines += [
-            "",
-            f"The frozen top eigenvalues went up in {went_up} of {len(v1)} v1 replays.",
-            "",
-        ]
-    for curve in curves:
-        if curve.mode == "dynamic" and "max_frozen" in curve.summary:
-            frozen = curve.summary["max_frozen"]
-            lines.append(
-                f"- `{curve.name}` froze up to {frozen} of its N={curve.nfilter} computed "
-                "directions"
-                + (
-                    " (all of them: more eigenvalues may exceed 2/(alpha eta))."
-                    if frozen == curve.nfilter
-                    else "."
-                )
-            )
-    lines += ["", "Figures:", ""]
-    for label, path in figures.items():
-        lines.append(f"- {label}: `{path}`")
-    lines.append("")
-    return lines
+    lines += [
+        f"Loss target: {findings['target_train_loss']}. Steps count from the snapshot. A group "
+        "is one replay setting over its seeds (seed 0: the snapshot itself; seed S > 0: its "
+        "parameters perturbed, p <- p (1 + perturbation z)), reported as median (min-max). "
+        f"Ranking rule: {findings['ranking_rule']}.",
+        "",
+    ]
+    lines += _group_table(findings, members)
+    lines += _ranking_lines(findings) + _v1_lines(findings) + _dynamic_lines(members)
+    lines += ["Every replay:", ""] + _replay_table(curves)
+    lines += ["Figures:", ""] + [f"- {label}: `{path}`" for label, path in figures.items()]
+    return lines + [""]
 
 
 def compare(run: RunDir, zoom: int = 0) -> Path:
-    """Figures and ``report.md`` of every finished replay of ``run``; returns their folder.
+    """Figures and ``report.md`` of every finished replay of ``run``, the seeds of one replay
+    taken together as a group (median and spread, an order only where it holds across
+    seeds); returns their folder. The ``replay_compare`` summary holds the numbers.
 
     ``zoom``: steps after the switch in the zoomed loss figure (0 = a tenth of the longest
     replay, at least 10). Drawing again replaces the previous figures and report.
@@ -713,27 +1007,27 @@ def compare(run: RunDir, zoom: int = 0) -> Path:
         lines += [f"Unfinished replays, not drawn: {', '.join(unfinished)}.", ""]
     all_findings = {}
     for snapshot in sorted({c.snapshot for c in curves}):
-        group = [c for c in curves if c.snapshot == snapshot]
+        replays = [c for c in curves if c.snapshot == snapshot]
         history = baseline_history(run, snapshot)
-        longest = max(int(c.steps.max(initial=0)) for c in group)
+        longest = max(int(c.steps.max(initial=0)) for c in replays)
         figures = {
             "loss curves": replay_figures.draw_loss_comparison(
-                run.replay_figures / f"loss_snapshot_{snapshot}.png", group, *history
+                run.replay_figures / f"loss_snapshot_{snapshot}.png", replays, *history
             ),
             "zoom after the switch": replay_figures.draw_loss_comparison(
                 run.replay_figures / f"loss_snapshot_{snapshot}_zoom.png",
-                group,
+                replays,
                 *history,
                 zoom=zoom or max(10, longest // 10),
             ),
         }
-        for curve in group:
-            figures[f"sharpness flow {curve.name}"] = replay_figures.draw_sharpness_flow(
-                run.replay_figures / f"sharpness_flow_{curve.name}.png", curve, *history
+        for name, members in _seed_groups(replays).items():
+            figures[f"sharpness flow {name}"] = replay_figures.draw_sharpness_flow(
+                run.replay_figures / f"sharpness_flow_{name}.png", members, *history
             )
-        findings = _snapshot_findings(group)
+        findings = _snapshot_findings(replays)
         lines += _report_section(
-            snapshot, group, findings, {k: p.relative_to(run.replays) for k, p in figures.items()}
+            snapshot, replays, findings, {k: p.relative_to(run.replays) for k, p in figures.items()}
         )
         all_findings[str(snapshot)] = findings
     run.replay_report.write_text("\n".join(lines))
