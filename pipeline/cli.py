@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
             "mode=none|global_scaling|flat_scaling_v1|flat_scaling_v2|dynamic scaling=ALPHA "
             "nfilter=N eig_freq=F [neigs= eigensolver=lanczos|sketch eig_tol= warmup=W "
             "MAX_STEPS= EVAL_EVERY= TARGET_TRAIN_LOSS= STOP_AT_TARGET= TARGET_TRAIN_ACCURACY= "
-            "optimizer.lr= optimizer.name= seeds=[0,1,2] perturbation=1e-5 name=]. Also "
+            "optimizer.lr= optimizer.name= seeds=[0,1,2] perturbation=1e-3 name=]. Also "
             "device= dtype= threads= HESSIAN_BATCH_SIZE=. With seeds=[...] a replay is one "
             "independent job per seed, NAME.seedS in RUN/replays/NAME.seedS/: seed 0 replays "
             "the snapshot itself, seed S > 0 first perturbs every parameter p <- p (1 + "
