@@ -11,7 +11,9 @@ taken in the same run:
    every stage against what it must hold (RESULTS.md orders the sections by question);
 4. :mod:`bench.scaling`: the measurement stage on 1 and 2 Slurm array tasks of the local
    cluster, and the scheduling overhead of the whole sbatch chain;
-6. GPU: the same tables with ``--device cuda`` on a machine with one.
+6. GPU: the same tables with ``--device cuda`` on a machine with one;
+7. :mod:`bench.kernel_paths`: one sketch's numbers across kernel paths, thread counts and
+   block widths, against the tolerances of ``skerch_ext.tolerances``.
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -25,11 +27,12 @@ import importlib
 import re
 import time
 import traceback
+from pathlib import Path
 
 from bench.common import RESULTS, WORK, Settings, load_average, log, machine_lines, now
 
 #: Section modules of this package, in the order of the questions; each has ``section()``.
-SECTIONS = ("hvp", "eigensolvers", "stages", "scaling")
+SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths")
 
 
 def gpu_section(settings: Settings) -> str:
@@ -79,7 +82,9 @@ def main() -> None:
     settings.workers = tuple(int(w) for w in args.workers.split(","))
     chosen = [name.strip() for name in args.only.split(",") if name.strip()] or list(SECTIONS)
     partial = args.quick or bool(args.only)
-    output = args.output or (WORK / "RESULTS.partial.md" if partial else RESULTS)
+    output = (
+        Path(args.output) if args.output else (WORK / "RESULTS.partial.md" if partial else RESULTS)
+    )
     started = time.perf_counter()
     load_start = load_average()
     bodies: list[str] = []
