@@ -69,15 +69,19 @@ replays:
 """
 
 
+def trained_from(tmp_path_factory, name: str, config_text: str):
+    """Train the run of ``config_text`` in a fresh directory; returns it and its config."""
+    directory = tmp_path_factory.mktemp(name)
+    config = directory / f"{name}.yaml"
+    config.write_text(config_text)
+    run = train(load_run_config([f"OUTPUT_DIR={directory / 'runs'}"], config))
+    return run, read_config(run.config)
+
+
 @pytest.fixture(scope="module")
 def nqm_run(tmp_path_factory):
     """A trained nqm run (full-batch GD, lr 1, float64) with a snapshot at step 4."""
-    directory = tmp_path_factory.mktemp("replay")
-    config = directory / "nqm_replays.yaml"
-    config.write_text(CONFIG)
-    cfg = load_run_config([f"OUTPUT_DIR={directory / 'runs'}"], config)
-    run = train(cfg)
-    return run, read_config(run.config)
+    return trained_from(tmp_path_factory, "replay", CONFIG)
 
 
 def replay(run: RunDir, cfg, **settings) -> tuple[dict, np.ndarray]:
@@ -381,12 +385,7 @@ SEEDED_JOBS = [f"{group}.seed{seed}" for group in ("none", "v2_a3_n5") for seed 
 @pytest.fixture(scope="module")
 def seeded_run(tmp_path_factory):
     """The nqm run of :func:`nqm_run`, with both replays configured over seeds 0, 1, 2."""
-    directory = tmp_path_factory.mktemp("seeded")
-    config = directory / "nqm_seeded.yaml"
-    config.write_text(SEEDED_CONFIG)
-    cfg = load_run_config([f"OUTPUT_DIR={directory / 'runs'}"], config)
-    run = train(cfg)
-    return run, read_config(run.config)
+    return trained_from(tmp_path_factory, "seeded", SEEDED_CONFIG)
 
 
 def starting_points(run: RunDir, cfg, names: list[str], lr: float) -> list[np.ndarray]:
