@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+#: The variables that choose a kernel path; each setting below is relative to none of them.
+VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS")
+
 DEFAULT: dict[str, str] = {}
 ATEN_DEFAULT = {"ATEN_CPU_CAPABILITY": "default"}
 MKL_COMPATIBLE = {"MKL_CBWR": "COMPATIBLE"}
@@ -22,6 +25,12 @@ MKL_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 #: One setting per array task of a three-task round, rotated between rounds.
 MIXED = (DEFAULT, ATEN_DEFAULT, MKL_COMPATIBLE)
+
+
+def on_path(env: dict[str, str], setting: dict[str, str]) -> dict[str, str]:
+    """``env`` on kernel path ``setting`` exactly: any kernel-path variable ``env`` carries
+    (CI reruns the suite under one) is dropped first."""
+    return {**{key: value for key, value in env.items() if key not in VARIABLES}, **setting}
 
 
 def torch_has_vector_kernels() -> bool:

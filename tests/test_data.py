@@ -159,18 +159,18 @@ def test_preprocessed_data_are_the_same_bits_on_every_kernel_path():
     import sys
 
     from conftest import REPO
-    from kernel_paths import ATEN_DEFAULT, MKL_COMPATIBLE
+    from kernel_paths import ATEN_DEFAULT, DEFAULT, MKL_COMPATIBLE, on_path
 
     digests = [
         subprocess.run(
             [sys.executable, "-c", DATA_DIGEST],
             cwd=REPO,
-            env={**os.environ, **setting},
+            env=on_path(dict(os.environ), setting),
             capture_output=True,
             text=True,
             check=True,
         ).stdout
-        for setting in ({}, ATEN_DEFAULT, MKL_COMPATIBLE)
+        for setting in (DEFAULT, ATEN_DEFAULT, MKL_COMPATIBLE)
     ]
     assert len(digests[0].split()) == 4
     assert digests[0] == digests[1] == digests[2]

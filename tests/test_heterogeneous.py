@@ -17,7 +17,7 @@ import pytest
 
 from conftest import REPO, run_hessov
 from equivalence import compare_eigen_files
-from kernel_paths import setting_of, torch_has_vector_kernels
+from kernel_paths import on_path, setting_of, torch_has_vector_kernels
 from slurm_cluster import sbatch, slurm_cluster, wait_for_jobs
 
 pytestmark = pytest.mark.kernel_path
@@ -47,15 +47,22 @@ def laid_out(trained: Path, target: Path) -> Path:
     return target
 
 
-def script_env(run: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RUN_DIR": str(run), "HESSOV": HESSOV, **WHERE, **extra}
+def script_env(run: Path, setting: dict | None = None, **extra: str) -> dict[str, str]:
+    """The scripts' environment; with ``setting``, on exactly that kernel path."""
+    env = {**os.environ, "RUN_DIR": str(run), "HESSOV": HESSOV, **WHERE, **extra}
+    return env if setting is None else on_path(env, setting)
 
 
 def assert_mixed_and_equivalent(reference: Path, run: Path):
     if torch_has_vector_kernels():  # otherwise ATEN_CPU_CAPABILITY=default changes nothing
-        part = "measurements/step_300_train/first/part_00001.h5"  # task 1, first round
-        with h5py.File(reference / part) as a, h5py.File(run / part) as b:
-            assert not np.array_equal(a["outer"][:], b["outer"][:]), "kernel paths not mixed"
+        # The reference ran on this process's path, which is one of the tasks' paths at most:
+        # another task's part must differ from it.
+        parts = sorted((run / "measurements/step_300_train/first").glob("part_*.h5"))
+        differ = []
+        for part in parts:
+            with h5py.File(reference / part.relative_to(run)) as a, h5py.File(part) as b:
+                differ.append(not np.array_equal(a["outer"][:], b["outer"][:]))
+        assert any(differ), "kernel paths not mixed"
     figures = compare_eigen_files(reference / EIGEN, run / EIGEN)
     assert figures.bounds
 
@@ -68,8 +75,8 @@ def reference(tiny_trained, tmp_path_factory):
 def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, tmp_path):
     run = laid_out(tiny_trained, tmp_path / "run")
 
-    def script(name: str, **extra: str) -> None:
-        env = script_env(run, **extra)
+    def script(name: str, setting: dict | None = None, **extra: str) -> None:
+        env = script_env(run, setting, **extra)
         subprocess.run(["bash", f"slurm/{name}"], cwd=REPO, env=env, check=True)
 
     for number, round_name in enumerate(ROUNDS):
@@ -77,7 +84,7 @@ def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, t
             script("solve.sbatch")  # the basis
         for task in range(TASKS):
             setting = setting_of(task, number)
-            script("measure.sbatch", ROUND=round_name, SLURM_ARRAY_TASK_ID=str(task), **setting)
+            script("measure.sbatch", setting, ROUND=round_name, SLURM_ARRAY_TASK_ID=str(task))
     script("solve.sbatch")
     assert_mixed_and_equivalent(reference, run)
 
@@ -87,8 +94,9 @@ def test_slurm_array_tasks_on_mixed_kernel_paths(slurm_cluster, tiny_trained, re
     run = laid_out(tiny_trained, tmp_path / "run")
     logs = f"--output={tmp_path}/%x-%j_%a.out"
 
-    def submit(script: str, *options: str, **extra: str) -> str:
+    def submit(script: str, *options: str, setting: dict | None = None, **extra: str) -> str:
         env = {**slurm_cluster, **script_env(run, **extra)}
+        env = env if setting is None else on_path(env, setting)
         return sbatch(env, logs, *options, str(REPO / "slurm" / script))
 
     previous: list[str] = []
