@@ -17,7 +17,8 @@ the rounding errors as independent, mean-zero random variables, Higham & Mary ("
 approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41(5), 2019,
 Theorems 2.4 and 3.1) give ``g(n) = lam sqrt(n) u`` to first order, holding for all n
 partial sums at once with probability at least ``1 - 2 n exp(-lam^2 / 2)``; we choose
-``lam`` so that this failure probability is ``FAILURE_PROBABILITY``. :func:`rounding_level` is that ``g(n)``.
+``lam`` so that this failure probability is ``FAILURE_PROBABILITY``. :func:`rounding_level`
+is that ``g(n)``.
 
 **Products.** Two evaluations of one product, each within ``g(n) |A| |x|`` of the exact
 one, differ by at most ``2 g(n) |A| |x|`` entrywise: :func:`product_tolerance`.
