@@ -13,6 +13,8 @@ bits of torch's and MKL's float32 products on an x86-64 CPU without changing the
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 #: The variables that choose a kernel path; each setting below is relative to none of them.
@@ -25,6 +27,11 @@ MKL_AVX2 = {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 #: One setting per array task of a three-task round, rotated between rounds.
 MIXED = (DEFAULT, ATEN_DEFAULT, MKL_COMPATIBLE)
+
+
+def current() -> dict[str, str]:
+    """The kernel-path variables this process runs under (CI's reruns set one)."""
+    return {key: os.environ[key] for key in VARIABLES if key in os.environ}
 
 
 def on_path(env: dict[str, str], setting: dict[str, str]) -> dict[str, str]:

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
+from kernel_paths import current
 from slurm_cluster import sacct_jobs, slurm_cluster
 
 pytestmark = pytest.mark.kernel_path
@@ -89,7 +90,9 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
 
 
 def test_sequential_emulation_matches_the_local_backend(local_reference, tmp_path):
-    env = {"HESSOV": HESSOV, "PATH": "/usr/bin:/bin"}
+    # A bare environment, so the scripts rely on nothing of the caller's but HESSOV; the
+    # kernel path stays the reference's (training on another path gives other parameters).
+    env = {"HESSOV": HESSOV, "PATH": "/usr/bin:/bin", **current()}
     result = subprocess.run(
         ["bash", "slurm/run_sequential.sh", *TINY, f"OUTPUT_DIR={tmp_path}"],
         cwd=REPO,
