@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,28 @@ def kill_while_measuring(args: list[str], parts: Path, after: int, timeout: floa
     process.send_signal(signal.SIGKILL)
     process.wait()
     return measured_parts(parts)
+
+
+#: The step and split every sketch of :func:`tiny_trained` measures.
+TINY_SKETCH = ["step=300", "split=train"]
+
+
+def laid_out(trained: Path, target: Path, *layout: str) -> Path:
+    """A copy of the run ``trained`` at ``target``, laid out with ``hessov layout ARGS``."""
+    shutil.copytree(trained, target)
+    run_hessov("layout", str(target), *layout)
+    return target
+
+
+def measured_and_solved(run: Path, two_pass: bool) -> Path:
+    """Every task of ``TINY_SKETCH`` in this process's kernel path, then the solve (and the
+    basis and second round for two-pass), one after another: the tests' reference."""
+    run_hessov("measure", str(run), *TINY_SKETCH)
+    if two_pass:
+        run_hessov("solve", str(run), *TINY_SKETCH)  # the basis of the first round
+        run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
+    run_hessov("solve", str(run), *TINY_SKETCH)
+    return run
 
 
 @pytest.fixture(scope="session")

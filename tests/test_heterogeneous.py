@@ -6,7 +6,6 @@ single-process eigenpairs within the tolerances of tests/equivalence.py, and `he
 accepts every measurement (checksums are of the bits each task wrote)."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, run_hessov
+from conftest import REPO, laid_out, measured_and_solved
 from equivalence import compare_eigen_files
 from kernel_paths import on_path, setting_of, torch_has_vector_kernels
 from slurm_cluster import sbatch, slurm_cluster, wait_for_jobs
@@ -27,24 +26,6 @@ WHERE = {"STEP": "300", "SPLIT": "train"}
 ROUNDS = ("first", "second")  # preset=tiny: two-pass, three array tasks per round
 TASKS = 3
 EIGEN = "eigen/step_300_train.h5"
-
-
-def single_process(trained: Path, target: Path) -> Path:
-    """Every task in this process's kernel path, one after another: the reference."""
-    shutil.copytree(trained, target)
-    run_hessov("layout", str(target))
-    where = ["step=300", "split=train"]
-    run_hessov("measure", str(target), *where)
-    run_hessov("solve", str(target), *where)  # the basis
-    run_hessov("measure", str(target), *where, "round=second")
-    run_hessov("solve", str(target), *where)
-    return target
-
-
-def laid_out(trained: Path, target: Path) -> Path:
-    shutil.copytree(trained, target)
-    run_hessov("layout", str(target))
-    return target
 
 
 def script_env(run: Path, setting: dict | None = None, **extra: str) -> dict[str, str]:
@@ -69,7 +50,9 @@ def assert_mixed_and_equivalent(reference: Path, run: Path):
 
 @pytest.fixture(scope="module")
 def reference(tiny_trained, tmp_path_factory):
-    return single_process(tiny_trained, tmp_path_factory.mktemp("reference") / "run")
+    return measured_and_solved(
+        laid_out(tiny_trained, tmp_path_factory.mktemp("reference") / "run"), two_pass=True
+    )
 
 
 def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, tmp_path):
@@ -111,7 +94,7 @@ def test_slurm_array_tasks_on_mixed_kernel_paths(slurm_cluster, tiny_trained, re
                 f"--array={task}",
                 *after,
                 ROUND=round_name,
-                **setting_of(task, number),
+                setting=setting_of(task, number),
             )  # fmt: skip
             for task in range(TASKS)
         ]

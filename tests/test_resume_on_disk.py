@@ -3,14 +3,13 @@ one its config's defaults would lay out: a layout made by hand with other k, s, 
 or recovery, with a worker killed by SIGKILL or measurements partly taken with indices=a:b.
 Locally, and on the real Slurm cluster with `backend=slurm`."""
 
-import shutil
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import kill_while_measuring, run_hessov
+from conftest import TINY_SKETCH, kill_while_measuring, laid_out, measured_and_solved, run_hessov
 from equivalence import compare_eigen_files
 from slurm_cluster import slurm_cluster
 
@@ -21,23 +20,12 @@ pytestmark = pytest.mark.kernel_path
 TWO_PASS_BY_HAND = ["k=120", "block_size=1", "MEAS_PER_JOB=40"]
 SINGLE_PASS_BY_HAND = ["recovery=single_pass", "k=24", "s=48", "block_size=4", "MEAS_PER_JOB=16"]
 EIGEN = "eigen/step_300_train.h5"
-WHERE = ["step=300", "split=train"]
 
 
-def laid_out(trained: Path, target: Path, layout: list[str]) -> Path:
-    shutil.copytree(trained, target)
-    run_hessov("layout", str(target), *layout)
-    return target
-
-
-def uninterrupted(run: Path, rounds: int) -> Path:
-    """The stages one after another, nothing killed: the reference."""
-    run_hessov("measure", str(run), *WHERE)
-    if rounds == 2:
-        run_hessov("solve", str(run), *WHERE)  # the basis of the first round
-        run_hessov("measure", str(run), *WHERE, "round=second")
-    run_hessov("solve", str(run), *WHERE)
-    return run
+def reference_of(trained: Path, tmp_path: Path, layout: list[str]) -> Path:
+    """The hand-made ``layout`` measured and solved with nothing killed."""
+    run = laid_out(trained, tmp_path / "ref", *layout)
+    return measured_and_solved(run, two_pass="recovery=single_pass" not in layout)
 
 
 def assert_same_eigen_file(reference: Path, other: Path):
@@ -49,10 +37,10 @@ def assert_same_eigen_file(reference: Path, other: Path):
 
 
 def test_resume_finishes_a_hand_made_layout_after_a_killed_worker(tiny_trained, tmp_path):
-    reference = uninterrupted(laid_out(tiny_trained, tmp_path / "ref", TWO_PASS_BY_HAND), 2)
-    run = laid_out(tiny_trained, tmp_path / "killed", TWO_PASS_BY_HAND)
+    reference = reference_of(tiny_trained, tmp_path, TWO_PASS_BY_HAND)
+    run = laid_out(tiny_trained, tmp_path / "killed", *TWO_PASS_BY_HAND)
     parts = run / "measurements/step_300_train/first"
-    measured = kill_while_measuring(["measure", str(run), *WHERE, "task=0"], parts, after=3)
+    measured = kill_while_measuring(["measure", str(run), *TINY_SKETCH, "task=0"], parts, after=3)
     assert 3 <= measured < 40  # died inside task 0 (indices 0-39, one part each)
     status = run_hessov("status", str(run)).stdout
     assert f"step 300 train: first round {measured}/120 measured" in status
@@ -67,9 +55,9 @@ def test_resume_finishes_a_hand_made_layout_after_a_killed_worker(tiny_trained, 
 
 
 def test_resume_finishes_partial_indices_of_a_hand_made_single_pass_layout(tiny_trained, tmp_path):
-    reference = uninterrupted(laid_out(tiny_trained, tmp_path / "ref", SINGLE_PASS_BY_HAND), 1)
-    run = laid_out(tiny_trained, tmp_path / "partial", SINGLE_PASS_BY_HAND)
-    run_hessov("measure", str(run), *WHERE, "indices=0:20")
+    reference = reference_of(tiny_trained, tmp_path, SINGLE_PASS_BY_HAND)
+    run = laid_out(tiny_trained, tmp_path / "partial", *SINGLE_PASS_BY_HAND)
+    run_hessov("measure", str(run), *TINY_SKETCH, "indices=0:20")
     status = run_hessov("status", str(run)).stdout
     assert "step 300 train: first round 20/48 measured (missing indices 20-47" in status
     assert "array tasks [1, 2]" in status and "second round" not in status
@@ -79,16 +67,16 @@ def test_resume_finishes_partial_indices_of_a_hand_made_single_pass_layout(tiny_
 
 
 def test_layout_with_other_settings_is_still_refused(tiny_trained, tmp_path):
-    run = laid_out(tiny_trained, tmp_path / "run", SINGLE_PASS_BY_HAND)
+    run = laid_out(tiny_trained, tmp_path / "run", *SINGLE_PASS_BY_HAND)
     refused = run_hessov("layout", str(run), "k=30", check=False)
     assert refused.returncode == 2 and "already fixes" in refused.stderr
 
 
 @pytest.mark.slurm
 def test_resume_on_slurm_finishes_a_hand_made_layout(slurm_cluster, tiny_trained, tmp_path):
-    reference = uninterrupted(laid_out(tiny_trained, tmp_path / "ref", TWO_PASS_BY_HAND), 2)
-    run = laid_out(tiny_trained, tmp_path / "partial", TWO_PASS_BY_HAND)
-    run_hessov("measure", str(run), *WHERE, "indices=0:50")
+    reference = reference_of(tiny_trained, tmp_path, TWO_PASS_BY_HAND)
+    run = laid_out(tiny_trained, tmp_path / "partial", *TWO_PASS_BY_HAND)
+    run_hessov("measure", str(run), *TINY_SKETCH, "indices=0:50")
     follow = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12", "--wait"]
     resumed = run_hessov("resume", str(run), "backend=slurm", *follow)
     assert "jobs completed" in resumed.stderr
