@@ -4,15 +4,15 @@ learning rates, momenta and schedules that minimise them, per batch size.
 Why: the NQM is the smallest model in which batch size, learning rate, momentum,
 preconditioning and schedules interact the way they do in neural-network training, and it is
 exactly solvable, so its claims can be checked without simulation noise. This module answers
-the questions of the seed notebook (``seeds/001_*``) with closed forms instead of Monte-Carlo
+the batch-size questions of Zhang et al. 2019 (below) with closed forms instead of Monte-Carlo
 runs; ``simulate_nqm`` runs the actual stochastic updates to check them.
 
 Reference: G. Zhang, L. Li, Z. Nado, J. Martens, S. Sachdeva, G. E. Dahl, C. J. Shallue and
 R. Grosse, "Which Algorithmic Choices Matter at Which Batch Sizes? Insights From a Noisy
 Quadratic Model", NeurIPS 2019 (arXiv:1907.04164), sections 2-4 and appendix B.
 
-Model (``REFERENCE.md`` section 6)
-----------------------------------
+Model (Zhang et al. 2019, section 2)
+------------------------------------
 Loss ``L(x) = 0.5 * sum_i h_i x_i^2`` over ``K`` dimensions with curvatures ``h_i = 1/i``. A
 batch of ``B`` examples gives the gradient ``h_i x_i + e_i`` with independent zero-mean noise
 of variance ``sigma_i^2 = h_i / B``. The start is ``x_0 ~ N(0, I)``, so ``s_i = E[x_i^2]``

@@ -1,13 +1,15 @@
-"""Figures of the spectral-filter replays (REFERENCE section 5; seeds/000's comparisons).
+"""Figures of the spectral-filter replays (README.md, "Spectral-filter replays").
 
-Three kinds, as in the research README: the train-loss curves of every replay of one
-snapshot on one axis (the baseline's pre-snapshot history drawn before the switch step,
-which is marked; the seeds of one replay as thin lines of one colour), the same zoomed on
-the first steps after the switch (where global scaling spikes and the flat modes do not),
-and per replay a sharpness flow over its seeds: the loss above, the top Hessian eigenvalues
-below with the maximal stable sharpness ``2 / eta`` and, for a scaled mode,
-``2 / (alpha eta)``. Every function draws from arrays only (:class:`ReplayCurves`),
-so notebooks can call them on anything read from a run.
+Three kinds: the train-loss curves of every replay of one snapshot on one axis (the
+baseline's pre-snapshot history drawn before the switch step, which is marked; the seeds of
+one replay as thin lines of one colour), the same zoomed on the first steps after the
+switch (where global scaling spikes and the flat modes do not), and per replay a sharpness
+flow over its seeds: the loss above, the top Hessian eigenvalues below with the maximal
+stable sharpness ``2 / eta`` and, for a scaled mode, ``2 / (alpha eta)`` (the edge of
+stability of Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at
+the Edge of Stability"). Every function draws from arrays only (:class:`ReplayCurves`,
+read from a run by :mod:`pipeline.replay_logs`), so notebooks can call them on anything
+read from a run.
 """
 
 from __future__ import annotations

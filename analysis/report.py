@@ -3,7 +3,7 @@
 Built from ``analysis.h5`` only (see :func:`pipeline.stages.analyze.write_results` for its
 layout), so a report can be rebuilt anywhere the file is. Ratios are ``overlap / (k / D)``;
 a ratio of 1 is chance. The paper's figures for the same problem are quoted next to ours
-where the paper reports them (REFERENCE.md section 4).
+where the paper (Fernandez et al. 2025) reports them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 from analysis.figures import read_crystallization, read_overlap_curves
 from analysis.subspaces import DISTANCE_NAMES
 
-#: The paper's overlap/chance ratios (REFERENCE.md section 4): problem -> (split, step, {k: x}).
+#: The overlap/chance ratios of Fernandez et al. 2025: problem -> (split, step, {k: x}).
 PAPER_RATIOS = {"mnist_mini": ("test", 100, {10: 6.7, 355: 3.1})}
 SIMILARITY_COLUMNS = ("overlap", *DISTANCE_NAMES)
 

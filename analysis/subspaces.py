@@ -22,8 +22,8 @@ References
   subspaces", Math. Comp. 27, 1973, and A. V. Knyazev and M. E. Argentati, SIAM J. Sci.
   Comput. 23(6), 2002 (small angles from sines, large ones from cosines).
 
-Overlap with a magnitude mask (``REFERENCE.md`` section 4)
-----------------------------------------------------------
+Overlap with a magnitude mask (Fernandez et al. 2025)
+----------------------------------------------------
 ``W`` (``D x K``) holds eigenvectors sorted by ``|lambda|`` descending. The magnitude mask of
 size ``k`` is the set ``M_k`` of the ``k`` largest ``|theta_i|``; its overlap with the top-``k``
 eigenspace is::

@@ -12,6 +12,8 @@ speed drifts, ratios drift much less.
 from __future__ import annotations
 
 import datetime
+import functools
+import importlib.util
 import os
 import platform
 import statistics
@@ -23,6 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "bench" / "_work"
@@ -51,6 +54,17 @@ class Settings:
     device: str = "cpu"
     quick: bool = False
     workers: tuple[int, ...] = (1, 2)
+
+
+@functools.cache
+def test_oracles() -> ModuleType:
+    """``tests/oracles.py``: the reference operators the tests check hessov's against
+    (curvlinops' Hessian), which the benchmarks time as well. ``tests/`` is not a package
+    (pytest puts it on ``sys.path``), so the module is loaded from its file."""
+    spec = importlib.util.spec_from_file_location("oracles", ROOT / "tests" / "oracles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def trained_run() -> Path:

@@ -57,13 +57,15 @@ from bench.common import (
     run_child,
     run_cli,
     run_parallel,
+    test_oracles,
     trained_run,
 )
-from pipeline.hessian import HessianAtStep, hessian_at_step, load_run_config
+from pipeline.config import saved_run_config
+from pipeline.hessian import HessianAtStep, hessian_at_step
 from pipeline.rundir import RunDir
 from skerch_ext.incore import sketched_eigh
 from skerch_ext.measure import matmat_in_blocks
-from skerch_ext.operator import as_matmat, dense_matrix, hessian_operator
+from skerch_ext.operator import dense_matrix
 
 TOLERANCE = 0.01
 TOPS = (20, 355)
@@ -455,13 +457,14 @@ def table(rows: list[Attempt]) -> str:
 def section(settings: Settings) -> str:
     started = time.perf_counter()
     run = RunDir(trained_run())
-    cfg = load_run_config(run)
+    cfg = saved_run_config(run)
     cfg.dtype = "float64"
     hessian = hessian_at_step(run, cfg, STEP, "train", check_deterministic=False)
     exact, exact_seconds = exact_eigenvalues(run, hessian)
     torch.set_num_threads(1)
-    curvlinops_matmat = as_matmat(
-        hessian_operator(
+    oracles = test_oracles()
+    curvlinops_matmat = oracles.as_matmat(
+        oracles.hessian_operator(
             hessian.problem.model,
             hessian.problem.loss,
             hessian.inputs,

@@ -51,11 +51,13 @@ from bench.common import (
     markdown_table,
     median_seconds,
     met,
+    test_oracles,
     trained_run,
 )
-from pipeline.hessian import hessian_at_step, load_run_config
+from pipeline.config import saved_run_config
+from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
-from skerch_ext.operator import AutogradHessian, as_matmat, hessian_operator
+from skerch_ext.operator import AutogradHessian
 
 MNIST_BLOCKS = (1, 4, 16, 64)
 CIFAR_BLOCKS = (1, 4, 16)
@@ -126,7 +128,10 @@ def products(model, loss_fn, inputs, targets, blocks, generator) -> dict[str, Pr
         return torch.autograd.grad(kept_grads, params, grad_outputs=v, retain_graph=True)
 
     ours = AutogradHessian(model, loss_fn, inputs, targets)
-    theirs = as_matmat(hessian_operator(model, loss_fn, inputs, targets, check_deterministic=False))
+    oracles = test_oracles()
+    theirs = oracles.as_matmat(
+        oracles.hessian_operator(model, loss_fn, inputs, targets, check_deterministic=False)
+    )
     table = {
         "gradient": Product("one gradient (the reference)", 1, gradient),
         "eos": Product(
@@ -346,7 +351,7 @@ def mnist(settings: Settings) -> tuple[dict[str, Measured], dict, tuple[str, flo
     profiled = ("", 0.0)
     for dtype in ("float64", "float32"):
         log(f"Q1 mnist_mini {dtype}")
-        cfg = load_run_config(run)
+        cfg = saved_run_config(run)
         cfg.dtype, cfg.device = dtype, settings.device
         hessian = hessian_at_step(run, cfg, STEP, "train", check_deterministic=False)
         torch.set_num_threads(1)

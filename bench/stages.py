@@ -133,12 +133,12 @@ def problem_only(run: Path) -> ChildRun:
     stage does, and nothing else: how much of a stage's memory is the data loader's."""
     code = (
         "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve, h5py, torch\n"
-        "from pipeline.hessian import load_run_config\n"
+        "from pipeline.config import saved_run_config\n"
         "from pipeline.problems import build_problem\n"
         "from pipeline.rundir import RunDir\n"
         "x = torch.ones(3, requires_grad=True)\n"
         "torch.autograd.grad((x * x).sum(), x, grad_outputs=torch.ones(()))\n"
-        f"build_problem(load_run_config(RunDir({str(run)!r})))"
+        f"build_problem(saved_run_config(RunDir({str(run)!r})))"
     )
     return run_child([PYTHON, "-c", code])
 
@@ -225,11 +225,12 @@ def cifar_runs() -> tuple[Path, StageRun, Path, ChildRun]:
 def data_bytes(run: Path) -> tuple[int, int, int, int]:
     """``(D, bytes per entry, bytes of the data a stage loads, Hessian points)`` for a run:
     the problem is built in this process exactly as a stage builds it (float32 images)."""
-    from pipeline.hessian import load_run_config, recorded_subsets
+    from pipeline.config import saved_run_config
+    from pipeline.hessian import recorded_subsets
     from pipeline.problems import build_problem
     from pipeline.rundir import RunDir
 
-    cfg = load_run_config(RunDir(run))
+    cfg = saved_run_config(RunDir(run))
     problem = build_problem(cfg)
     loaded = sum(
         split.images.nelement() * 4 + split.labels.nelement() * split.labels.element_size()

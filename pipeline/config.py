@@ -17,6 +17,7 @@ reads it from there, so a stage never re-derives what training used.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -25,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError
+from pipeline.fileio import config_error, config_errors, merge_config
+from pipeline.rundir import RunDir
+from skerch_ext.options import NOISE_TYPES, RECOVERIES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -69,7 +72,7 @@ class ScheduleConfig:
     - step: lr * gamma ** (step // step_size)
     - cosine: cosine decay from lr to min_lr over the run's MAX_STEPS
     - warmup: linear warmup over warmup_steps, then constant
-    - eden: the Eden schedule (REFERENCE section 7) with eden_batches, eden_epochs
+    - eden: the Eden schedule (k2-fsa/icefall, Povey 2022) with eden_batches, eden_epochs
     ``warmup_steps`` also prepends a linear warmup to step and cosine.
     """
 
@@ -99,12 +102,13 @@ class SlurmStageConfig:
 
 @dataclass
 class SlurmStagesConfig:
-    """Per-stage overrides of the Slurm resources, e.g. ``slurm.stages.measure.time_minutes=30``.
-    ``solve`` also covers the two-pass basis solve."""
+    """Per-stage overrides of the Slurm resources, e.g. ``slurm.stages.measure.time_minutes=30``:
+    one field per stage of the graph (``analyze`` also covers the final report job)."""
 
     train: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     layout: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     measure: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    basis: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     solve: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     exhaustive: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     analyze: SlurmStageConfig = field(default_factory=SlurmStageConfig)
@@ -135,9 +139,10 @@ class SlurmConfig:
 
 @dataclass
 class ReplayConfig:
-    """One spectral-filter replay (stage replay, REFERENCE section 5): training continued
-    from the snapshot at step ``snapshot`` with the gradient filtered in the Hessian's top
-    eigenbasis (:mod:`pipeline.optim.spectral_filter`), written to ``RUN/replays/<name>/``.
+    """One spectral-filter replay (stage replay; README.md, "Spectral-filter replays"):
+    training continued from the snapshot at step ``snapshot`` with the gradient filtered in the
+    Hessian's top eigenbasis (:mod:`pipeline.optim.spectral_filter`), written to
+    ``RUN/replays/<name>/``.
 
     ``mode``: none | global_scaling | flat_scaling_v1 | flat_scaling_v2 | dynamic, with
     ``scaling`` = alpha and ``nfilter`` = N top directions (for dynamic: at most N frozen).
@@ -236,11 +241,11 @@ class RunConfig:
     replays: list[ReplayConfig] = field(default_factory=list)  # spectral-filter replays
 
 
-RECOVERIES = ("single_pass", "two_pass")
 BACKENDS = ("local", "slurm")
-NOISE_TYPES = ("ssrft", "gaussian", "rademacher")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
+#: Where ``KEY=VALUE`` overrides come from, in error messages.
+COMMAND_LINE = "the command line"
 
 
 def _load_yaml(path: Path, what: str) -> DictConfig:
@@ -264,6 +269,12 @@ def _split_dotlist(overrides: list[str]) -> dict[str, str]:
     return pairs
 
 
+def _command_line(pairs: dict[str, str]) -> DictConfig:
+    """The ``KEY=VALUE`` pairs of :func:`_split_dotlist` as an omegaconf layer."""
+    with config_errors(COMMAND_LINE):
+        return OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
+
+
 def load_run_config(overrides: list[str], config_file: str | Path | None = None) -> RunConfig:
     """Assemble, type-check and validate a run configuration.
 
@@ -278,39 +289,47 @@ def load_run_config(overrides: list[str], config_file: str | Path | None = None)
     """
     pairs = _split_dotlist(overrides)
     preset = pairs.pop("preset", None)
-    dotlist = [f"{k}={v}" for k, v in pairs.items()]
-    schema = OmegaConf.structured(RunConfig)
-    try:
-        cli = OmegaConf.from_dotlist(dotlist)
+    cli = _command_line(pairs)
+    with config_errors(str(config_file)):
         user_file = OmegaConf.load(config_file) if config_file else OmegaConf.create()
-        problem = cli.get("problem") or user_file.get("problem")
-        if not problem:
-            raise ConfigError("problem: missing; choose one of " + ", ".join(problem_names()))
-        if problem not in problem_names():
-            raise ConfigError(
-                f"problem: unknown problem {problem!r}; choose one of " + ", ".join(problem_names())
-            )
-        layers = [schema, _load_yaml(CONFIG_DIR / "problems" / f"{problem}.yaml", "problem")]
-        optimizer = cli.get("optimizer", {}).get("name") or user_file.get("optimizer", {}).get(
-            "name"
-        )
-        optimizer = optimizer or layers[1].get("optimizer", {}).get("name", "SGD")
-        tuning = OmegaConf.load(CONFIG_DIR / "tuning.yaml")
-        tuned = tuning.get(problem, {}).get(optimizer)
-        if tuned is not None:
-            layers.append(OmegaConf.create({"optimizer": tuned}))
-        layers.append(user_file)
-        if preset:
-            layers.append(_load_yaml(CONFIG_DIR / "presets" / f"{preset}.yaml", "preset"))
-        layers.append(cli)
-        merged = OmegaConf.merge(*layers)
-        _drop_default_steps_beyond_max(merged, explicit=[user_file, cli])
-        cfg: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None)
-        raise ConfigError(f"{key or 'config'}: {err.msg if hasattr(err, 'msg') else err}") from None
+    layers = _config_layers(cli, user_file, str(config_file) if config_file else None, preset)
+    cfg: RunConfig = merge_config(
+        RunConfig,
+        *(layer for _, layer in layers),
+        source=[source for source, _ in layers],
+        adjust=lambda merged: _drop_default_steps_beyond_max(merged, explicit=[user_file, cli]),
+    )
     validate(cfg)
     return cfg
+
+
+def _config_layers(
+    cli: DictConfig, user_file: DictConfig, file_name: str | None, preset: str | None
+) -> list[tuple[str, DictConfig]]:
+    """The layers over the schema, in order, each with where it comes from (module docstring)."""
+    problem = cli.get("problem") or user_file.get("problem")
+    if not problem:
+        raise ConfigError("problem: missing; choose one of " + ", ".join(problem_names()))
+    if problem not in problem_names():
+        raise ConfigError(
+            f"problem: unknown problem {problem!r}; choose one of " + ", ".join(problem_names())
+        )
+    defaults = _load_yaml(CONFIG_DIR / "problems" / f"{problem}.yaml", "problem")
+    layers = [(f"config/problems/{problem}.yaml", defaults)]
+    optimizer = cli.get("optimizer", {}).get("name") or user_file.get("optimizer", {}).get("name")
+    optimizer = optimizer or defaults.get("optimizer", {}).get("name", "SGD")
+    with config_errors("config/tuning.yaml"):
+        tuning = OmegaConf.load(CONFIG_DIR / "tuning.yaml")
+    tuned = tuning.get(problem, {}).get(optimizer)
+    if tuned is not None:
+        layers.append(("config/tuning.yaml", OmegaConf.create({"optimizer": tuned})))
+    if file_name is not None:
+        layers.append((file_name, user_file))
+    if preset:
+        path = CONFIG_DIR / "presets" / f"{preset}.yaml"
+        layers.append((f"config/presets/{preset}.yaml", _load_yaml(path, "preset")))
+    layers.append((COMMAND_LINE, cli))
+    return layers
 
 
 def _drop_default_steps_beyond_max(merged: DictConfig, explicit: list[DictConfig]) -> None:
@@ -321,13 +340,32 @@ def _drop_default_steps_beyond_max(merged: DictConfig, explicit: list[DictConfig
             merged[key] = [s for s in merged[key] if s <= merged.MAX_STEPS]
 
 
+def require(condition: bool, key: str, message: str, prefix: str = "") -> None:
+    """Raise :class:`ConfigError` ``"PREFIXKEY: MESSAGE"`` unless ``condition`` holds.
+
+    Args:
+        condition: What a valid value satisfies.
+        key: The key checked, dotted (``optimizer.lr``).
+        message: What is wrong when the condition fails.
+        prefix: Prepended to the key, e.g. ``replays[0].`` for a replay's settings.
+    """
+    if not condition:
+        raise config_error(f"{prefix}{key}", message)
+
+
 def validate(cfg: RunConfig) -> None:
     """Refuse impossible values, naming the key (types are checked by omegaconf)."""
+    _validate_training(cfg)
+    _validate_sketch(cfg)
+    obs = cfg.OBS_DATASETS or os.environ.get("OBS_DATASETS")
+    if obs:
+        require(Path(obs).expanduser().is_dir(), "OBS_DATASETS", f"{obs} is not a directory")
+    _validate_slurm(cfg.slurm)
+    validate_replays(cfg)
 
-    def require(condition: bool, key: str, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{key}: {message}")
 
+def _validate_training(cfg: RunConfig) -> None:
+    """The device, the training length and records, the optimizer and the schedule."""
     require(cfg.device in DEVICES, "device", f"must be one of {DEVICES}, got {cfg.device!r}")
     require(cfg.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got {cfg.dtype!r}")
     require(cfg.threads >= 0, "threads", "must be >= 0 (0 = automatic)")
@@ -366,6 +404,10 @@ def validate(cfg: RunConfig) -> None:
         require(0 < cfg.TARGET_TEST_ACCURACY <= 1, "TARGET_TEST_ACCURACY", "must be in (0, 1]")
     if cfg.TARGET_TRAIN_LOSS is not None:
         require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
+
+
+def _validate_sketch(cfg: RunConfig) -> None:
+    """The sketch settings, the backend and the steps and splits to sketch."""
     require(cfg.k >= 0, "k", f"must be >= 0 (0 = 5% of D), got {cfg.k}")
     require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
     require(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
@@ -392,18 +434,13 @@ def validate(cfg: RunConfig) -> None:
             "HESSIAN_STEPS",
             f"step {step} is not in RECORD_STEPS={cfg.RECORD_STEPS}",
         )
-    obs = cfg.OBS_DATASETS or os.environ.get("OBS_DATASETS")
-    if obs:
-        require(Path(obs).expanduser().is_dir(), "OBS_DATASETS", f"{obs} is not a directory")
-    _validate_slurm(cfg.slurm, require)
-    validate_replays(cfg)
 
 
 #: sbatch options that hessov itself sets on every job (names as in ``--name``, with ``_``).
 SLURM_RESERVED_OPTIONS = ("array", "dependency", "job_name", "output", "error", "wrap")
 
 
-def _validate_slurm(slurm: SlurmConfig, require) -> None:
+def _validate_slurm(slurm: SlurmConfig) -> None:
     require(slurm.wait_timeout_minutes > 0, "slurm.wait_timeout_minutes", "must be > 0")
     require(slurm.poll_seconds > 0, "slurm.poll_seconds", "must be > 0")
     sections = [("slurm", slurm)] + [
@@ -455,14 +492,13 @@ def replay_default_name(replay: ReplayConfig) -> str:
 
 def replay_optimizer(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> OptimizerConfig:
     """The run's optimizer with the replay's ``optimizer`` fields changed."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cfg.optimizer), replay.optimizer)
-        optimizer: OptimizerConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or ""
-        raise ConfigError(f"{prefix}optimizer.{key}: {getattr(err, 'msg', err)}") from None
-    if optimizer.lr <= 0:
-        raise ConfigError(f"{prefix}optimizer.lr: must be > 0, got {optimizer.lr}")
+    optimizer: OptimizerConfig = merge_config(
+        cfg.optimizer,
+        replay.optimizer,
+        source="the replay's optimizer",
+        key_prefix=f"{prefix}optimizer.",
+    )
+    require(optimizer.lr > 0, "optimizer.lr", f"must be > 0, got {optimizer.lr}", prefix)
     return optimizer
 
 
@@ -470,72 +506,75 @@ def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> N
     """Refuse an impossible replay of ``cfg``'s run, naming ``prefix + key``; resolve its
     default ``snapshot`` (the run's last) and ``name`` in place. ``nfilter < D`` and the
     snapshot file are checked by the replay stage, which knows D and the run directory."""
-    from pipeline.optim.spectral_filter import FILTERING_MODES, MODES
-
-    def require(condition: bool, key: str, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{prefix}{key}: {message}")
-
-    mode = replay.mode
-    require(mode in MODES, "mode", f"must be one of {MODES}, got {mode!r}")
-    require(replay.scaling > 0, "scaling", f"must be > 0, got {replay.scaling}")
-    require(replay.warmup >= 0, "warmup", f"must be >= 0, got {replay.warmup}")
-    if mode == "none":
-        require(replay.scaling == 1, "scaling", "mode=none continues unchanged; must be 1")
-        require(replay.warmup == 0, "warmup", "mode=none continues unchanged; must be 0")
-    require(replay.nfilter >= 0, "nfilter", f"must be >= 0, got {replay.nfilter}")
-    if mode in FILTERING_MODES:
-        require(
-            replay.nfilter >= 1,
-            "nfilter",
-            f"mode={mode} filters the top nfilter eigendirections; must be >= 1",
-        )
-        require(
-            replay.eig_freq >= 1,
-            "eig_freq",
-            f"mode={mode} recomputes U every eig_freq steps; must be >= 1, got {replay.eig_freq}",
-        )
-    require(replay.neigs >= 0, "neigs", f"must be >= 0, got {replay.neigs}")
-    require(
-        replay.eigensolver in REPLAY_EIGENSOLVERS,
-        "eigensolver",
-        f"must be one of {REPLAY_EIGENSOLVERS}, got {replay.eigensolver!r}",
-    )
-    require(replay.eig_tol > 0, "eig_tol", "must be > 0")
-    require(replay.MAX_STEPS >= 1, "MAX_STEPS", f"must be >= 1, got {replay.MAX_STEPS}")
-    require(replay.EVAL_EVERY >= 1, "EVAL_EVERY", f"must be >= 1, got {replay.EVAL_EVERY}")
+    check = functools.partial(require, prefix=prefix)
+    _validate_replay_filter(replay, check)
+    check(replay.MAX_STEPS >= 1, "MAX_STEPS", f"must be >= 1, got {replay.MAX_STEPS}")
+    check(replay.EVAL_EVERY >= 1, "EVAL_EVERY", f"must be >= 1, got {replay.EVAL_EVERY}")
     if replay.TARGET_TRAIN_LOSS is not None:
-        require(replay.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
-    require(
+        check(replay.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
+    check(
         not replay.STOP_AT_TARGET or replay.TARGET_TRAIN_LOSS is not None,
         "STOP_AT_TARGET",
         "needs TARGET_TRAIN_LOSS",
     )
     if replay.TARGET_TRAIN_ACCURACY is not None:
-        require(0 < replay.TARGET_TRAIN_ACCURACY <= 1, "TARGET_TRAIN_ACCURACY", "must be in (0, 1]")
+        check(0 < replay.TARGET_TRAIN_ACCURACY <= 1, "TARGET_TRAIN_ACCURACY", "must be in (0, 1]")
     if replay.snapshot is None:
-        require(bool(cfg.SNAPSHOT_STEPS), "snapshot", "the run saves no snapshots (SNAPSHOT_STEPS)")
+        check(bool(cfg.SNAPSHOT_STEPS), "snapshot", "the run saves no snapshots (SNAPSHOT_STEPS)")
         replay.snapshot = max(cfg.SNAPSHOT_STEPS)
-    require(
+    check(
         replay.snapshot in cfg.SNAPSHOT_STEPS,
         "snapshot",
         f"the run saves no snapshot at step {replay.snapshot}; SNAPSHOT_STEPS={cfg.SNAPSHOT_STEPS}",
     )
     for index, seed in enumerate(replay.seeds):
-        require(seed >= 0, "seeds", f"seed {seed} must be >= 0")
-        require(seed not in replay.seeds[:index], "seeds", f"seed {seed} is given twice")
-    require(
+        check(seed >= 0, "seeds", f"seed {seed} must be >= 0")
+        check(seed not in replay.seeds[:index], "seeds", f"seed {seed} is given twice")
+    check(
         math.isfinite(replay.perturbation) and replay.perturbation >= 0,
         "perturbation",
         f"must be a finite number >= 0, got {replay.perturbation}",
     )
     replay_optimizer(cfg, replay, prefix)
     replay.name = replay.name or replay_default_name(replay)
-    require(
+    check(
         bool(_REPLAY_NAME.match(replay.name)) and replay.name != "figures",
         "name",
         f"{replay.name!r} must be letters, digits, '_', '.', '-' (and not 'figures')",
     )
+
+
+def _validate_replay_filter(replay: ReplayConfig, check) -> None:
+    """The filter's mode, scaling and size, and how its eigenpairs are recomputed;
+    ``check`` is :func:`require` with the replay's key prefix."""
+    from pipeline.optim.spectral_filter import FILTERING_MODES, MODES
+
+    mode = replay.mode
+    check(mode in MODES, "mode", f"must be one of {MODES}, got {mode!r}")
+    check(replay.scaling > 0, "scaling", f"must be > 0, got {replay.scaling}")
+    check(replay.warmup >= 0, "warmup", f"must be >= 0, got {replay.warmup}")
+    if mode == "none":
+        check(replay.scaling == 1, "scaling", "mode=none continues unchanged; must be 1")
+        check(replay.warmup == 0, "warmup", "mode=none continues unchanged; must be 0")
+    check(replay.nfilter >= 0, "nfilter", f"must be >= 0, got {replay.nfilter}")
+    if mode in FILTERING_MODES:
+        check(
+            replay.nfilter >= 1,
+            "nfilter",
+            f"mode={mode} filters the top nfilter eigendirections; must be >= 1",
+        )
+        check(
+            replay.eig_freq >= 1,
+            "eig_freq",
+            f"mode={mode} recomputes U every eig_freq steps; must be >= 1, got {replay.eig_freq}",
+        )
+    check(replay.neigs >= 0, "neigs", f"must be >= 0, got {replay.neigs}")
+    check(
+        replay.eigensolver in REPLAY_EIGENSOLVERS,
+        "eigensolver",
+        f"must be one of {REPLAY_EIGENSOLVERS}, got {replay.eigensolver!r}",
+    )
+    check(replay.eig_tol > 0, "eig_tol", "must be > 0")
 
 
 def _refuse_job_keys(replay: ReplayConfig, prefix: str) -> None:
@@ -594,15 +633,7 @@ def replay_from_overrides(cfg: RunConfig, overrides: list[str]) -> ReplayConfig:
     """An ad-hoc replay of ``cfg``'s run from ``KEY=VALUE`` strings (``mode=flat_scaling_v1
     scaling=2 nfilter=20 eig_freq=50 optimizer.lr=0.1``), validated."""
     pairs = _split_dotlist(overrides)
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(ReplayConfig),
-            OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]),
-        )
-        replay: ReplayConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "replay"
-        raise ConfigError(f"{key}: {getattr(err, 'msg', err)}") from None
+    replay: ReplayConfig = merge_config(ReplayConfig, _command_line(pairs), source=COMMAND_LINE)
     _refuse_job_keys(replay, "")
     validate_replay(cfg, replay)
     return replay
@@ -639,14 +670,7 @@ def override_run_config(
             raise ConfigError(
                 f"{key}: cannot be changed after training; this stage accepts {', '.join(allowed)}"
             )
-    try:
-        merged = OmegaConf.merge(
-            OmegaConf.structured(cfg),
-            OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()]),
-        )
-        updated: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{getattr(err, 'full_key', None) or 'config'}: {err}") from None
+    updated: RunConfig = merge_config(cfg, _command_line(pairs), source=COMMAND_LINE)
     validate(updated)
     return updated
 
@@ -658,5 +682,14 @@ def save_config(cfg: Any, path: Path) -> None:
 
 def read_config(path: Path) -> RunConfig:
     """Read a run's saved configuration back into a typed :class:`RunConfig`."""
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
-    return OmegaConf.to_object(merged)
+    return merge_config(RunConfig, OmegaConf.load(path), source=str(path))
+
+
+def saved_run_config(run: RunDir) -> RunConfig:
+    """The configuration the train stage saved in ``run`` (``config.yaml``).
+
+    Raises:
+        MissingInputError: the directory holds no trained run (``hessov train`` first).
+        ConfigError: the saved file does not fit the schema, naming the key and the file.
+    """
+    return read_config(run.require(run.config, "train"))

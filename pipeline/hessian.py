@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import RunConfig, read_config
+from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, MissingInputError
 from pipeline.paramstore import ColumnStore, load_flat_parameters
 from pipeline.problems import Problem, build_problem
@@ -43,12 +43,6 @@ class HessianAtStep:
     targets: torch.Tensor
     dtype: torch.dtype
     device: torch.device
-
-
-def load_run_config(run: RunDir) -> RunConfig:
-    """The run's saved config; a clear error if the directory is not a trained run."""
-    run.require(run.config, "train")
-    return read_config(run.config)
 
 
 def recorded_subsets(run: RunDir) -> dict[str, torch.Tensor]:
@@ -80,11 +74,6 @@ def hessian_at_step(
     check_step_and_split(run, step, split)
     set_cpu_threads(cfg.threads)
     problem = build_problem(cfg)
-    if problem.augmented:
-        raise ConfigError(
-            f"problem: {cfg.problem} randomly augments its data, so its Hessian operator "
-            "would differ at every product; sketching needs a fixed operator"
-        )
     to_device(problem, cfg.device, cfg.dtype)
     flat = torch.from_numpy(ColumnStore(run.params).read(step))
     load_flat_parameters(problem.model, flat)

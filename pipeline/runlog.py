@@ -49,9 +49,15 @@ def _jsonable(value: Any) -> Any:
 class EventLog:
     """Append-only JSON-lines log of one run, written by one stage.
 
-    The file is opened once, in append mode with line buffering: each event is one
-    ``write`` of one complete line, so concurrent stages appending to the same log never
-    interleave within a line, and a killed job leaves every finished line readable.
+    The file is opened at the first event, in append mode with line buffering: each event
+    is one ``write`` of one complete line, so concurrent stages appending to the same log
+    never interleave within a line, and a killed job leaves every finished line readable.
+    Use it as a context manager, which closes the file however the stage ends::
+
+        with EventLog(run.log, "measure") as events:
+            events.write("start", step=step)
+
+    For a single event, :func:`log_event` opens, writes and closes in one call.
     """
 
     def __init__(self, path: Path, stage: str):
@@ -59,16 +65,30 @@ class EventLog:
         self.stage = stage
         self._handle = None
 
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def write(self, event: str, **fields: Any) -> None:
+        """Append one event ``{"time", "stage", "event", **fields}`` as one line."""
         if self._handle is None:
             self._handle = open(self.path, "a", buffering=1)
         record = {"time": round(time.time(), 3), "stage": self.stage, "event": event, **fields}
         self._handle.write(json.dumps(record, default=_jsonable) + "\n")
 
     def close(self) -> None:
+        """Close the file (a later :meth:`write` opens it again)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+
+def log_event(path: Path, stage: str, event: str, **fields: Any) -> None:
+    """Append one event to the log at ``path`` and close it (see :class:`EventLog`)."""
+    with EventLog(path, stage) as events:
+        events.write(event, **fields)
 
 
 def read_events(path: Path, event: str | None = None) -> list[dict]:

@@ -11,17 +11,17 @@ other settings is refused.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError, MissingInputError
+from pipeline.fileio import atomic_write_json
 from pipeline.rundir import RunDir
-from pipeline.summary import atomic_write_json
+from skerch_ext.random_matrices import SketchMatrices
 from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
 from skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
-from skerch_ext.test_matrices import SketchMatrices
 
 #: Automatic block sizes, from bench/RESULTS.md (HVP seconds per column against one
 #: gradient): on the 7,030-parameter mnist_mini MLP the cost per column keeps falling up to
@@ -85,16 +85,8 @@ class SketchSpec:
         """The layout of a round: the first pass's, or k products ``H @ Q[:, m]``."""
         if round_name == "first":
             return self.layout
-        k = self.layout.num_outer
-        return SketchLayout(
-            self.layout.dim,
-            k,
-            0,
-            self.layout.block_size,
-            self.layout.dtype,
-            "basis",
-            self.layout.seed,
-        )
+        # The same sketch's settings, with k outer columns and no inner sketch.
+        return replace(self.layout, num_inner=0)
 
     def store(
         self, run: RunDir, step: int, split: str, round_name: str = "first"
@@ -159,6 +151,22 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
     return SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
+
+
+def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> SketchSpec:
+    """``existing`` (the layout on disk at ``where``) when ``wanted`` asks for the same sketch;
+    otherwise a :class:`ConfigError`, since the measurements taken for it would not match."""
+    if (existing.layout, existing.recovery, existing.num_apost) != (
+        wanted.layout,
+        wanted.recovery,
+        wanted.num_apost,
+    ):
+        raise ConfigError(
+            f"layout: {where} already fixes {existing.layout} "
+            f"(recovery={existing.recovery}); the measurements taken for it would not match "
+            f"{wanted.layout}. Use the same settings, or a new run."
+        )
+    return existing
 
 
 def save_spec(run: RunDir, spec: SketchSpec) -> None:

@@ -4,7 +4,8 @@ A stage with one result per run writes ``summary/<stage>.json``. Stages with one
 per step and split (solve, exhaustive, analyze) or per name (replay) write one file per
 result, ``summary/<stage>/<step>/<split>.json``, so that parallel Slurm jobs never write
 the same file and no read-modify-write can lose another job's entry. Every file is
-written to a temporary name and renamed, so a reader never sees half a file.
+written to a temporary name and renamed (:func:`pipeline.fileio.atomic_write_json`), so a
+reader never sees half a file.
 ``hessov summary`` prints one JSON object with one key per finished stage, nesting the
 per-result files as ``{stage: {step: {split: {...}}}}``.
 """
@@ -12,19 +13,10 @@ per-result files as ``{stage: {step: {split: {...}}}}``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
+from pipeline.fileio import atomic_write_json
 from pipeline.rundir import RunDir
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def record(run: RunDir, stage: str, fields: dict, *keys: str | int) -> Path:

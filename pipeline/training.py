@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.fileio import atomic_write
 from pipeline.problems import Problem
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -151,20 +152,17 @@ def to_device(problem: Problem, device: str, dtype: str) -> None:
         problem.exact_hessian = problem.exact_hessian.to(dtype=torch.float64)
 
 
-def save_snapshot(path: Path, step: int, model, optimizer, schedule, extra: dict) -> None:
+def save_snapshot(path: Path, step: int, model, optimizer, schedule) -> None:
     """Write model, optimizer, schedule and RNG state at ``step`` (before its update)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        **extra,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_snapshot(path: Path, device: str) -> dict:

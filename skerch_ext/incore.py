@@ -4,7 +4,7 @@ For small ``D`` (e.g. the 7,030-parameter mnist_mini MLP) the whole SEIGH pipeli
 Fernandez et al. ("Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
 Sketched Methods") fits in memory. :func:`sketched_eigh` runs it with exactly the functions
 the distributed pipeline uses (:mod:`skerch_ext.measure` blocks, :mod:`skerch_ext.solve`,
-:mod:`skerch_ext.errors`), so it computes what the pipeline computes and serves as its
+:mod:`skerch_ext.aposteriori`), so it computes what the pipeline computes and serves as its
 reference. Recoveries (Tropp et al. 2017, "Practical sketching algorithms for
 low-rank matrix approximation"; Halko, Martinsson and Tropp 2011, "Finding structure with
 randomness"):
@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skerch_ext.errors import ApostEstimate, apost_error, gaussian_probes, scree_bounds
-from skerch_ext.measure import MatMat, assemble_sketch, matmat_in_blocks, measure_indices
+from skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
+from skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
+from skerch_ext.operator import MatMat
+from skerch_ext.options import RECOVERIES
+from skerch_ext.random_matrices import SketchMatrices
 from skerch_ext.seeds import sketch_seed_ranges
 from skerch_ext.solve import (
     orthonormal_basis,
     seigh_single_pass,
     seigh_two_pass,
 )
-from skerch_ext.test_matrices import SketchMatrices
-
-RECOVERIES = ("single_pass", "two_pass")
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class SketchedEighResult:
     :ivar eigenvalues: ``(r,)``, sorted by ``|lambda|`` descending.
     :ivar eigenvectors: ``(D, r)``, orthonormal columns.
     :ivar apost: Estimates of ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2``.
-    :ivar scree_lower: ``(r,)``, see :func:`skerch_ext.errors.scree_bounds`.
+    :ivar scree_lower: ``(r,)``, see :func:`skerch_ext.aposteriori.scree_bounds`.
     :ivar scree_upper: ``(r,)``.
     :ivar hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
     :ivar seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
@@ -93,8 +93,8 @@ def sketched_eigh(
       otherwise, the two-pass recoveries spend ``2k`` HVPs).
     :param seed: Base seed; Omega, Psi and the probes get disjoint ranges from it
       (:func:`skerch_ext.seeds.sketch_seed_ranges`).
-    :param noise: Test-matrix type, see :data:`skerch_ext.test_matrices.NOISE_TYPES`.
-    :param recovery: One of :data:`RECOVERIES`.
+    :param noise: Test-matrix type, see :data:`skerch_ext.options.NOISE_TYPES`.
+    :param recovery: One of :data:`skerch_ext.options.RECOVERIES`.
     :param block_size: Columns per batched HVP (bounds the operator's memory).
     :param num_apost: Gaussian probes for the a-posteriori error (>= 1).
     :param num_eigenpairs: ``r``, eigenpairs to report (default ``k``); fewer than ``k``
@@ -113,27 +113,14 @@ def sketched_eigh(
         dim, num_omega_columns, seeds, noise=noise, dtype=dtype, device=device
     )
     seconds, hvps = {}, {}
-
-    start = time.perf_counter()
     if single_pass:
-        blocks = measure_indices(matmat, sketch, range(num_inner), num_outer, block_size)
-        outer, inner = assemble_sketch(blocks, dim, num_outer, num_inner)
-        hvps["sketch"] = num_inner
-    else:
-        outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
-        basis = orthonormal_basis(outer)
-        h_basis = matmat_in_blocks(matmat, basis, block_size)
-        hvps["sketch"] = hvps["second_pass"] = num_outer
-    seconds["measure"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    if single_pass:
-        eigenvalues, eigenvectors = seigh_single_pass(
-            outer, inner, sketch.omega_t_apply, sketch.psi_apply, num_eigenpairs
+        eigenvalues, eigenvectors = _single_pass(
+            matmat, sketch, num_outer, num_inner, block_size, num_eigenpairs, seconds, hvps
         )
     else:
-        eigenvalues, eigenvectors = seigh_two_pass(basis, h_basis, num_eigenpairs)
-    seconds["solve"] = time.perf_counter() - start
+        eigenvalues, eigenvectors = _two_pass(
+            matmat, sketch, num_outer, block_size, num_eigenpairs, seconds, hvps
+        )
 
     start = time.perf_counter()
     probes = gaussian_probes(dim, seeds["apost"], dtype=dtype, device=device)
@@ -145,3 +132,49 @@ def sketched_eigh(
     return SketchedEighResult(
         eigenvalues, eigenvectors, apost, scree_lower, scree_upper, hvps, seconds
     )
+
+
+def _single_pass(
+    matmat: MatMat,
+    sketch: SketchMatrices,
+    num_outer: int,
+    num_inner: int,
+    block_size: int,
+    num_eigenpairs: int | None,
+    seconds: dict[str, float],
+    hvps: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """SEIGH's single pass: ``s`` HVPs (``k`` recycled as the outer sketch), then the core
+    solve; records each phase's seconds and HVPs in ``seconds`` and ``hvps``."""
+    start = time.perf_counter()
+    blocks = measure_indices(matmat, sketch, range(num_inner), num_outer, block_size)
+    outer, inner = assemble_sketch(blocks, sketch.dim, num_outer, num_inner)
+    hvps["sketch"] = num_inner
+    seconds["measure"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = seigh_single_pass(outer, inner, sketch.omega_t_apply, sketch.psi_apply, num_eigenpairs)
+    seconds["solve"] = time.perf_counter() - start
+    return result
+
+
+def _two_pass(
+    matmat: MatMat,
+    sketch: SketchMatrices,
+    num_outer: int,
+    block_size: int,
+    num_eigenpairs: int | None,
+    seconds: dict[str, float],
+    hvps: dict[str, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two passes: ``k`` HVPs for the basis ``Q``, ``k`` more for ``H Q``, then Rayleigh-Ritz
+    on ``span(Q, H Q)``; records each phase's seconds and HVPs in ``seconds`` and ``hvps``."""
+    start = time.perf_counter()
+    outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
+    basis = orthonormal_basis(outer)
+    h_basis = matmat_in_blocks(matmat, basis, block_size)
+    hvps["sketch"] = hvps["second_pass"] = num_outer
+    seconds["measure"] = time.perf_counter() - start
+    start = time.perf_counter()
+    result = seigh_two_pass(basis, h_basis, num_eigenpairs)
+    seconds["solve"] = time.perf_counter() - start
+    return result

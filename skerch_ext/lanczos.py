@@ -1,12 +1,12 @@
 """Top eigenpairs of a symmetric matrix-free operator by implicitly restarted Lanczos.
 
-The replay stage (REFERENCE section 5) needs the top ``N`` Hessian eigenvectors every
-``eig_freq`` steps, and the sharpness flow its top eigenvalues. For a few tens of eigenpairs
+The replay stage (README.md, "Spectral-filter replays") needs the top ``N`` Hessian eigenvectors
+every ``eig_freq`` steps, and the sharpness flow its top eigenvalues. For a few tens of eigenpairs
 of a Hessian that changes between calls, ARPACK's implicitly restarted Lanczos
-(``scipy.sparse.linalg.eigsh``; Lehoucq, Sorensen and Yang 1998, "ARPACK Users' Guide") is
-the cheapest exact-to-tolerance method: it needs only Hessian-vector products, and a start
-vector inside the previous top eigenspace makes a recomputation after a few training steps
-converge in few restarts. Cohen et al. 2021 compute their sharpness the same way.
+(``scipy.sparse.linalg.eigsh``; Lehoucq, Sorensen and Yang 1998, "ARPACK Users' Guide") is the
+cheapest exact-to-tolerance method: it needs only Hessian-vector products, and a start vector inside
+the previous top eigenspace makes a recomputation after a few training steps converge in few
+restarts. Cohen et al. 2021 compute their sharpness the same way.
 
 ARPACK works in float64 on numpy arrays; the products run in the operator's own dtype and
 device, so the accuracy is bounded by the operator's precision: ``tol`` (relative residual

@@ -8,9 +8,10 @@ from the same ``s`` Hessian-vector products (HVPs): for inner index ``m``,
 ``b_m = H Omega[:, m]`` gives inner column ``Z[:, m] = Psi b_m`` and, for ``m < k``, outer
 column ``Y[:, m] = b_m`` ("recycled outer"), so the sketch costs exactly ``s`` HVPs.
 
-The operator is any callable ``matmat(M) -> H M`` taking and returning ``(D, b)`` tensors:
-a dense symmetric matrix's ``__matmul__``, or curvlinops' ``HessianLinearOperator`` (which
-vmaps over the columns, so memory grows with ``b``: ``block_size`` bounds it). A block's
+The operator is any callable ``matmat(M) -> H M`` taking and returning ``(D, b)`` tensors
+(:data:`skerch_ext.operator.MatMat`): a dense symmetric matrix's ``__matmul__``, or
+:meth:`skerch_ext.operator.AutogradHessian.matmat` (batched over the columns, so memory grows
+with ``b``: ``block_size`` bounds it). A block's
 results are returned, not stored, so a caller can write them wherever it likes (RAM, one
 HDF5 file per index, ...) and merge them with :func:`assemble_sketch`.
 """
@@ -18,15 +19,13 @@ HDF5 file per index, ...) and merge them with :func:`assemble_sketch`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from skerch_ext.test_matrices import SketchMatrices
-
-#: ``matmat(M) = H M`` for ``M`` of shape ``(D, b)``.
-MatMat = Callable[[torch.Tensor], torch.Tensor]
+from skerch_ext.operator import MatMat
+from skerch_ext.random_matrices import SketchMatrices
 
 
 @dataclass(frozen=True)
@@ -99,25 +98,14 @@ def measure_indices(
 ) -> Iterator[MeasurementBlock]:
     """:func:`measure_block` over consecutive blocks of at most ``block_size`` indices.
 
-    ``indices`` is typically one worker's share, e.g. from :func:`worker_indices`.
+    ``indices`` is typically one worker's share (in the pipeline, one array task's range,
+    :meth:`pipeline.sketchspec.SketchSpec.task_indices`).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     index_list = list(indices)
     for start in range(0, len(index_list), block_size):
         yield measure_block(matmat, sketch, index_list[start : start + block_size], num_outer)
-
-
-def worker_indices(num_inner: int, per_worker: int, worker: int) -> range:
-    """Inner indices of worker ``worker`` (0-based) when each handles ``per_worker`` of them.
-
-    Worker ``i`` gets ``[i * per_worker, min(s, (i + 1) * per_worker))``, as in the paper's
-    Slurm array; ``ceil(s / per_worker)`` workers cover ``[0, s)``.
-    """
-    num_workers = -(-num_inner // per_worker)
-    if not 0 <= worker < num_workers:
-        raise ValueError(f"worker {worker} outside [0, {num_workers}) for s={num_inner}")
-    return range(worker * per_worker, min(num_inner, (worker + 1) * per_worker))
 
 
 def assemble_sketch(

@@ -1,22 +1,20 @@
 """The loss Hessian as a matrix-free operator, and checks that it is safe to sketch.
 
-Two implementations of ``H @ M`` for an ``(D, b)`` matrix ``M``, the Hessian of the mean
-loss over a fixed data subset:
+:class:`AutogradHessian` computes ``H @ M`` for an ``(D, b)`` matrix ``M``, the Hessian of
+the mean loss over a fixed data subset, by reverse-over-reverse automatic differentiation
+batched over the ``b`` columns (``torch.autograd.grad`` with ``is_grads_batched``). When the
+data is one batch, the graph of the gradient is built once and every block only runs its
+second backward pass: no forward pass and no first backward pass per block, and the fewest
+operations per column of the implementations measured in bench/RESULTS.md (question 1),
+among them curvlinops' ``HessianLinearOperator`` (Dangel et al., curvlinops 3.0.1), which
+the tests check it against (``tests/oracles.py``). It uses plain ``torch.autograd`` only,
+so a process that multiplies with it never imports ``torch._dynamo`` (``torch.func``'s
+transforms import it on their first call, about 1.7 s per process on 2 cores). Every stage
+that multiplies with the Hessian uses it: the sketch stages on the recorded parameters, and
+the replay stage on the live model, building a new operator at every recomputation of the
+eigenpairs because the optimizer changes the parameters in between.
 
-* :class:`AutogradHessian`, what the sketch stages use: reverse-over-reverse automatic
-  differentiation batched over the ``b`` columns (``torch.autograd.grad`` with
-  ``is_grads_batched``). When the data is one batch, the graph of the gradient is built
-  once and every block only runs its second backward pass: no forward pass and no first
-  backward pass per block, and the fewest operations per column of the implementations
-  measured in bench/RESULTS.md (question 1). It uses plain ``torch.autograd`` only, so a
-  process that multiplies with it never imports ``torch._dynamo`` (``torch.func``'s
-  transforms import it on their first call, about 1.7 s per process on 2 cores).
-* :func:`hessian_operator`: curvlinops' ``HessianLinearOperator`` (Dangel et al.,
-  curvlinops 3.0.1), forward-over-reverse ``torch.func.jvp`` of the gradient, vmapped over
-  the columns, redoing the forward and backward pass of every data batch for every block.
-  The replay stage uses it on a model whose parameters change between products.
-
-Both have memory growing with ``b``: ``block_size`` bounds it. Sketching assumes ``H`` is a
+Its memory grows with ``b``: ``block_size`` bounds it. Sketching assumes ``H`` is a
 fixed symmetric matrix: the same product every time it is applied (a random augmentation
 or dropout in train mode would break that, and with it every a-posteriori bound) and
 finite. :meth:`AutogradHessian.check_deterministic` and :func:`operator_checks` measure
@@ -29,15 +27,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-if TYPE_CHECKING:
-    from curvlinops import HessianLinearOperator
-
+#: ``matmat(M) = H M`` for ``M`` of shape ``(D, b)``: how every part of skerch_ext takes an
+#: operator (:meth:`AutogradHessian.matmat`, a dense matrix's ``__matmul__``, ...).
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -48,49 +44,6 @@ def data_batches(
     most ``batch_size`` examples (0 = one batch), in order."""
     size = batch_size if 0 < batch_size < inputs.shape[0] else inputs.shape[0]
     return list(zip(inputs.split(size), targets.split(size), strict=True))
-
-
-def hessian_operator(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    batch_size: int = 0,
-    check_deterministic: bool = True,
-) -> HessianLinearOperator:
-    """The Hessian ``(D, D)`` of the mean of ``loss_fn`` over ``inputs`` w.r.t. all of
-    ``model``'s parameters, in ``model.parameters()`` order.
-
-    The model is put in eval mode (dropout off, batch-norm statistics frozen): the
-    Hessian of a fixed function. ``batch_size`` bounds the examples per forward pass
-    (memory); the result does not depend on it beyond rounding.
-
-    Raises:
-        RuntimeError: from curvlinops when ``check_deterministic`` finds two passes over
-            the data that differ.
-    """
-    from curvlinops import HessianLinearOperator  # imports scipy.sparse.linalg: only when used
-
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    return HessianLinearOperator(
-        model,
-        loss_fn,
-        params,
-        data_batches(inputs, targets, batch_size),
-        check_deterministic=check_deterministic,
-        num_data=inputs.shape[0],
-    )
-
-
-def as_matmat(operator: HessianLinearOperator) -> MatMat:
-    """``M (D, b) -> H @ M (D, b)`` as a plain function on tensors."""
-
-    def matmat(matrix: torch.Tensor) -> torch.Tensor:
-        return operator @ matrix
-
-    return matmat
 
 
 class AutogradHessian:

@@ -29,21 +29,21 @@ Measurement ``m`` stores inner column ``m`` (``Psi H Omega[:, m]``, length ``s``
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import resource
 import zlib
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from pipeline.fileio import atomic_write, exclusive_lock
+
 FLAG_INITIALIZED = 0
 FLAG_MEASURED = 2
-FLAG_NAMES = {FLAG_INITIALIZED: "initialized", FLAG_MEASURED: "measured"}
 
 
 @dataclass(frozen=True)
@@ -181,8 +181,14 @@ class MeasurementStore:
 
     def _write_part(self, block_id: int, inner, outer, flag: int, attrs: dict | None = None):
         block = self.layout.blocks[block_id]
-        path = self.part_path(block_id)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with atomic_write(self.part_path(block_id)) as tmp:
+            self._write_part_file(tmp, block, inner, outer, flag, attrs)
+            with open(tmp, "rb+") as raw:
+                os.fsync(raw.fileno())
+
+    def _write_part_file(self, tmp: Path, block: range, inner, outer, flag: int, attrs) -> None:
+        """Write a whole part to ``tmp``: the block's columns (NaN placeholders when ``flag``
+        is initialized), per-measurement flags and checksums, and ``attrs``."""
         n_outer = self._outer_count(block)
         dtype, has_inner = self.layout.dtype, self.layout.num_inner > 0
         with h5py.File(tmp, "w") as handle:
@@ -211,9 +217,6 @@ class MeasurementStore:
             handle.create_dataset("checksums", data=sums)
             for key, value in (attrs or {}).items():
                 handle.attrs[key] = value
-        with open(tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
 
     def write_block(
         self,
@@ -236,28 +239,12 @@ class MeasurementStore:
             raise ValueError(f"outer block must have shape {(self.layout.dim, n_outer)}")
         self._write_part(block_id, inner, outer if n_outer else None, FLAG_MEASURED, attrs)
 
-    @contextmanager
-    def claim(self, block_id: int):
+    def claim(self, block_id: int) -> AbstractContextManager[bool]:
         """Try to take block ``block_id`` for measuring; yields False if another live
         process holds it. The claim is an ``flock`` on a lock file, which the kernel
         releases when its holder dies (even by SIGKILL), so a crash never leaves a block
         claimed: two submissions of the same run never measure a block twice at once."""
-        lock_path = self.directory / f".part_{block_id:05d}.lock"
-        with open(lock_path, "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-
-    def is_claimed(self, block_id: int) -> bool:
-        """Whether a live process is measuring block ``block_id`` right now."""
-        with self.claim(block_id) as free:
-            return not free
+        return exclusive_lock(self.directory / f".part_{block_id:05d}.lock", blocking=False)
 
     def block_flags(self) -> list[np.ndarray]:
         """Flags ``(P,)`` of every part; a missing part file reads as all initialized."""
@@ -278,9 +265,6 @@ class MeasurementStore:
             return False
         with h5py.File(path, "r") as handle:
             return bool((handle["flags"][:] == FLAG_MEASURED).all())
-
-    def measured_blocks(self) -> set[int]:
-        return {b for b, f in enumerate(self.block_flags()) if (f == FLAG_MEASURED).all()}
 
     def missing_indices(self) -> list[int]:
         """Measurement indices not flagged ``measured``."""
@@ -346,13 +330,11 @@ class MeasurementStore:
                 outer_layout[:, block.start : block.start + n_outer] = h5py.VirtualSource(
                     name, "outer", shape=(layout.dim, n_outer)
                 )
-        tmp = self.view_path.with_name(f".view.{os.getpid()}.tmp")
-        with h5py.File(tmp, "w") as handle:
+        with atomic_write(self.view_path) as tmp, h5py.File(tmp, "w") as handle:
             handle.create_virtual_dataset("outer", outer_layout, fillvalue=np.nan)
             if layout.num_inner:
                 handle.create_virtual_dataset("inner", inner_layout, fillvalue=np.nan)
             handle.attrs["layout"] = layout.to_json()
-        os.replace(tmp, self.view_path)
 
 
 def describe_indices(indices: list[int]) -> str:
@@ -386,13 +368,11 @@ class MonolithicArrays:
             if existing != self.layout:
                 raise ValueError(f"{self.path} was allocated for {existing}")
             return False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         layout = self.layout
         shapes = [("outer", (layout.dim, layout.num_outer))]
         if layout.num_inner:
             shapes.append(("inner", (layout.num_inner, layout.num_inner)))
-        with h5py.File(tmp, "w") as handle:
+        with atomic_write(self.path) as tmp, h5py.File(tmp, "w") as handle:
             # Early allocation: the space is reserved now, not on every step's merge.
             for name, shape in shapes:
                 plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -406,18 +386,13 @@ class MonolithicArrays:
                 )
             handle.attrs["layout"] = layout.to_json()
             handle.attrs["holds"] = ""
-        os.replace(tmp, self.path)
         return True
 
     @contextmanager
     def locked(self):
         """Exclusive use of the arrays (solves of different steps share them)."""
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield self
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(self.path.with_suffix(".lock")):
+            yield self
 
     def merge(self, store: MeasurementStore, label: str) -> tuple[np.ndarray, np.ndarray | None]:
         """Verify every part of ``store`` and merge it into the arrays (inside

@@ -107,7 +107,7 @@ def measured_and_solved(run: Path, two_pass: bool) -> Path:
     basis and second round for two-pass), one after another: the tests' reference."""
     run_hessov("measure", str(run), *TINY_SKETCH)
     if two_pass:
-        run_hessov("solve", str(run), *TINY_SKETCH)  # the basis of the first round
+        run_hessov("basis", str(run), *TINY_SKETCH)
         run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
     run_hessov("solve", str(run), *TINY_SKETCH)
     return run

@@ -194,7 +194,7 @@ def test_nqm_two_pass_recovers_the_exact_spectrum(tmp_path, hessov, summary_of):
     )
     hessov("layout", run, "k=100", "recovery=two_pass", "HESSIAN_SPLITS=[train]")
     hessov("measure", run)
-    hessov("solve", run)  # writes the basis Q
+    hessov("basis", run)  # writes the basis Q
     hessov("measure", run, "round=second")
     hessov("solve", run)
     values = np.array(summary_of(run)["solve"]["0"]["train"]["eigenvalues"][:10])

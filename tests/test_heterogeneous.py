@@ -1,6 +1,6 @@
 """A heterogeneous cluster: the array tasks of one sketch run on different kernel paths (one
 task per setting of tests/kernel_paths.py, rotated between rounds), as node types of one
-job array would. The sequential emulation runs the sbatch scripts with each task's setting;
+job array would. The sequential emulation runs slurm/job.sbatch with each task's setting;
 the real local Slurm cluster gets one ``sbatch --export`` per task. Both reproduce the
 single-process eigenpairs within the tolerances of tests/equivalence.py, and `hessov solve`
 accepts every measurement (checksums are of the bits each task wrote)."""
@@ -22,16 +22,21 @@ from slurm_cluster import sbatch, slurm_cluster, wait_for_jobs
 pytestmark = pytest.mark.kernel_path
 
 HESSOV = str(Path(sys.executable).parent / "hessov")
-WHERE = {"STEP": "300", "SPLIT": "train"}
+WHERE = ["step=300", "split=train"]
 ROUNDS = ("first", "second")  # preset=tiny: two-pass, three array tasks per round
 TASKS = 3
 EIGEN = "eigen/step_300_train.h5"
 
 
-def script_env(run: Path, setting: dict | None = None, **extra: str) -> dict[str, str]:
-    """The scripts' environment; with ``setting``, on exactly that kernel path."""
-    env = {**os.environ, "RUN_DIR": str(run), "HESSOV": HESSOV, **WHERE, **extra}
+def script_env(setting: dict | None = None, **extra: str) -> dict[str, str]:
+    """The job script's environment; with ``setting``, on exactly that kernel path."""
+    env = {**os.environ, "HESSOV": HESSOV, **extra}
     return env if setting is None else on_path(env, setting)
+
+
+def job_args(run: Path, stage: str, *args: str) -> list[str]:
+    """slurm/job.sbatch's arguments for ``stage`` of step 300's train split."""
+    return [str(REPO / "slurm" / "job.sbatch"), stage, str(run), *WHERE, *args]
 
 
 def assert_mixed_and_equivalent(reference: Path, run: Path):
@@ -58,17 +63,18 @@ def reference(tiny_trained, tmp_path_factory):
 def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, tmp_path):
     run = laid_out(tiny_trained, tmp_path / "run")
 
-    def script(name: str, setting: dict | None = None, **extra: str) -> None:
-        env = script_env(run, setting, **extra)
-        subprocess.run(["bash", f"slurm/{name}"], cwd=REPO, env=env, check=True)
+    def script(args: list[str], setting: dict | None = None, **extra: str) -> None:
+        env = script_env(setting, **extra)
+        subprocess.run(["bash", *args], cwd=REPO, env=env, check=True)
 
     for number, round_name in enumerate(ROUNDS):
         if round_name == "second":
-            script("solve.sbatch")  # the basis
+            script(job_args(run, "basis"))
         for task in range(TASKS):
             setting = setting_of(task, number)
-            script("measure.sbatch", setting, ROUND=round_name, SLURM_ARRAY_TASK_ID=str(task))
-    script("solve.sbatch")
+            measure = job_args(run, "measure", f"round={round_name}")
+            script(measure, setting, SLURM_ARRAY_TASK_ID=str(task))
+    script(job_args(run, "solve"))
     assert_mixed_and_equivalent(reference, run)
 
 
@@ -77,27 +83,26 @@ def test_slurm_array_tasks_on_mixed_kernel_paths(slurm_cluster, tiny_trained, re
     run = laid_out(tiny_trained, tmp_path / "run")
     logs = f"--output={tmp_path}/%x-%j_%a.out"
 
-    def submit(script: str, *options: str, setting: dict | None = None, **extra: str) -> str:
-        env = {**slurm_cluster, **script_env(run, **extra)}
+    def submit(args: list[str], *options: str, setting: dict | None = None) -> str:
+        env = {**slurm_cluster, **script_env()}
         env = env if setting is None else on_path(env, setting)
-        return sbatch(env, logs, *options, str(REPO / "slurm" / script))
+        return sbatch(env, logs, *options, *args)
 
     previous: list[str] = []
     for number, round_name in enumerate(ROUNDS):
         after = [f"--dependency=afterok:{':'.join(previous)}"] if previous else []
         if round_name == "second":
-            previous = [submit("solve.sbatch", *after)]  # the basis
+            previous = [submit(job_args(run, "basis"), *after)]
             after = [f"--dependency=afterok:{previous[0]}"]
         previous = [
             submit(
-                "measure.sbatch",
+                job_args(run, "measure", f"round={round_name}"),
                 f"--array={task}",
                 *after,
-                ROUND=round_name,
                 setting=setting_of(task, number),
             )  # fmt: skip
             for task in range(TASKS)
         ]
-    solve = submit("solve.sbatch", f"--dependency=afterok:{':'.join(previous)}")
+    solve = submit(job_args(run, "solve"), f"--dependency=afterok:{':'.join(previous)}")
     assert wait_for_jobs(slurm_cluster, solve, timeout=600)[solve] == ("COMPLETED", "0:0")
     assert_mixed_and_equivalent(reference, run)

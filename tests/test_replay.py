@@ -1,8 +1,8 @@
 """Replay stage: spectral filters on the gradient, checked on the noisy quadratic model.
 
 The ``nqm`` problem's Hessian is exactly ``diag(1, 1/2, ..., 1/K)`` at every point, so the
-top eigenvectors are the first coordinate axes and every filter has a closed form
-(REFERENCE section 5): per coordinate ``x_i - m_i <- (1 - eta s_i h_i)(x_i - m_i)`` with
+top eigenvectors are the first coordinate axes and every filter has a closed form (README,
+"Spectral-filter replays"): per coordinate ``x_i - m_i <- (1 - eta s_i h_i)(x_i - m_i)`` with
 ``m`` the mean of the training points and ``s_i`` the filter's scale of direction ``i``.
 """
 
@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.replay_figures import ReplayCurves
+from analysis.replay_findings import seed_groups, sharpening_under_v1, snapshot_findings
 from analysis.replay_groups import (
     RANKING_RULE,
     ahead,
@@ -23,6 +25,7 @@ from analysis.replay_groups import (
     ranking,
     verdict,
 )
+from analysis.replay_report import report_section
 from pipeline import summary
 from pipeline.cli import main
 from pipeline.config import (
@@ -32,8 +35,7 @@ from pipeline.config import (
     replay_jobs,
 )
 from pipeline.errors import ConfigError
-from pipeline.launch.chain import plan_chain
-from pipeline.launch.slurm import build_jobs
+from pipeline.launch.graph import plan_run
 from pipeline.optim.spectral_filter import (
     FilteredOptimizer,
     SpectralFilter,
@@ -453,10 +455,9 @@ def test_every_launcher_expands_the_seeds_alike(seeded_run, capsys):
     assert capsys.readouterr().out.split() == SEEDED_JOBS
     assert [job.name for job in replay_jobs(cfg.replays)] == SEEDED_JOBS
     cfg = dataclasses.replace(cfg, RUN_DIR=str(run.root))
-    plan = plan_chain(cfg)
-    assert plan.replays == SEEDED_JOBS
-    jobs = build_jobs(plan.run, plan.spec, None, cfg, [])
-    replay_argvs = [job.argvs[0] for job in jobs if job.stage == "replay"]
+    plan = plan_run(cfg)  # every launcher runs this graph
+    assert plan.as_dict()["replays"] == SEEDED_JOBS
+    replay_argvs = [job.elements()[0][1] for job in plan.jobs if job.stage == "replay"]
     assert replay_argvs == [["replay", str(run.root), f"name={name}"] for name in SEEDED_JOBS]
 
 
@@ -522,6 +523,56 @@ def test_a_group_is_ahead_only_if_its_slowest_seed_beats_the_others_fastest():
     assert verdict(partly, steps_of(50, 60, 70)) == "not resolved across seeds"
     assert verdict(steps_of(50, 60, 70), steps_of(None, None)) == "ahead"
     assert steps_of(5, None, None)["steps_to_target_median"] is None
+
+
+def synthetic_curve(group: str, seed: int, mode: str, steps: int, **fields) -> ReplayCurves:
+    """A finished replay of snapshot 4 at lr 0.5 and alpha 2, loss target 1.0."""
+    eigenvalues = fields.pop("eigenvalues", np.zeros((0, 0)))
+    return ReplayCurves(
+        name=f"{group}.seed{seed}",
+        group=group,
+        seed=seed,
+        mode=mode,
+        scaling=2.0,
+        nfilter=fields.pop("nfilter", 0),
+        snapshot=4,
+        lr=0.5,
+        steps=np.arange(3),
+        train_loss=np.ones(3),
+        eigen_steps=np.arange(len(eigenvalues)) * 10,
+        eigenvalues=eigenvalues,
+        summary={"target_train_loss": 1.0, "steps_to_target": steps, "final_train_loss": 0.5},
+    )
+
+
+def test_findings_and_report_of_overlapping_groups_and_v1_sharpening():
+    """From logged curves alone: seeds grouped in order, an unresolved first place, and
+    flat_scaling_v1's eigenvalue N+1 crossing 2/(alpha eta) = 2 and 2/eta = 4."""
+    v1_eigen = np.array([[5.0, 4.0, 1.0], [6.0, 5.0, 5.0]])
+    curves = [
+        synthetic_curve("v1", 1, "flat_scaling_v1", 12, nfilter=2, eigenvalues=v1_eigen),
+        synthetic_curve("none", 0, "none", 10),
+        synthetic_curve("v1", 0, "flat_scaling_v1", 15, nfilter=2, eigenvalues=v1_eigen),
+        synthetic_curve("none", 1, "none", 20),
+    ]
+    assert {g: [c.seed for c in m] for g, m in seed_groups(curves).items()} == {
+        "v1": [0, 1],
+        "none": [0, 1],
+    }
+    v1 = sharpening_under_v1(curves[0])
+    assert v1["frozen_went_up"] and v1["top_N_mean_ratio"] == pytest.approx(11 / 9)
+    assert (v1["scaled_mss"], v1["mss"]) == (2.0, 4.0)
+    assert v1["lambda_N_plus_1_reached_scaled_mss_at"] == 10
+    assert v1["lambda_N_plus_1_reached_mss_at"] == 10
+    findings = snapshot_findings(curves)
+    assert (findings["first_to_target"], findings["first_by_median"]) == (None, "v1")
+    assert findings["flat_scaling_v1_groups"]["v1"]["lambda_N_plus_1_reached_mss"] == 2
+    text = "\n".join(report_section(4, curves, findings, {"loss curves": "figures/a.png"}))
+    assert "First to the loss target 1.0: not resolved across seeds." in text
+    assert "Fastest by median: `v1` (flat_scaling_v1, alpha=2, N=2) after 13.5 (12-15)" in text
+    assert "went up in every seed of 1 of 1 v1 groups (v1)" in text
+    assert "| v1.seed1 | 1 | flat_scaling_v1 | 2 | 2 |" in text
+    assert text.endswith("- loss curves: `figures/a.png`\n")
 
 
 def test_seeded_and_unseeded_replays_of_one_name_are_refused(nqm_run, capsys):

@@ -17,7 +17,9 @@ import pytest
 import torch
 from skerch.a_posteriori import apost_error_bounds
 
-from skerch_ext.errors import (
+from pipeline.errors import ConfigError
+from pipeline.sketchspec import SketchSpec
+from skerch_ext.aposteriori import (
     apost_error,
     apost_failure_probabilities,
     gaussian_probes,
@@ -30,8 +32,9 @@ from skerch_ext.measure import (
     matmat_in_blocks,
     measure_block,
     measure_indices,
-    worker_indices,
 )
+from skerch_ext.options import NOISE_TYPES
+from skerch_ext.random_matrices import RandomMatrix, SketchMatrices
 from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
 from skerch_ext.solve import (
     orthonormal_basis,
@@ -39,7 +42,7 @@ from skerch_ext.solve import (
     seigh_two_pass,
     single_pass_core,
 )
-from skerch_ext.test_matrices import NOISE_TYPES, RandomMatrix, SketchMatrices
+from skerch_ext.storage import SketchLayout
 from skerch_ext.tolerances import product_tolerance
 
 pytestmark = pytest.mark.kernel_path
@@ -92,7 +95,7 @@ def indefinite_spectrum(dim: int = DIM) -> torch.Tensor:
 def column_by_column(matrix: torch.Tensor):
     """``M -> matrix @ M`` computed one column at a time on a contiguous copy, so that each
     output column is the same call whatever block it travels in (a dense matmul, or a
-    strided column, takes other BLAS kernels: see test_matrices)."""
+    strided column, takes other BLAS kernels: see random_matrices)."""
     return lambda block: torch.stack([matrix @ column.contiguous() for column in block.T], dim=1)
 
 
@@ -110,6 +113,13 @@ def sketch_for(
 ) -> SketchMatrices:
     seeds = sketch_seed_ranges(seed, num_inner, 30)
     return SketchMatrices.from_seeds(dim, num_inner, seeds, noise=noise, dtype=dtype, device="cpu")
+
+
+def array_tasks(num_inner: int, per_task: int) -> SketchSpec:
+    """A layout of ``num_inner`` measurements split into array tasks of ``per_task``, as the
+    pipeline splits them (:meth:`~pipeline.sketchspec.SketchSpec.task_indices`)."""
+    layout = SketchLayout(num_inner + 1, 1, num_inner, 1, "float64", "ssrft", 0)
+    return SketchSpec(layout, "single_pass", 1, [0], ["train"], per_task)
 
 
 def single_pass(
@@ -262,12 +272,13 @@ def test_measurements_merge_bit_identically_across_workers(noise):
     matmat = column_by_column(matrix)
     merged = []
     for num_workers, block_size in ((1, 35), (2, 4), (7, 1)):
-        per_worker = math.ceil(num_inner / num_workers)
+        tasks = array_tasks(num_inner, math.ceil(num_inner / num_workers))
+        assert tasks.num_tasks == num_workers
         blocks = [
             block
-            for worker in range(num_workers)
+            for task in range(num_workers)
             for block in measure_indices(
-                matmat, sketch, worker_indices(num_inner, per_worker, worker), num_outer, block_size
+                matmat, sketch, tasks.task_indices(task), num_outer, block_size
             )
         ]
         merged.append(assemble_sketch(reversed(blocks), 120, num_outer, num_inner))
@@ -308,11 +319,12 @@ def test_assemble_sketch_refuses_missing_or_repeated_indices():
         assemble_sketch(blocks + blocks[:1], 60, 4, 10)
 
 
-def test_worker_indices_cover_all_inner_indices_once():
-    covered = [i for worker in range(4) for i in worker_indices(710, 200, worker)]
-    assert covered == list(range(710))
-    with pytest.raises(ValueError):
-        worker_indices(710, 200, 4)
+def test_array_tasks_cover_all_inner_indices_once():
+    tasks = array_tasks(710, 200)
+    covered = [i for task in range(tasks.num_tasks) for i in tasks.task_indices(task)]
+    assert tasks.num_tasks == 4 and covered == list(range(710))
+    with pytest.raises(ConfigError):
+        tasks.task_indices(4)
 
 
 def test_matmat_shape_is_checked():

@@ -1,7 +1,9 @@
-"""The sbatch chain on a real local Slurm cluster, and the sequential emulation without it:
-both run the tiny mnist_mini pipeline to the numbers of `hessov run backend=local`, within
-the tolerances of tests/equivalence.py (the Slurm tasks may round differently)."""
+"""The sbatch chain on a real local Slurm cluster runs the tiny mnist_mini pipeline to the
+numbers of `hessov run backend=local`, within the tolerances of tests/equivalence.py (the
+Slurm tasks may round differently), and finishes after a cancelled task. The sequential
+emulation without Slurm (slurm/run_sequential.sh) is tested in tests/test_graph.py."""
 
+import re
 import subprocess
 import sys
 import time
@@ -11,7 +13,6 @@ import pytest
 
 from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
-from kernel_paths import current
 from slurm_cluster import sacct_jobs, slurm_cluster
 
 pytestmark = pytest.mark.kernel_path
@@ -28,7 +29,14 @@ def local_reference(tmp_path_factory):
     from conftest import run_hessov
 
     out = tmp_path_factory.mktemp("local")
-    return Path(last_line(run_hessov("run", *TINY, f"OUTPUT_DIR={out}").stdout))
+    result = run_hessov("run", *TINY, f"OUTPUT_DIR={out}")
+    run = Path(last_line(result.stdout))
+    (run / "local.log").write_text(result.stderr)  # the jobs it ran, "[job i/N] NAME"
+    return run
+
+
+def local_log(run: Path) -> str:
+    return (run / "local.log").read_text()
 
 
 def wait_until_dequeued(env: dict, job_id: str, timeout: float) -> None:
@@ -56,25 +64,30 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
         check=True,
     )
     run_dir = Path(last_line(submitted.stdout))
-    jobs = [line.split() for line in submitted.stdout.splitlines()[:-1]]
-    # 1 train, 1 layout, and per step and split: basis, 2 arrays, solve, analyze.
-    assert len(jobs) == 2 + 5 * len(SKETCHES)
+    # One line per job, "NAME ID", in the order of the stage graph `hessov plan` lists.
+    jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
+    # train, layout, per step and split: 2 arrays, basis, solve, analyze; then the report.
+    assert len(jobs) == 2 + 5 * len(SKETCHES) + 1
+    # The jobs the local backend ran for the same config, array tasks folded into their job.
+    ran = re.findall(r"\[job \d+/\d+\] (.+?)(?: task=\d+)?$", local_log(local_reference), re.M)
+    assert list(jobs) == list(dict.fromkeys(ran))
     # The fault: task 1 of step 300's first measurement round dies (still pending behind
     # training, so it never runs); everything downstream of it is cancelled by Slurm.
-    killed = next(j[-1] for j in jobs if j[:3] == ["measure-first", "300", "train"])
+    killed = jobs["measure first step=300 split=train"]
     subprocess.run(["scancel", f"{killed}_1"], env=env, check=True, timeout=30)
     states = {}
-    for kind, *where, job_id in jobs:
+    for name, job_id in jobs.items():
         # Jobs cancelled while pending (the killed task, and everything that depended on it)
         # never start, and sacct keeps an unexpanded array record for them: wait for each
         # job to leave the queue instead, then read the states sacct has.
         wait_until_dequeued(slurm_cluster, job_id, timeout=600)
-        states[(kind, *where)] = {state for state, _ in sacct_jobs(slurm_cluster, job_id).values()}
-    assert states[("solve", "100", "train")] == {"COMPLETED"}
-    assert "COMPLETED" in states[("measure-first", "300", "train")]  # tasks 0 and 2
-    assert states[("solve", "300", "train")] == {"CANCELLED"}
-    assert states[("analyze", "100", "train")] == {"COMPLETED"}
-    assert states[("analyze", "300", "train")] == {"CANCELLED"}
+        states[name] = {state for state, _ in sacct_jobs(slurm_cluster, job_id).values()}
+    assert states["solve step=100 split=train"] == {"COMPLETED"}
+    assert "COMPLETED" in states["measure first step=300 split=train"]  # tasks 0 and 2
+    assert states["solve step=300 split=train"] == {"CANCELLED"}
+    assert states["analyze step=100 split=train"] == {"COMPLETED"}
+    assert states["analyze step=300 split=train"] == {"CANCELLED"}
+    assert states["report"] == {"CANCELLED"}
 
     status = hessov("status", str(run_dir)).stdout
     assert "step 100 train: first round 30/30 measured" in status
@@ -87,19 +100,3 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     again = hessov("resume", str(run_dir))  # submitted twice: nothing is measured twice
     assert "HVPs/s" not in again.stderr
     assert [p.stat().st_mtime_ns for p in parts] == before
-
-
-def test_sequential_emulation_matches_the_local_backend(local_reference, tmp_path):
-    # A bare environment, so the scripts rely on nothing of the caller's but HESSOV; the
-    # kernel path stays the reference's (training on another path gives other parameters).
-    env = {"HESSOV": HESSOV, "PATH": "/usr/bin:/bin", **current()}
-    result = subprocess.run(
-        ["bash", "slurm/run_sequential.sh", *TINY, f"OUTPUT_DIR={tmp_path}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=True,
-    )
-    assert_equivalent_runs(local_reference, Path(last_line(result.stdout)), SKETCHES)

@@ -13,7 +13,7 @@ Everything built here is checkpointable with ``state_dict()`` / ``load_state_dic
 resumed from a snapshot takes bit-identical steps to one that was never interrupted. Invalid
 names or values raise :class:`~pipeline.errors.ConfigError` (a ``ValueError``) naming the
 configuration key (``optimizer.name``, ``schedule.warmup_steps``, ...). Definitions and sources:
-REFERENCE.md section 7 and the module docstrings.
+the module docstrings; README.md, "Configuration", lists the choices.
 """
 
 from __future__ import annotations
@@ -132,26 +132,7 @@ def build_schedule(
             ``schedule.warmup_steps`` that the schedule cannot honour, or an invalid value of
             another schedule field (the message names the schedule).
     """
-    if cfg.name not in SCHEDULE_NAMES:
-        raise ConfigError(
-            f"schedule.name: unknown {cfg.name!r}; valid names: {', '.join(SCHEDULE_NAMES)}"
-        )
-    if cfg.warmup_steps < 0:
-        raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {cfg.warmup_steps}")
-    if cfg.name == "warmup" and cfg.warmup_steps == 0:
-        raise ConfigError("schedule.warmup_steps: must be > 0 with schedule.name=warmup")
-    # Silently ignoring a requested warmup would hide a misconfigured run.
-    if cfg.name == "constant" and cfg.warmup_steps > 0:
-        raise ConfigError(
-            f"schedule.warmup_steps: {cfg.warmup_steps} with schedule.name=constant; "
-            "use schedule.name=warmup for a warmup followed by a constant lr"
-        )
-    if cfg.name == "eden" and cfg.warmup_steps > 0:
-        raise ConfigError(
-            f"schedule.warmup_steps: {cfg.warmup_steps} with schedule.name=eden; Eden has its own "
-            "fixed warmup (0.5 -> 1 over 500 batches); set schedule.warmup_steps=0"
-        )
-
+    _check_schedule(cfg)
     try:
         if cfg.name in ("constant", "warmup"):
             return Constant(optimizer, warmup_steps=cfg.warmup_steps)
@@ -180,3 +161,26 @@ def build_schedule(
             f"schedule.name: {cfg.name} with max_steps={max_steps}, "
             f"steps_per_epoch={steps_per_epoch}: {error}"
         ) from error
+
+
+def _check_schedule(cfg: ScheduleConfig) -> None:
+    """Refuse an unknown ``schedule.name`` and a ``warmup_steps`` the schedule cannot honour."""
+    if cfg.name not in SCHEDULE_NAMES:
+        raise ConfigError(
+            f"schedule.name: unknown {cfg.name!r}; valid names: {', '.join(SCHEDULE_NAMES)}"
+        )
+    if cfg.warmup_steps < 0:
+        raise ConfigError(f"schedule.warmup_steps: must be >= 0, got {cfg.warmup_steps}")
+    if cfg.name == "warmup" and cfg.warmup_steps == 0:
+        raise ConfigError("schedule.warmup_steps: must be > 0 with schedule.name=warmup")
+    # Silently ignoring a requested warmup would hide a misconfigured run.
+    if cfg.name == "constant" and cfg.warmup_steps > 0:
+        raise ConfigError(
+            f"schedule.warmup_steps: {cfg.warmup_steps} with schedule.name=constant; "
+            "use schedule.name=warmup for a warmup followed by a constant lr"
+        )
+    if cfg.name == "eden" and cfg.warmup_steps > 0:
+        raise ConfigError(
+            f"schedule.warmup_steps: {cfg.warmup_steps} with schedule.name=eden; Eden has its own "
+            "fixed warmup (0.5 -> 1 over 500 batches); set schedule.warmup_steps=0"
+        )

@@ -1,7 +1,7 @@
 """Eve: AdamW whose weight decay switches off once a tensor is small enough.
 
 Eve was introduced, unpublished, in the k2-fsa/icefall speech toolkit (Daniel Povey, 2022;
-``optim.py`` of the pruned-transducer recipes, Apache-2.0; seeds/003 of this project). It is
+``optim.py`` of the pruned-transducer recipes, Apache-2.0). It is
 meant for networks whose layers are nearly invariant to the absolute scale of their weights:
 there, unconditional weight decay only shrinks weights until the effective learning rate blows
 up. Eve instead pulls every non-scalar tensor towards a target root-mean-square value and

@@ -1,7 +1,7 @@
 """Lookahead: k fast steps with any optimizer, then one step back towards slow weights.
 
 Zhang, Lucas, Hinton & Ba 2019, "Lookahead Optimizer: k steps forward, 1 step back"
-(arXiv:1907.08610); also in the lecture notes of seeds/002. With fast weights ``theta`` (the
+(arXiv:1907.08610). With fast weights ``theta`` (the
 model's parameters, moved by the inner optimizer) and slow weights ``phi`` (a copy kept here),
 starting from ``phi = theta``:
 

@@ -1,14 +1,12 @@
 """ScaledAdam: Adam with steps relative to each tensor's size and a learned per-tensor scale.
 
-Where it comes from. The k2-fsa/icefall speech toolkit (Daniel Povey, 2022, Apache-2.0) grew a
-line of experimental optimizers: Eve (see ``eve.py``), then Cain and LearnedGradient (the
-unfinished file in seeds/003 of this project), then ScaledAdam, used by its Zipformer models
-(Yao et al. 2024, "Zipformer: A faster and better encoder for automatic speech recognition",
-arXiv:2310.11230). The ideas kept here: a parameter update should be a *relative*
-change, proportional to the tensor's root-mean-square value, so one learning rate suits
-tensors of very different magnitudes; the magnitude itself is learned separately, as a
-log-scale; and gradients are clipped against their own recent history instead of an absolute
-threshold.
+Where it comes from. The k2-fsa/icefall speech toolkit (Daniel Povey, 2022, Apache-2.0) grew a line
+of experimental optimizers: Eve (see ``eve.py``), then Cain and LearnedGradient, then ScaledAdam,
+used by its Zipformer models (Yao et al. 2024, "Zipformer: A faster and better encoder for automatic
+speech recognition", arXiv:2310.11230). The ideas kept here: a parameter update should be a
+*relative* change, proportional to the tensor's root-mean-square value, so one learning rate suits
+tensors of very different magnitudes; the magnitude itself is learned separately, as a log-scale;
+and gradients are clipped against their own recent history instead of an absolute threshold.
 
 What this class does, exactly. Let ``P = 4`` (``SCALE_UPDATE_PERIOD``) and, for each step:
 

@@ -13,7 +13,7 @@ to Constant, StepDecay and CosineDecay, whose own clock ``t = s - W`` then start
 - CosineDecay: ``lr = min_lr + (base - min_lr) * (1 + cos(pi * min(t, T) / T)) / 2`` with
   ``T = total_steps - W``, reaching ``min_lr`` at ``s = total_steps`` and staying there
   (Loshchilov & Hutter 2017, "SGDR", arXiv:1608.03983, without restarts).
-- Eden (k2-fsa/icefall, Daniel Povey 2022, seeds/003; REFERENCE section 7), with batch index
+- Eden (k2-fsa/icefall, Daniel Povey 2022), with batch index
   ``b = s`` and epoch ``e = s // steps_per_epoch``::
 
       lr = base * ((b^2 + B^2) / B^2) ** -0.25 * ((e^2 + E^2) / E^2) ** -0.25 * warmup(b)

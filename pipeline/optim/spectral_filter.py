@@ -1,10 +1,10 @@
 """Spectral filters on the gradient: scale or freeze it in the Hessian's top eigenbasis.
 
-The replay stage (REFERENCE section 5; the research README seeds/000, "Spectral_Acceleration")
-continues a training run from a snapshot with the gradient ``g`` replaced by a filtered one.
-With ``U`` the ``D x N`` matrix of the top-``N`` Hessian eigenvectors (orthonormal columns),
-``P = I - U U^T`` the projector onto their orthogonal complement, ``eta`` the learning rate
-and ``alpha`` the scaling, one gradient-descent step is ``theta <- theta - eta * F(g)`` with
+The replay stage (README.md, "Spectral-filter replays") continues a training run from a snapshot
+with the gradient ``g`` replaced by a filtered one. With ``U`` the ``D x N`` matrix of the top-``N``
+Hessian eigenvectors (orthonormal columns), ``P = I - U U^T`` the projector onto their orthogonal
+complement, ``eta`` the learning rate and ``alpha`` the scaling, one gradient-descent step is
+``theta <- theta - eta * F(g)`` with
 
 - ``none``:            ``F(g) = g``                          (the baseline, unchanged)
 - ``global_scaling``:  ``F(g) = alpha g``                    (plain GD at ``alpha * eta``)
@@ -15,7 +15,7 @@ and ``alpha`` the scaling, one gradient-descent step is ``theta <- theta - eta *
   rate is frozen and the rest is accelerated (the README's proposal). ``S`` is taken among
   the ``N`` computed eigenpairs, so ``N`` bounds how many directions can be frozen.
 
-The why (seeds/000): to second order, GD changes the loss by
+The why (the edge of stability of Cohen et al. 2021): to second order, GD changes the loss by
 ``sum_i c_i^2 (eta^2 lambda_i / 2 - eta)`` with ``g = sum_i c_i u_i``, so a direction with
 ``lambda_i > 2 / eta`` cannot lower the loss; it only bounces (catapults). On a quadratic
 with exact ``U``, v1 is stable iff ``alpha * eta * lambda_{N+1} < 2``.
@@ -48,19 +48,19 @@ def project(grad: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 
 def global_scaling(grad: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``alpha g`` ``(D,)``: every direction accelerated alike (REFERENCE 5, global_scaling)."""
+    """``alpha g`` ``(D,)``: every direction accelerated alike (mode ``global_scaling``)."""
     return alpha * grad
 
 
 def flat_scaling_v1(grad: torch.Tensor, basis: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha P g = alpha (g - U U^T g)`` ``(D,)``: the top-N directions ``basis`` ``(D, N)``
-    frozen, the rest accelerated by ``alpha`` (REFERENCE 5, flat_scaling_v1)."""
+    frozen, the rest accelerated by ``alpha`` (mode ``flat_scaling_v1``)."""
     return alpha * (grad - project(grad, basis))
 
 
 def flat_scaling_v2(grad: torch.Tensor, basis: torch.Tensor, alpha: float) -> torch.Tensor:
     """``U U^T g + alpha P g`` ``(D,)``: the top-N directions ``basis`` ``(D, N)`` at the
-    base rate, the rest accelerated by ``alpha`` (REFERENCE 5, flat_scaling_v2)."""
+    base rate, the rest accelerated by ``alpha`` (mode ``flat_scaling_v2``)."""
     inside = project(grad, basis)
     return inside + alpha * (grad - inside)
 

@@ -2,9 +2,10 @@
 
 Each builder returns a :class:`Problem` holding the model (initialised from the run's
 seed), the loss module, the train and test splits in memory, and what the Hessian stages
-need to know (number of classes for the class-balanced subsets, whether the data is
-randomly augmented, an exact Hessian where one is known). Problems are listed in
-``config/problems/*.yaml``; this module maps each name to its builder.
+need to know (number of classes for the class-balanced subsets, an exact Hessian where
+one is known). No problem augments its data at random: every Hessian is a fixed operator.
+Problems are listed in ``config/problems/*.yaml``; this module maps each name to its
+builder.
 """
 
 from __future__ import annotations
@@ -42,8 +43,6 @@ class Problem:
         train, test: the splits; ``images`` ``(N, ...)``, ``labels`` ``(N,)``.
         num_classes: classes for class-balanced subsets and accuracy; 0 = unlabelled.
         data_note: where the data came from, for logs and reports.
-        augmented: whether training batches are randomly augmented (no problem here
-            is; the Hessian stages refuse augmented problems).
         exact_hessian: the known Hessian ``(D, D)`` where the problem defines one.
     """
 
@@ -54,7 +53,6 @@ class Problem:
     test: datasets.Split
     num_classes: int
     data_note: str
-    augmented: bool = False
     exact_hessian: torch.Tensor | None = field(default=None, repr=False)
 
     @property

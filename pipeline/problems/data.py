@@ -244,7 +244,8 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
 def class_balanced_subset(labels: torch.Tensor, size: int, num_classes: int) -> torch.Tensor:
     """Indices of the deterministic, class-balanced Hessian subset.
 
-    The lowest ``size // num_classes`` indices of every class, sorted (REFERENCE section 1).
+    The lowest ``size // num_classes`` indices of every class, sorted (README.md, "Problems and
+    where their data comes from").
     ``labels``: ``(N,)``; returns ``(size,)`` int64. For unlabelled problems
     (``num_classes == 0``) the first ``size`` indices.
     """

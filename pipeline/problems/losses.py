@@ -16,7 +16,7 @@ class HalfSquaredLoss(nn.Module):
     """``0.5 * sum_j (out_j - target_j)^2``, averaged over the batch.
 
     For classification the integer labels are turned into one-hot targets, as in
-    Cohen et al. 2021 (their "mse" loss, REFERENCE section 1). Inputs: ``(N, C)`` outputs,
+    Cohen et al. 2021 (their "mse" loss). Inputs: ``(N, C)`` outputs,
     ``(N,)`` int64 labels or ``(N, C)`` float targets.
     """
 

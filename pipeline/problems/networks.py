@@ -104,7 +104,7 @@ class ScaledDifference(nn.Module):
     With the half squared loss against zero targets, the per-example loss is
     ``0.5 * sum_i h_i (x_i - c_i)^2``, so the Hessian is exactly ``diag(h)`` and, for
     ``c_i ~ N(0, 1/h_i)``, the per-example gradient noise has variance ``h_i``: a batch
-    of B has ``sigma_i^2 = h_i / B`` (REFERENCE section 6). Parameters ``x``: ``(K,)``,
+    of B has ``sigma_i^2 = h_i / B`` (Zhang et al. 2019). Parameters ``x``: ``(K,)``,
     initialised ``N(0, I)``; input ``(N, K)``, output ``(N, K)``.
     """
 

@@ -1,6 +1,7 @@
 """The analyze stage: magnitude masks against Hessian eigenspaces, and how both move in training.
 
-Stage 5 of the pipeline (the paper's results, REFERENCE.md section 4). For every solved step
+Stage 5 of the pipeline (the results of Fernandez et al. 2025, "Connecting Parameter Magnitudes
+and Hessian Eigenspaces at Scale using Sketched Methods"). For every solved step
 and split it asks whether the parameters of largest magnitude point into the top Hessian
 eigenspace:
 
@@ -26,13 +27,9 @@ figures and ``report.md`` from whatever is solved so far, and says which steps a
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import json
-import os
 import time
-from contextlib import contextmanager
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -54,8 +51,9 @@ from analysis.subspaces import (
     random_subspace_similarities,
 )
 from pipeline import summary
+from pipeline.config import saved_run_config
 from pipeline.errors import MissingInputError
-from pipeline.hessian import load_run_config
+from pipeline.fileio import atomic_write, exclusive_lock
 from pipeline.paramstore import ColumnStore
 from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
@@ -124,15 +122,11 @@ def analyze_step(run: RunDir, step: int, split: str) -> dict:
     eigenvalues, eigenvectors = read_eigenpairs(run, step, split)
     params = torch.from_numpy(ColumnStore(run.params).read(step)).double()
     curves = overlap_results(eigenvectors, params)
-    path = run.analysis_step(step, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as handle:
+    with atomic_write(run.analysis_step(step, split)) as tmp, h5py.File(tmp, "w") as handle:
         for name, values in curves.items():
             handle.create_dataset(name, data=values)
         handle.create_dataset("eigenvalues", data=eigenvalues)
         handle.attrs.update(step=step, split=split, dimension=eigenvectors.shape[0])
-    os.replace(tmp, path)
     ks = reported_ks(eigenvectors.shape[1])
     empirical = dict(zip(curves["empirical_k"].tolist(), range(len(ks)), strict=True))
     fields = {
@@ -236,17 +230,6 @@ def _write_pairs(group: h5py.Group, data: dict) -> None:
                 sub.create_dataset(name, data=values)
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def write_results(
     run: RunDir, problem: str, analysed: dict[str, list[int]], unsolved: list
 ) -> None:
@@ -264,8 +247,7 @@ def write_results(
                                     distance_* (raw); attrs random_* (chance level); size m
     """
     store = ColumnStore(run.params)
-    tmp = run.analysis_results.with_name(f".analysis.h5.{os.getpid()}.tmp")
-    with h5py.File(tmp, "w") as out:
+    with atomic_write(run.analysis_results) as tmp, h5py.File(tmp, "w") as out:
         out.attrs.update(problem=problem, dimension=store.dim(), unsolved=json.dumps(unsolved))
         for split, steps in analysed.items():
             for step in steps:
@@ -283,7 +265,6 @@ def write_results(
                 group = out.create_group(f"crystallization/masks/ratio_{ratio}")
                 group.attrs.update(ratio=ratio, size=max(1, round(ratio * store.dim())))
                 _write_pairs(group, data)
-    os.replace(tmp, run.analysis_results)
 
 
 def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: bool = True) -> dict:
@@ -295,7 +276,7 @@ def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: boo
     whole run. Raises :class:`MissingInputError` when nothing at all is solved.
     """
     log = get_logger()
-    cfg = load_run_config(run)
+    cfg = saved_run_config(run)
     # Small k x k and D x k decompositions: extra threads only add contention on shared cores.
     set_cpu_threads(cfg.threads)
     spec = load_spec(run)
@@ -312,31 +293,30 @@ def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: boo
             "analyze: not solved yet, left for a later run: %s",
             ", ".join(f"step {t} {s}" for t, s in missing),
         )
-    events = EventLog(run.log, "analyze")
-    for step, split in wanted:
-        if run.eigen(step, split).is_file() and not run.analysis_step(step, split).is_file():
-            fields = analyze_step(run, step, split)
-            log.info(
-                "analyze step %d %s: overlap/baseline %s",
-                step,
-                split,
-                ", ".join(f"k={k}: {r:.1f}x" for k, r in fields["ratio_to_baseline"].items()),
-            )
-            events.write("analyzed", step=step, split=split, overlap=fields["overlap"])
-    analysed = {
-        split: [t for t in spec.steps if run.analysis_step(t, split).is_file()]
-        for split in spec.splits
-    }
-    result = {
-        "analysed": [[t, s] for s, steps in analysed.items() for t in steps],
-        "unsolved": unsolved,
-    }
-    if report:
-        with _exclusive(run.analysis_lock):
-            write_results(run, cfg.problem, analysed, unsolved)
-            drawn = figures.draw_all(run.analysis_results, run.figures)
-            write_report(run.analysis_results, drawn, run.report)
-        events.write("report", path=str(run.report), unsolved=unsolved)
-        log.info("analyze: report %s", run.report)
-    events.close()
+    with EventLog(run.log, "analyze") as events:
+        for step, split in wanted:
+            if run.eigen(step, split).is_file() and not run.analysis_step(step, split).is_file():
+                fields = analyze_step(run, step, split)
+                log.info(
+                    "analyze step %d %s: overlap/baseline %s",
+                    step,
+                    split,
+                    ", ".join(f"k={k}: {r:.1f}x" for k, r in fields["ratio_to_baseline"].items()),
+                )
+                events.write("analyzed", step=step, split=split, overlap=fields["overlap"])
+        analysed = {
+            split: [t for t in spec.steps if run.analysis_step(t, split).is_file()]
+            for split in spec.splits
+        }
+        result = {
+            "analysed": [[t, s] for s, steps in analysed.items() for t in steps],
+            "unsolved": unsolved,
+        }
+        if report:
+            with exclusive_lock(run.analysis_lock):
+                write_results(run, cfg.problem, analysed, unsolved)
+                drawn = figures.draw_all(run.analysis_results, run.figures)
+                write_report(run.analysis_results, drawn, run.report)
+            events.write("report", path=str(run.report), unsolved=unsolved)
+            log.info("analyze: report %s", run.report)
     return result

@@ -14,7 +14,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
+from pipeline.runlog import get_logger, log_event
 from skerch_ext.operator import operator_checks
 
 #: Relative asymmetry above which the operator is reported as not symmetric.
@@ -42,7 +42,7 @@ def check_operator(run: RunDir, cfg: RunConfig, step: int, split: str) -> dict:
     fields["num_data"] = int(hessian.inputs.shape[0])
     fields["device"] = str(hessian.device)
     summary.record(run, "check_operator", fields, step, split)
-    EventLog(run.log, "check-operator").write("operator_checks", step=step, split=split, **fields)
+    log_event(run.log, "check-operator", "operator_checks", step=step, split=split, **fields)
     log = get_logger()
     log.info(
         "operator at step %d (%s): D=%d, deterministic, symmetric=%s (rel. diff %.2e), "

@@ -14,6 +14,7 @@ sqrt(2)): relative errors of the top eigenvalues, eigenvector residuals
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,7 +26,7 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.hessian import hessian_at_step
 from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
+from pipeline.runlog import get_logger, log_event
 from pipeline.sketchspec import SketchSpec
 from skerch_ext.incore import sketched_eigh
 from skerch_ext.operator import dense_matrix
@@ -79,6 +80,40 @@ def compare(exact_values, exact_vectors, values, vectors) -> dict:
     }
 
 
+def exact_eigenpairs(
+    run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Every eigenvalue ``(D,)`` and the top-k eigenvectors ``(D, k)`` of the dense float64
+    Hessian, sorted by ``|lambda|``, with the seconds of building it and of ``eigh``."""
+    exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
+    t0 = time.perf_counter()
+    hessian = hessian_at_step(run, exact_cfg, step, split)
+    dense = dense_matrix(
+        hessian.matmat,
+        spec.layout.dim,
+        block_size=spec.layout.block_size,
+        dtype=torch.float64,
+        device=hessian.device,
+    )
+    dense_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    all_values, all_vectors = torch.linalg.eigh(dense)
+    order = all_values.abs().argsort(descending=True)
+    exact_values = all_values[order].cpu()
+    exact_vectors = all_vectors[:, order[: spec.layout.num_outer]].cpu()
+    eigh_seconds = time.perf_counter() - t0
+    return exact_values, exact_vectors, dense_seconds, eigh_seconds
+
+
+def _write_exact(path: Path, exact_values: torch.Tensor, exact_vectors: torch.Tensor) -> None:
+    """``exhaustive/step_T_SPLIT.h5``: the exact eigenvalues and top-k eigenvectors."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("exact_eigenvalues", data=exact_values.numpy())
+        handle.create_dataset("exact_eigenvectors", data=exact_vectors.numpy().astype(np.float32))
+        handle.attrs["note"] = "eigenpairs sorted by |lambda| descending; top k vectors kept"
+
+
 def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
     """Run the exhaustive comparison of one step and split; returns the summary fields."""
     log = get_logger()
@@ -88,26 +123,10 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             f"problem: D={dim} is too large for the exhaustive check (at most "
             f"{MAX_EXHAUSTIVE_DIM}: the dense Hessian takes {16 * dim**2 / 1e9:.1f} GB)"
         )
-    exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
-    t0 = time.perf_counter()
-    hessian = hessian_at_step(run, exact_cfg, step, split)
-    dense = dense_matrix(
-        hessian.matmat,
-        dim,
-        block_size=spec.layout.block_size,
-        dtype=torch.float64,
-        device=hessian.device,
+    exact_values, exact_vectors, dense_seconds, eigh_seconds = exact_eigenpairs(
+        run, cfg, spec, step, split
     )
-    dense_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    all_values, all_vectors = torch.linalg.eigh(dense)
-    order = all_values.abs().argsort(descending=True)
     k = spec.layout.num_outer
-    exact_values = all_values[order].cpu()
-    exact_vectors = all_vectors[:, order[:k]].cpu()
-    eigh_seconds = time.perf_counter() - t0
-    del dense, all_vectors
-
     sketch_hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
     values, vectors, source = sketched_eigenpairs(run, spec, sketch_hessian, step, split)
     fields = compare(exact_values, exact_vectors, values, vectors)
@@ -123,14 +142,11 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             "seconds": {"dense_hessian": round(dense_seconds, 3), "eigh": round(eigh_seconds, 3)},
         }
     )
-    path = run.exhaustive(step, split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as handle:
-        handle.create_dataset("exact_eigenvalues", data=exact_values.numpy())
-        handle.create_dataset("exact_eigenvectors", data=exact_vectors.numpy().astype(np.float32))
-        handle.attrs["note"] = "eigenpairs sorted by |lambda| descending; top k vectors kept"
+    _write_exact(run.exhaustive(step, split), exact_values, exact_vectors)
     summary.record(run, "exhaustive", fields, step, split)
-    EventLog(run.log, "exhaustive").write(
+    log_event(
+        run.log,
+        "exhaustive",
         "exhaustive",
         step=step,
         split=split,

@@ -18,8 +18,14 @@ from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.paramstore import ColumnStore
 from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
-from pipeline.sketchspec import SketchSpec, load_spec, resolve_spec, save_spec
+from pipeline.runlog import get_logger, log_event
+from pipeline.sketchspec import (
+    SketchSpec,
+    check_same_layout,
+    load_spec,
+    resolve_spec,
+    save_spec,
+)
 from skerch_ext.storage import check_part_count
 
 
@@ -29,18 +35,7 @@ def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
     params = ColumnStore(run.require(run.params, "train"))
     spec = resolve_spec(cfg, params.dim(), params.steps())
     if run.sketch_spec.is_file():
-        existing = load_spec(run)
-        if (existing.layout, existing.recovery, existing.num_apost) != (
-            spec.layout,
-            spec.recovery,
-            spec.num_apost,
-        ):
-            raise ConfigError(
-                f"layout: {run.sketch_spec} already fixes {existing.layout} "
-                f"(recovery={existing.recovery}); the measurements taken for it would not match "
-                f"{spec.layout}. Use the same settings, or a new run."
-            )
-        spec = existing
+        spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
     return complete_layout(run, spec, started)
 
 
@@ -83,7 +78,7 @@ def complete_layout(run: RunDir, spec: SketchSpec, started: float | None = None)
         "seconds": spec.layout_seconds,
     }
     summary.record(run, "layout", fields)
-    EventLog(run.log, "layout").write("layout", created_parts=created, **fields)
+    log_event(run.log, "layout", "layout", created_parts=created, **fields)
     log.info(
         "layout: D=%d, k=%d, s=%d, block %d, %d parts per step and split, %d steps x %s",
         spec.layout.dim,

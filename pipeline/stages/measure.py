@@ -12,16 +12,19 @@ A worker's range comes from ``indices=a:b``, from ``task=i``, or from Slurm's
 ``SLURM_ARRAY_TASK_ID`` with the layout's ``MEAS_PER_JOB`` (task ``i`` handles
 ``[i * MEAS_PER_JOB, min(s, (i + 1) * MEAS_PER_JOB))``).
 
-With two-pass recovery there is a second round (``round=second``): after the first-round
-solve has written the orthonormal basis ``Q`` (D x k) of ``H Omega[:, :k]``, each worker
-multiplies ``H`` onto its columns of ``Q`` and stores ``H Q[:, block]`` the same way.
+With two-pass recovery there is a second round (``round=second``): after the basis stage
+(``hessov basis``) has written the orthonormal basis ``Q`` (D x k) of ``H Omega[:, :k]``,
+each worker multiplies ``H`` onto its columns of ``Q`` and stores ``H Q[:, block]`` the same
+way.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import h5py
 import numpy as np
@@ -35,7 +38,7 @@ from pipeline.rundir import RunDir
 from pipeline.runlog import EventLog, get_logger
 from pipeline.sketchspec import SketchSpec
 from skerch_ext.measure import measure_block, synchronized
-from skerch_ext.storage import SketchLayout
+from skerch_ext.storage import MeasurementStore, SketchLayout
 
 
 def blocks_in_range(layout: SketchLayout, indices: range) -> list[int]:
@@ -63,7 +66,7 @@ def read_basis_columns(run: RunDir, step: int, split: str, block: range) -> np.n
     if not path.is_file():
         raise MissingInputError(
             f"{path} is missing: the second round multiplies H onto the basis Q that "
-            f"`hessov solve {run.root} step={step} split={split}` writes after the first round"
+            f"`hessov basis {run.root} step={step} split={split}` writes after the first round"
         )
     with h5py.File(path, "r") as handle:
         return handle["basis"][:, block.start : block.stop]
@@ -82,16 +85,7 @@ def measure(
     """Measure the missing blocks of ``indices`` for ``step``, ``split`` and round; returns
     statistics (blocks measured, skipped, HVPs, seconds)."""
     log = get_logger()
-    if step not in spec.steps or split not in spec.splits:
-        raise ConfigError(
-            f"step/split: the layout measures steps {spec.steps} of splits {spec.splits}, "
-            f"not step {step} of {split!r}"
-        )
-    if round_name not in spec.rounds:
-        raise ConfigError(f"round: {spec.recovery} recovery has rounds {spec.rounds}")
-    store = spec.store(run, step, split, round_name)
-    if not store.directory.is_dir():
-        raise ConfigError(f"layout: {store.directory} does not exist; run `hessov layout`")
+    store = _laid_out_store(run, spec, step, split, round_name)
     block_ids = blocks_in_range(store.layout, indices)
     todo = [b for b in block_ids if not store.block_measured(b)]
     stats = {
@@ -116,60 +110,111 @@ def measure(
     hessian = hessian_at_step(run, cfg, step, split)
     sketch = spec.matrices(hessian.dtype, hessian.device)
     setup_seconds = time.perf_counter() - started
+    if round_name == "first":
+        measure_one = functools.partial(_first_round_block, hessian, sketch, layout=spec.layout)
+    else:
+        measure_one = functools.partial(_second_round_block, run, step, split, hessian)
     run.task_logs.mkdir(parents=True, exist_ok=True)
-    events = EventLog(
-        run.task_logs / f"measure_step_{step}_{split}_{round_name}_{task_name}.jsonl", "measure"
+    log_name = f"measure_step_{step}_{split}_{round_name}_{task_name}.jsonl"
+    with EventLog(run.task_logs / log_name, "measure") as events:
+        events.write(
+            "start",
+            step=step,
+            split=split,
+            indices=[indices.start, indices.stop],
+            blocks=todo,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            setup_seconds=round(setup_seconds, 3),
+        )
+        worker = {"task": task_name, "host": socket.gethostname(), "device": str(hessian.device)}
+        desc = f"measure {split}@{step} {round_name} [{indices.start}:{indices.stop}]"
+        _measure_blocks(store, spec.layout, todo, measure_one, worker, events, stats, desc)
+        events.write("finished", **stats)
+    log.info(
+        "measure %s step %d %s: %d blocks (%d HVPs) in %.1f s, %.1f HVPs/s",
+        task_name,
+        step,
+        split,
+        stats["measured"],
+        stats["hvps"],
+        stats["seconds"],
+        stats["hvps"] / max(stats["seconds"], 1e-9),
     )
-    events.write(
-        "start",
-        step=step,
-        split=split,
-        indices=[indices.start, indices.stop],
-        blocks=todo,
-        host=socket.gethostname(),
-        pid=os.getpid(),
-        setup_seconds=round(setup_seconds, 3),
-    )
-    k = spec.layout.num_outer
-    progress = tqdm(
-        todo,
-        desc=f"measure {split}@{step} {round_name} [{indices.start}:{indices.stop}]",
-        unit="block",
-        mininterval=1.0,
-    )
+    return stats
+
+
+def _laid_out_store(
+    run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str
+) -> MeasurementStore:
+    """The part files of ``step``, ``split`` and round; refuses what the layout does not
+    measure or has not laid out."""
+    if step not in spec.steps or split not in spec.splits:
+        raise ConfigError(
+            f"step/split: the layout measures steps {spec.steps} of splits {spec.splits}, "
+            f"not step {step} of {split!r}"
+        )
+    if round_name not in spec.rounds:
+        raise ConfigError(f"round: {spec.recovery} recovery has rounds {spec.rounds}")
+    store = spec.store(run, step, split, round_name)
+    if not store.directory.is_dir():
+        raise ConfigError(f"layout: {store.directory} does not exist; run `hessov layout`")
+    return store
+
+
+#: One block's measurements: inner ``(s, P)`` or None, outer ``(D, P_outer)`` or None, and
+#: the seconds of its Hessian-vector products alone.
+_Products = tuple[np.ndarray | None, np.ndarray | None, float]
+
+
+def _first_round_block(hessian, sketch, block: range, layout: SketchLayout) -> _Products:
+    """First round: ``H Omega[:, block]``, giving inner columns and, below k, outer ones."""
+    result = measure_block(hessian.matmat, sketch, block, layout.num_outer)
+    inner = result.inner.cpu().numpy() if layout.num_inner else None
+    outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
+    return inner, outer, result.seconds["hvps"]
+
+
+def _second_round_block(run: RunDir, step: int, split: str, hessian, block: range) -> _Products:
+    """Second round of two-pass recovery: ``H Q[:, block]`` on the solved basis ``Q``."""
+    columns = torch.from_numpy(read_basis_columns(run, step, split, block))
+    columns = synchronized(columns.to(hessian.device, hessian.dtype))
+    started = time.perf_counter()
+    outer = synchronized(hessian.matmat(columns))
+    products_seconds = time.perf_counter() - started
+    return None, outer.cpu().numpy(), products_seconds
+
+
+def _measure_blocks(
+    store: MeasurementStore,
+    layout: SketchLayout,
+    todo: list[int],
+    measure_one: Callable[[range], _Products],
+    worker: dict,
+    events: EventLog,
+    stats: dict,
+    desc: str,
+) -> None:
+    """Measure and write each block of ``todo`` that no other live worker has claimed and
+    none has measured meanwhile, updating ``stats``; ``worker`` (task, host, device) goes
+    into every part's attributes."""
+    progress = tqdm(todo, desc=desc, unit="block", mininterval=1.0)
     for block_id in progress:
-        block = spec.layout.blocks[block_id]
+        block = layout.blocks[block_id]
         with store.claim(block_id) as mine:
             if not mine or store.block_measured(block_id):
                 stats["skipped_claimed"] += int(not mine)
                 continue
-            t0 = time.perf_counter()
-            if round_name == "first":
-                result = measure_block(hessian.matmat, sketch, block, k)
-                products_seconds = result.seconds["hvps"]
-                inner = result.inner.cpu().numpy() if spec.layout.num_inner else None
-                outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
-            else:
-                columns = torch.from_numpy(read_basis_columns(run, step, split, block))
-                columns = synchronized(columns.to(hessian.device, hessian.dtype))
-                t1 = time.perf_counter()
-                outer = synchronized(hessian.matmat(columns))
-                products_seconds = time.perf_counter() - t1
-                inner, outer = None, outer.cpu().numpy()
-            block_seconds = time.perf_counter() - t0
-            store.write_block(
-                block_id,
-                inner,
-                outer,
-                attrs={
-                    "seconds": block_seconds,
-                    "products_seconds": products_seconds,
-                    "hvps": len(block),
-                    "task": task_name,
-                    "host": socket.gethostname(),
-                    "device": str(hessian.device),
-                },
-            )
+            started = time.perf_counter()
+            inner, outer, products_seconds = measure_one(block)
+            block_seconds = time.perf_counter() - started
+            attrs = {
+                "seconds": block_seconds,
+                "products_seconds": products_seconds,
+                "hvps": len(block),
+                **worker,
+            }
+            store.write_block(block_id, inner, outer, attrs=attrs)
         stats["measured"] += 1
         stats["hvps"] += len(block)
         stats["seconds"] += block_seconds
@@ -184,16 +229,3 @@ def measure(
         )
         progress.set_postfix(hvps_per_s=f"{rate:.1f}")
     progress.close()
-    events.write("finished", **stats)
-    events.close()
-    log.info(
-        "measure %s step %d %s: %d blocks (%d HVPs) in %.1f s, %.1f HVPs/s",
-        task_name,
-        step,
-        split,
-        stats["measured"],
-        stats["hvps"],
-        stats["seconds"],
-        stats["hvps"] / max(stats["seconds"], 1e-9),
-    )
-    return stats

@@ -29,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from analysis import nqm_figures
@@ -42,10 +41,10 @@ from analysis.nqm import (
     nqm_curvatures,
     sweep_batch_sizes,
 )
-from pipeline.config import CONFIG_DIR
+from pipeline.config import COMMAND_LINE, CONFIG_DIR, require
 from pipeline.errors import ConfigError
+from pipeline.fileio import atomic_write_json, config_errors, merge_config
 from pipeline.runlog import get_logger
-from pipeline.summary import atomic_write_json
 
 # Name -> (preconditioned, momentum). Sweeps run in this order so that SGD's optimum seeds
 # momentum's search (b = 0 is on its grid), and preconditioned SGD's seeds its momentum twin.
@@ -100,11 +99,6 @@ class NQMConfig:
 
 def validate_nqm_config(cfg: NQMConfig) -> None:
     """Refuse impossible values with a ``ConfigError`` (a ``ValueError``) naming the key."""
-
-    def require(condition: bool, key: str, message: str) -> None:
-        if not condition:
-            raise ConfigError(f"{key} {message}")
-
     require(cfg.K >= 1, "K", f"must be >= 1, got {cfg.K}")
     require(cfg.target > 0, "target", f"must be > 0, got {cfg.target}")
     require(len(cfg.algorithms) > 0, "algorithms", "must name at least one algorithm")
@@ -151,15 +145,15 @@ def load_nqm_config(overrides: list[str], config_file: str | Path | None = None)
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
-    try:
-        layers = [OmegaConf.structured(NQMConfig), OmegaConf.load(CONFIG_DIR / "nqm.yaml")]
-        if config_file is not None:
-            layers.append(OmegaConf.load(config_file))
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
-        cfg: NQMConfig = OmegaConf.to_object(OmegaConf.merge(*layers))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "config"
-        raise ConfigError(f"{key}: {getattr(err, 'msg', err)}") from None
+    layers = [("config/nqm.yaml", OmegaConf.load(CONFIG_DIR / "nqm.yaml"))]
+    if config_file is not None:
+        with config_errors(str(config_file)):
+            layers.append((str(config_file), OmegaConf.load(config_file)))
+    with config_errors(COMMAND_LINE):
+        layers.append((COMMAND_LINE, OmegaConf.from_dotlist(list(overrides))))
+    cfg: NQMConfig = merge_config(
+        NQMConfig, *(layer for _, layer in layers), source=[source for source, _ in layers]
+    )
     validate_nqm_config(cfg)
     return cfg
 
@@ -225,6 +219,38 @@ def _critical_table(
     return rows, markdown
 
 
+@dataclass
+class _Study:
+    """What :func:`run_nqm` found, as the figures and ``nqm.json`` need it.
+
+    Attributes:
+        cfg: The settings.
+        batch_sizes: The swept batch sizes, in the order of every list below.
+        sweeps: Per algorithm (``sgd``, ``momentum``, ``<name>_ema``, ...), the optimum at each
+            batch size.
+        by_power: Per preconditioner power of ``cfg.p_values``, the optimum at each batch size
+            (without momentum).
+        schedules: Per algorithm, per batch size, the optimal piecewise-constant schedule.
+        critical: Per algorithm, its row of the critical-batch-size table.
+        critical_by_power: Per power label (``p = 0.5``), its row of that table.
+    """
+
+    cfg: NQMConfig
+    batch_sizes: list[int]
+    sweeps: dict[str, list[Optimum]]
+    by_power: dict[float, list[Optimum]]
+    schedules: dict[str, dict[int, dict]]
+    critical: dict = field(default_factory=dict)
+    critical_by_power: dict = field(default_factory=dict)
+
+    def power_label(self, power: float) -> str:
+        return f"p = {power:g}"
+
+    def label(self, name: str) -> str:
+        """An algorithm's name in the figures: preconditioned ones with their power."""
+        return f"{name} (p = {self.cfg.p:g})" if name.startswith("precond") else name
+
+
 def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
     """Run the study, write ``nqm.json``, ``critical_batch_size.md`` and the figures to
     ``out_dir``, and return the JSON object (module docstring)."""
@@ -251,6 +277,27 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
             optimizer, h, batch_sizes, cfg.target, grid, related, progress, f"nqm {name}"
         )
 
+    sweeps = _algorithm_sweeps(cfg, sweep)
+    study = _Study(
+        cfg,
+        batch_sizes,
+        sweeps,
+        _power_sweeps(cfg, sweeps, sweep),
+        _optimal_schedules(cfg, h, batch_sizes, sweeps, progress),
+    )
+    _write_critical_tables(study, out_dir)
+    figures = _draw_figures(study, out_dir)
+    result = _result(study)
+    result["figures"] = [path.name for path in figures]
+    result["elapsed_s"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(out_dir / "nqm.json", result)
+    log.info("nqm: wrote %s in %.1f s", out_dir / "nqm.json", result["elapsed_s"])
+    return result
+
+
+def _algorithm_sweeps(cfg: NQMConfig, sweep) -> dict[str, list[Optimum]]:
+    """The optimum of every algorithm (and its EMA twin) at every batch size, each search
+    seeded by the algorithm it extends (:data:`SEEDED_BY`)."""
     names = [name for name in ALGORITHMS if name in cfg.algorithms]
     if cfg.ema:
         names += [f"{name}_ema" for name in MOMENTUM_FREE if name in cfg.algorithms]
@@ -258,7 +305,14 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
     for name in names:
         seed = SEEDED_BY.get(name, name.removesuffix("_ema") if name.endswith("_ema") else None)
         sweeps[name] = sweep(name, _optimizer(name, cfg), sweeps.get(seed))
+    return sweeps
 
+
+def _power_sweeps(
+    cfg: NQMConfig, sweeps: dict[str, list[Optimum]], sweep
+) -> dict[float, list[Optimum]]:
+    """The optimum of preconditioned SGD at every power of ``p_values``, reusing the
+    algorithm sweeps at ``p = 0`` (sgd) and ``p = cfg.p`` (precond)."""
     by_power: dict[float, list[Optimum]] = {}
     for power in cfg.p_values:
         if power == 0 and "sgd" in sweeps:
@@ -267,12 +321,19 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
             by_power[power] = sweeps["precond"]
         else:
             by_power[power] = sweep(f"p={power:g}", Optimizer(power=power))
+    return by_power
 
+
+def _optimal_schedules(
+    cfg: NQMConfig, h, batch_sizes: list[int], sweeps: dict[str, list[Optimum]], progress: bool
+) -> dict[str, dict[int, dict]]:
+    """The optimal piecewise-constant schedules of the ``schedule_algorithms`` at the
+    ``schedule_batch_sizes`` that are also swept, against their best constant rate."""
     schedules: dict[str, dict[int, dict]] = {}
     chosen = [b for b in cfg.schedule_batch_sizes if b in batch_sizes]
     skipped = sorted(set(cfg.schedule_batch_sizes) - set(chosen))
     if skipped:
-        log.info("nqm: no schedules at batch sizes %s (not in batch_sizes)", skipped)
+        get_logger().info("nqm: no schedules at batch sizes %s (not in batch_sizes)", skipped)
     for name in (n for n in cfg.schedule_algorithms if n in sweeps):
         power = _optimizer(name, cfg).power
         schedules[name] = {}
@@ -298,31 +359,43 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
                 "piece_steps": [int(n) for n in found.schedule.piece_steps],
                 "final_loss": found.schedule.loss,
             }
+    return schedules
 
-    critical, markdown = _critical_table(batch_sizes, sweeps, cfg.critical_speedup, "algorithm")
-    power_labels = {power: f"p = {power:g}" for power in cfg.p_values}
-    critical_by_power, power_markdown = _critical_table(
-        batch_sizes,
-        {power_labels[p]: by_power[p] for p in cfg.p_values},
+
+def _write_critical_tables(study: _Study, out_dir: Path) -> None:
+    """Fill ``study.critical`` and ``study.critical_by_power``; write both tables to
+    ``critical_batch_size.md``."""
+    cfg = study.cfg
+    study.critical, markdown = _critical_table(
+        study.batch_sizes, study.sweeps, cfg.critical_speedup, "algorithm"
+    )
+    study.critical_by_power, power_markdown = _critical_table(
+        study.batch_sizes,
+        {study.power_label(p): study.by_power[p] for p in cfg.p_values},
         cfg.critical_speedup,
         "preconditioner power (no momentum)",
     )
     (out_dir / "critical_batch_size.md").write_text(markdown + "\n" + power_markdown)
 
-    def label(name: str) -> str:
-        return f"{name} (p = {cfg.p:g})" if name.startswith("precond") else name
 
-    figures = [
+def _draw_figures(study: _Study, out_dir: Path) -> list[Path]:
+    """The figures of :mod:`analysis.nqm_figures`, in ``out_dir``."""
+    cfg, batch_sizes, sweeps, by_power = study.cfg, study.batch_sizes, study.sweeps, study.by_power
+    label, power_label = study.label, study.power_label
+    return [
         nqm_figures.plot_steps_vs_batch_size(
             {label(n): (batch_sizes, [o.steps for o in s]) for n, s in sweeps.items()},
-            {label(n): row["batch_size"] for n, row in critical.items()},
+            {label(n): row["batch_size"] for n, row in study.critical.items()},
             cfg.target,
             cfg.K,
             out_dir / "steps_vs_batch_size.png",
         ),
         nqm_figures.plot_steps_by_preconditioner_power(
-            {power_labels[p]: (batch_sizes, [o.steps for o in by_power[p]]) for p in by_power},
-            {power_labels[p]: critical_by_power[power_labels[p]]["batch_size"] for p in by_power},
+            {power_label(p): (batch_sizes, [o.steps for o in by_power[p]]) for p in by_power},
+            {
+                power_label(p): study.critical_by_power[power_label(p)]["batch_size"]
+                for p in by_power
+            },
             cfg.target,
             cfg.K,
             out_dir / "steps_vs_batch_size_by_power.png",
@@ -338,30 +411,32 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
             out_dir / "optimal_hyperparameters.png",
         ),
         nqm_figures.plot_schedules(
-            {label(n): s for n, s in schedules.items()}, cfg.K, out_dir / "schedules.png"
+            {label(n): s for n, s in study.schedules.items()}, cfg.K, out_dir / "schedules.png"
         ),
     ]
 
+
+def _result(study: _Study) -> dict:
+    """The JSON object of ``nqm.json`` (module docstring), without figures and timing."""
+    cfg, batch_sizes = study.cfg, study.batch_sizes
     result: dict = {
         name: _by_batch(batch_sizes, optima, _optimizer(name, cfg).momentum)
-        for name, optima in sweeps.items()
+        for name, optima in study.sweeps.items()
     }
-    result["critical_batch_size"] = {name: row["batch_size"] for name, row in critical.items()}
-    result["critical_batch_size_table"] = critical
+    result["critical_batch_size"] = {
+        name: row["batch_size"] for name, row in study.critical.items()
+    }
+    result["critical_batch_size_table"] = study.critical
     result["preconditioner_powers"] = {
         f"{p:g}": {
-            "critical_batch_size": critical_by_power[power_labels[p]]["batch_size"],
-            "by_batch_size": _by_batch(batch_sizes, by_power[p], False),
+            "critical_batch_size": study.critical_by_power[study.power_label(p)]["batch_size"],
+            "by_batch_size": _by_batch(batch_sizes, study.by_power[p], False),
         }
         for p in cfg.p_values
     }
     result["schedules"] = {
         name: {str(b): entry for b, entry in by_batch.items()}
-        for name, by_batch in schedules.items()
+        for name, by_batch in study.schedules.items()
     }
     result["settings"] = asdict(cfg)
-    result["figures"] = [path.name for path in figures]
-    result["elapsed_s"] = round(time.perf_counter() - started, 2)
-    atomic_write_json(out_dir / "nqm.json", result)
-    log.info("nqm: wrote %s in %.1f s", out_dir / "nqm.json", result["elapsed_s"])
     return result

@@ -14,8 +14,10 @@ uninterrupted run exactly on CPU.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -102,6 +104,34 @@ def hessian_subsets(problem: Problem, size: int) -> dict[str, torch.Tensor]:
     return subsets
 
 
+@dataclass
+class _Training:
+    """What the training loop works on, set up by :func:`train`.
+
+    Attributes:
+        cfg: The run's configuration.
+        run: Its directory.
+        problem: The network, loss and data, on the run's device and dtype.
+        subsets: The Hessian subset indices ``(N,)`` of each split.
+        batches: Which examples form each step's batch.
+        optimizer, schedule: The optimizer and its learning-rate schedule.
+        events: The run's event log.
+        params_store: ``params.h5``, one column per recorded step.
+        grad_stores: ``grads_{split}.h5`` per split (written with ``RECORD_GRADIENTS``).
+    """
+
+    cfg: RunConfig
+    run: RunDir
+    problem: Problem
+    subsets: dict[str, torch.Tensor]
+    batches: BatchSchedule
+    optimizer: Any
+    schedule: Any
+    events: EventLog
+    params_store: ColumnStore
+    grad_stores: dict[str, ColumnStore]
+
+
 def train(cfg: RunConfig) -> RunDir:
     """Run the train stage; returns the run directory."""
     log = get_logger()
@@ -111,74 +141,38 @@ def train(cfg: RunConfig) -> RunDir:
     to_device(problem, cfg.device, cfg.dtype)
     subsets = hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
     batches = BatchSchedule(len(problem.train), cfg.BATCH_SIZE, cfg.RANDOM_SEED)
-    model = problem.model
-    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(problem.model.parameters(), cfg.optimizer)
     schedule = build_schedule(
         optimizer, cfg.schedule, max_steps=cfg.MAX_STEPS, steps_per_epoch=batches.steps_per_epoch
     )
-    events = EventLog(run.log, "train")
-    params_store = ColumnStore(run.params)
-    grad_stores = {split: ColumnStore(run.gradients(split)) for split in SPLITS}
-    start_step = 0
-    if resume_from is None:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.config)
-        layout = parameter_layout(model)
-        events.write("config", config=_config_dict(cfg))
-        events.write(
-            "globals",
-            problem=cfg.problem,
-            num_params=problem.num_params,
-            data=problem.data_note,
-            train_size=len(problem.train),
-            test_size=len(problem.test),
-            parameters=layout,
-            record_steps=cfg.RECORD_STEPS,
-            snapshot_steps=cfg.SNAPSHOT_STEPS,
+    with EventLog(run.log, "train") as events:
+        training = _Training(
+            cfg,
+            run,
+            problem,
+            subsets,
+            batches,
+            optimizer,
+            schedule,
+            events,
+            ColumnStore(run.params),
+            {split: ColumnStore(run.gradients(split)) for split in SPLITS},
         )
-        events.write("hessian_subsets", **{s: idx for s, idx in subsets.items()})
-        description = f"{cfg.problem} parameters, one float32 column per recorded step"
-        if run.params.exists():
-            run.params.unlink()  # a run without config holds no finished result
-        params_store.create(problem.num_params, layout, description)
-        if cfg.RECORD_GRADIENTS:
-            for split, store in grad_stores.items():
-                if store.path.exists():
-                    store.path.unlink()
-                store.create(problem.num_params, layout, f"full gradient on the {split} subset")
-    else:
-        state = load_snapshot(resume_from, cfg.device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step = state["step"]
-        events.write("resume", step=start_step, snapshot=resume_from.name)
-        log.info("resuming %s from %s (step %d)", run.root, resume_from.name, start_step)
-    log.info(
-        "training %s (%d parameters; data: %s) for %d steps into %s",
-        cfg.problem,
-        problem.num_params,
-        problem.data_note,
-        cfg.MAX_STEPS,
-        run.root,
-    )
-    result = _training_loop(
-        cfg,
-        run,
-        problem,
-        subsets,
-        batches,
-        optimizer,
-        schedule,
-        start_step,
-        events,
-        params_store,
-        grad_stores,
-    )
-    summary.record(run, "train", result)
-    events.write("finished", **result)
-    events.close()
+        if resume_from is None:
+            start_step = _start_new_run(training)
+        else:
+            start_step = _resume(training, resume_from)
+        log.info(
+            "training %s (%d parameters; data: %s) for %d steps into %s",
+            cfg.problem,
+            problem.num_params,
+            problem.data_note,
+            cfg.MAX_STEPS,
+            run.root,
+        )
+        result = _training_loop(training, start_step)
+        summary.record(run, "train", result)
+        events.write("finished", **result)
     log.info(
         "trained to step %d: train loss %.4f, test accuracy %s in %.1f s",
         result["steps_run"],
@@ -189,34 +183,67 @@ def train(cfg: RunConfig) -> RunDir:
     return run
 
 
+def _start_new_run(t: _Training) -> int:
+    """Save the config, log the run's globals and create the parameter (and gradient)
+    stores of a new run; returns the first step, 0."""
+    cfg, run, problem = t.cfg, t.run, t.problem
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.config)
+    layout = parameter_layout(problem.model)
+    t.events.write("config", config=_config_dict(cfg))
+    t.events.write(
+        "globals",
+        problem=cfg.problem,
+        num_params=problem.num_params,
+        data=problem.data_note,
+        train_size=len(problem.train),
+        test_size=len(problem.test),
+        parameters=layout,
+        record_steps=cfg.RECORD_STEPS,
+        snapshot_steps=cfg.SNAPSHOT_STEPS,
+    )
+    t.events.write("hessian_subsets", **{s: idx for s, idx in t.subsets.items()})
+    description = f"{cfg.problem} parameters, one float32 column per recorded step"
+    if run.params.exists():
+        run.params.unlink()  # a run without config holds no finished result
+    t.params_store.create(problem.num_params, layout, description)
+    if cfg.RECORD_GRADIENTS:
+        for split, store in t.grad_stores.items():
+            if store.path.exists():
+                store.path.unlink()
+            store.create(problem.num_params, layout, f"full gradient on the {split} subset")
+    return 0
+
+
+def _resume(t: _Training, snapshot: Path) -> int:
+    """Restore model, optimizer, schedule and RNG state from ``snapshot``; returns its step."""
+    state = load_snapshot(snapshot, t.cfg.device)
+    t.problem.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    start_step = state["step"]
+    t.events.write("resume", step=start_step, snapshot=snapshot.name)
+    get_logger().info("resuming %s from %s (step %d)", t.run.root, snapshot.name, start_step)
+    return start_step
+
+
 def _config_dict(cfg: RunConfig) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg))
 
 
-def _training_loop(
-    cfg,
-    run,
-    problem,
-    subsets,
-    batches,
-    optimizer,
-    schedule,
-    start_step,
-    events,
-    params_store,
-    grad_stores,
-) -> dict:
-    model, loss_fn = problem.model, problem.loss
-    train_x, train_y = problem.train.images, problem.train.labels
-    chunk = cfg.PHYSICAL_BATCH_SIZE
-    record_steps, snapshot_steps = set(cfg.RECORD_STEPS), set(cfg.SNAPSHOT_STEPS)
+def _training_loop(t: _Training, start_step: int) -> dict:
+    """Train from ``start_step`` to ``MAX_STEPS`` or a goal, recording, snapshotting and
+    evaluating on the way; returns the train summary."""
+    cfg, problem = t.cfg, t.problem
     started = time.perf_counter()
-    train_loss = test_loss = float("nan")
-    train_acc = test_acc = None
+    nan = float("nan")
+    metrics = {"train_loss": nan, "train_accuracy": None, "test_loss": nan, "test_accuracy": None}
     stopped_by, step = "MAX_STEPS", start_step
-    model.train()
+    latest = t.run.snapshots / f"{LATEST_SNAPSHOT}.pt"
+    problem.model.train()
     progress = tqdm(
         range(start_step, cfg.MAX_STEPS + 1),
         desc="train",
@@ -226,66 +253,106 @@ def _training_loop(
         mininterval=1.0,
     )
     for step in progress:
-        if step in record_steps:
-            params_store.append(step, flatten_parameters(model))
-            if cfg.RECORD_GRADIENTS:
-                for split, store in grad_stores.items():
-                    idx = subsets[split].to(train_x.device)
-                    data = getattr(problem, split)
-                    grad = flat_gradient(model, loss_fn, data.images[idx], data.labels[idx], chunk)
-                    store.append(step, grad)
-            events.write("record", step=step)
-        if step in snapshot_steps:
-            save_snapshot(run.snapshot(step), step, model, optimizer, schedule, {})
-            events.write("snapshot", step=step)
+        _record(t, step)
         if step % cfg.EVAL_EVERY == 0 or step == cfg.MAX_STEPS:
-            train_loss, train_acc = evaluate(model, loss_fn, train_x, train_y, problem.num_classes)
-            test_loss, test_acc = evaluate(
-                model, loss_fn, problem.test.images, problem.test.labels, problem.num_classes
+            metrics = _evaluate(t, step)
+            progress.set_postfix(
+                train_loss=f"{metrics['train_loss']:.4f}", test_acc=metrics["test_accuracy"]
             )
-            events.write(
-                "eval",
-                step=step,
-                train_loss=train_loss,
-                train_accuracy=train_acc,
-                test_loss=test_loss,
-                test_accuracy=test_acc,
-                lr=optimizer.param_groups[0]["lr"],
-            )
-            progress.set_postfix(train_loss=f"{train_loss:.4f}", test_acc=test_acc)
-            save_snapshot(
-                run.snapshots / f"{LATEST_SNAPSHOT}.pt", step, model, optimizer, schedule, {}
-            )
-            if cfg.TARGET_TEST_ACCURACY is not None and test_acc is not None:
-                if test_acc >= cfg.TARGET_TEST_ACCURACY:
-                    stopped_by = "TARGET_TEST_ACCURACY"
-                    break
-            if cfg.TARGET_TRAIN_LOSS is not None and train_loss <= cfg.TARGET_TRAIN_LOSS:
-                stopped_by = "TARGET_TRAIN_LOSS"
+            save_snapshot(latest, step, problem.model, t.optimizer, t.schedule)
+            goal = _goal_reached(cfg, metrics)
+            if goal is not None:
+                stopped_by = goal
                 break
         if step == cfg.MAX_STEPS:
             break
-        idx = batches.indices(step).to(train_x.device)
-        optimizer.zero_grad(set_to_none=True)
-        batch_loss = loss_and_gradient(model, loss_fn, train_x[idx], train_y[idx], chunk)
-        optimizer.step()
-        schedule.step()
-        events.write("batch", step=step, loss=float(batch_loss))
-        if not torch.isfinite(batch_loss):
+        if not torch.isfinite(_train_step(t, step)):
             stopped_by, step = "diverged", step + 1
             break
     progress.close()
     return {
         "num_params": problem.num_params,
-        "recorded_steps": params_store.steps(),
-        "snapshot_steps": run.snapshot_steps(),
-        "final_train_loss": train_loss,
-        "final_train_accuracy": train_acc,
-        "final_test_loss": test_loss,
-        "final_test_accuracy": test_acc,
+        "recorded_steps": t.params_store.steps(),
+        "snapshot_steps": t.run.snapshot_steps(),
+        "final_train_loss": metrics["train_loss"],
+        "final_train_accuracy": metrics["train_accuracy"],
+        "final_test_loss": metrics["test_loss"],
+        "final_test_accuracy": metrics["test_accuracy"],
         "steps_run": step,
         "stopped_by": stopped_by,
         "wall_seconds": round(time.perf_counter() - started, 3),
         "data": problem.data_note,
         "problem": cfg.problem,
     }
+
+
+def _record(t: _Training, step: int) -> None:
+    """At a recorded step, append the parameters (and gradients); at a snapshot step, save
+    the training state."""
+    cfg, problem, model = t.cfg, t.problem, t.problem.model
+    if step in cfg.RECORD_STEPS:
+        t.params_store.append(step, flatten_parameters(model))
+        if cfg.RECORD_GRADIENTS:
+            for split, store in t.grad_stores.items():
+                idx = t.subsets[split].to(problem.train.images.device)
+                data = getattr(problem, split)
+                grad = flat_gradient(
+                    model,
+                    problem.loss,
+                    data.images[idx],
+                    data.labels[idx],
+                    cfg.PHYSICAL_BATCH_SIZE,
+                )
+                store.append(step, grad)
+        t.events.write("record", step=step)
+    if step in cfg.SNAPSHOT_STEPS:
+        save_snapshot(t.run.snapshot(step), step, model, t.optimizer, t.schedule)
+        t.events.write("snapshot", step=step)
+
+
+def _evaluate(t: _Training, step: int) -> dict:
+    """Loss and accuracy on both splits, logged as an ``eval`` event."""
+    problem = t.problem
+    train_loss, train_acc = evaluate(
+        problem.model, problem.loss, problem.train.images, problem.train.labels, problem.num_classes
+    )
+    test_loss, test_acc = evaluate(
+        problem.model, problem.loss, problem.test.images, problem.test.labels, problem.num_classes
+    )
+    metrics = {
+        "train_loss": train_loss,
+        "train_accuracy": train_acc,
+        "test_loss": test_loss,
+        "test_accuracy": test_acc,
+    }
+    t.events.write("eval", step=step, **metrics, lr=t.optimizer.param_groups[0]["lr"])
+    return metrics
+
+
+def _goal_reached(cfg: RunConfig, metrics: dict) -> str | None:
+    """The goal an evaluation reached (``TARGET_TEST_ACCURACY``, ``TARGET_TRAIN_LOSS``), if any."""
+    test_acc = metrics["test_accuracy"]
+    if cfg.TARGET_TEST_ACCURACY is not None and test_acc is not None:
+        if test_acc >= cfg.TARGET_TEST_ACCURACY:
+            return "TARGET_TEST_ACCURACY"
+    if cfg.TARGET_TRAIN_LOSS is not None and metrics["train_loss"] <= cfg.TARGET_TRAIN_LOSS:
+        return "TARGET_TRAIN_LOSS"
+    return None
+
+
+def _train_step(t: _Training, step: int) -> torch.Tensor:
+    """One update on step ``step``'s batch; returns the batch loss (logged as ``batch``)."""
+    train = t.problem.train
+    idx = t.batches.indices(step).to(train.images.device)
+    t.optimizer.zero_grad(set_to_none=True)
+    batch_loss = loss_and_gradient(
+        t.problem.model,
+        t.problem.loss,
+        train.images[idx],
+        train.labels[idx],
+        t.cfg.PHYSICAL_BATCH_SIZE,
+    )
+    t.optimizer.step()
+    t.schedule.step()
+    t.events.write("batch", step=step, loss=float(batch_loss))
+    return batch_loss

@@ -1,10 +1,9 @@
-"""The stage graph of a run, and what of it is done: the source of truth is the files.
+"""What of a run is done, read from its files: the source of truth for status and resume.
 
-A run's work, in dependency order: train; layout; for every step and split the first
-round of measurement tasks, then (two-pass) the basis solve and the second round, then
-the solve; optionally the exhaustive check. :func:`run_status` reads every flag and
-output file to say which of these are done and which measurement indices are missing,
-so ``hessov status`` and ``hessov resume`` never trust a scheduler's memory of a job.
+:func:`run_status` reads every flag and output file to say which stages are done and which
+measurement indices (and array tasks) are missing, so that ``hessov status`` and the stage
+graph of ``hessov resume`` (:func:`pipeline.launch.graph.build_graph`) never trust a
+scheduler's memory of a job.
 """
 
 from __future__ import annotations

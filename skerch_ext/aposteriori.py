@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from skerch.utils import gaussian_noise
 
-from skerch_ext.measure import MatMat, matmat_in_blocks
+from skerch_ext.measure import matmat_in_blocks
+from skerch_ext.operator import MatMat
 from skerch_ext.seeds import SeedRange
 
 DEFAULT_NUM_PROBES = 30

@@ -39,9 +39,8 @@ import torch
 from skerch.measurements import SSRFT
 from skerch.utils import gaussian_noise, rademacher_noise
 
+from skerch_ext.options import NOISE_TYPES
 from skerch_ext.seeds import MIN_OPERATOR_SEEDS, SeedRange, SeedRegistry
-
-NOISE_TYPES = ("ssrft", "gaussian", "rademacher")
 
 #: i.i.d. columns are generated at most this many entries at a time (256 MiB in float64).
 _IID_CHUNK_ENTRIES = 2**25

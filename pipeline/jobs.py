@@ -1,0 +1,383 @@
+"""What a job runs: every stage's entry point, called with the job's arguments.
+
+A job of the stage graph (:mod:`pipeline.launch.graph`) is an argument list
+``[STAGE, RUN_DIR, KEY=VALUE ...]`` (``train`` takes a config file instead of a run
+directory). :func:`run_job` turns it into the stage function's call: it opens the run, reads
+the run's saved config, applies the few overrides a later stage may take (device, threads and
+the Hessian batch size) and the sketch settings the layout fixed. ``hessov STAGE ...`` on the
+command line, the local launcher, a submitit job and ``slurm/job.sbatch`` all call this one
+function, so a job computes the same thing whichever launcher started it.
+
+Adding a stage means one stage module, one :class:`StageEntry` here and one entry in the
+graph.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import (
+    load_run_config,
+    override_run_config,
+    replay_from_overrides,
+    replay_jobs,
+    saved_run_config,
+)
+from pipeline.errors import ConfigError, MissingInputError
+from pipeline.rundir import RunDir
+
+#: Run-config keys every stage after training may still change: where and how it computes.
+COMPUTE_KEYS = ("device", "threads", "HESSIAN_BATCH_SIZE")
+#: A replay may also change the dtype it computes in.
+REPLAY_COMPUTE_KEYS = ("device", "dtype", "threads", "HESSIAN_BATCH_SIZE")
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    """One stage as a job: its entry point and the arguments it takes.
+
+    Attributes:
+        run: ``run(run_dir, arguments, overrides)``: ``arguments`` are the per-job
+            ``KEY=VALUE`` pairs named in ``keys`` (``step``, ``split``, ...), ``overrides`` the
+            other ``KEY=VALUE`` strings (config overrides). Returns what the command line
+            prints (``None``: nothing).
+        keys: the per-job argument names.
+        summary: one line for ``hessov --help``.
+        description: what ``hessov STAGE --help`` explains.
+    """
+
+    run: Callable[[RunDir, dict[str, str], list[str]], str | None]
+    keys: tuple[str, ...]
+    summary: str
+    description: str
+
+
+def split_arguments(items: list[str], keys: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Separate the per-job arguments named in ``keys`` from config overrides."""
+    arguments, overrides = {}, []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"expected KEY=VALUE, got {item!r}")
+        if key in keys:
+            arguments[key] = value
+        else:
+            overrides.append(item)
+    return arguments, overrides
+
+
+def int_argument(arguments: dict[str, str], key: str) -> int:
+    """``arguments[key]`` as an integer; a clear error naming ``key`` otherwise."""
+    try:
+        return int(arguments[key])
+    except KeyError:
+        raise ConfigError(f"{key}: missing; pass {key}=...") from None
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer, got {arguments[key]!r}") from None
+
+
+def open_run(path: str | Path) -> RunDir:
+    """The run directory at ``path``; a clear error when there is none."""
+    run = RunDir(Path(path))
+    if not run.root.is_dir():
+        raise MissingInputError(f"{run.root} is not a run directory")
+    return run
+
+
+def refuse_overrides(stage: str, overrides: list[str], accepted: str) -> None:
+    """A stage that takes no config overrides names the first one it was given."""
+    if overrides:
+        raise ConfigError(f"{overrides[0].partition('=')[0]}: {stage} accepts only {accepted}")
+
+
+def sketch_inputs(run: RunDir, overrides: list[str]):
+    """What every stage after the layout starts from: the run's config (only
+    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec."""
+    from pipeline.sketchspec import load_spec
+
+    cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
+    spec = load_spec(run)
+    cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    return cfg, spec
+
+
+def steps_and_splits(arguments: dict[str, str], spec) -> list[tuple[int, str]]:
+    """``step=`` and ``split=`` of a job, each defaulting to all of the layout's."""
+    steps = [int_argument(arguments, "step")] if "step" in arguments else spec.steps
+    splits = [arguments["split"]] if "split" in arguments else spec.splits
+    return [(step, split) for step in steps for split in splits]
+
+
+def train_job(config_file: str | None, overrides: list[str]) -> RunDir:
+    """Stage 1 from a config file (optional) and overrides; returns the run."""
+    from pipeline.stages.train import train
+
+    return train(load_run_config(overrides, config_file))
+
+
+def _layout(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.layout import complete_layout, layout
+
+    if run.sketch_spec.is_file() and not overrides:
+        # A layout on disk is finished as it is, whatever the config's defaults say: it may
+        # have been made by hand with other k, s, block_size or recovery.
+        complete_layout(run, load_spec(run))
+    else:
+        layout(run, override_run_config(saved_run_config(run), overrides))
+
+
+def measured_indices(arguments: dict[str, str], spec) -> tuple[range, str]:
+    """The measurement indices of a job and its task name: ``indices=a:b``, ``task=i`` (or
+    ``$SLURM_ARRAY_TASK_ID``), or all of them."""
+    if "indices" in arguments:
+        start, _, stop = arguments["indices"].partition(":")
+        try:
+            return range(int(start), int(stop)), f"{int(start)}-{int(stop)}"
+        except ValueError:
+            raise ConfigError(f"indices: expected a:b, got {arguments['indices']!r}") from None
+    task = arguments.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
+    if task is None:
+        return range(spec.layout.num_measurements), "all"
+    task = int_argument({"task": task}, "task")
+    return spec.task_indices(task), f"task{task}"
+
+
+def _measure(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from pipeline.stages.measure import measure
+
+    cfg, spec = sketch_inputs(run, overrides)
+    indices, task_name = measured_indices(arguments, spec)
+    for step, split in steps_and_splits(arguments, spec):
+        measure(run, cfg, spec, step, split, indices, task_name, arguments.get("round", "first"))
+
+
+def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from pipeline.stages.basis import basis
+
+    cfg, spec = sketch_inputs(run, overrides)
+    if spec.recovery != "two_pass":
+        raise ConfigError(
+            f"recovery: the basis stage is for two_pass, the layout is {spec.recovery}"
+        )
+    for step, split in steps_and_splits(arguments, spec):
+        basis(run, cfg, spec, step, split)
+
+
+def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from pipeline.stages.solve import solve
+
+    cfg, spec = sketch_inputs(run, overrides)
+    for step, split in steps_and_splits(arguments, spec):
+        solve(run, cfg, spec, step, split)
+
+
+def _exhaustive(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from pipeline.stages.exhaustive import exhaustive
+
+    cfg, spec = sketch_inputs(run, overrides)
+    for step, split in steps_and_splits(arguments, spec):
+        exhaustive(run, cfg, spec, step, split)
+
+
+def _analyze(run: RunDir, arguments: dict, overrides: list[str]) -> str | None:
+    from pipeline.sketchspec import load_spec
+    from pipeline.stages.analyze import analyze
+
+    refuse_overrides("analyze", overrides, "step= split= report=")
+    report = arguments.get("report", "true").lower()
+    if report not in ("true", "false"):
+        raise ConfigError(f"report: expected true or false, got {arguments['report']!r}")
+    chosen = {key: arguments[key] for key in ("step", "split") if key in arguments}
+    items = steps_and_splits(chosen, load_spec(run)) if chosen else None
+    analyze(run, items, report=report == "true")
+    return str(run.report) if report == "true" else None
+
+
+def _check_operator(run: RunDir, arguments: dict, overrides: list[str]) -> str:
+    import json
+
+    from pipeline.stages.check_operator import check_operator
+
+    cfg = override_run_config(saved_run_config(run), overrides, (*COMPUTE_KEYS, "dtype"))
+    step = int_argument(arguments, "step")
+    return json.dumps(check_operator(run, cfg, step, arguments.get("split", "train")), indent=2)
+
+
+def replays_to_run(run: RunDir, cfg, settings: list[str]):
+    """The replay jobs ``settings`` name: ``name=NAME`` alone names a configured job or a
+    configured replay with seeds (all its jobs); otherwise an ad-hoc replay from the keys
+    (one job per seed of ``seeds=[...]``)."""
+    configured = {job.name: job for job in replay_jobs(cfg.replays)}
+    seeded = {replay.name: replay_jobs([replay]) for replay in cfg.replays if replay.seeds}
+    if [item.partition("=")[0] for item in settings] == ["name"]:
+        name = settings[0].partition("=")[2]
+        if name in seeded:
+            return seeded[name]
+        if name not in configured:
+            raise ConfigError(
+                f"name: no replay {name!r} in {run.config} (configured: "
+                f"{', '.join(configured) or 'none'}); for an ad-hoc replay pass snapshot= mode= "
+                "scaling= nfilter= eig_freq= ..."
+            )
+        return [configured[name]]
+    if not settings:
+        raise ConfigError(
+            "name: pass name=NAME of a configured replay ("
+            + (", ".join(configured) or "none")
+            + ") or the settings of an ad-hoc one: snapshot=T mode=... scaling=... nfilter=..."
+        )
+    jobs = replay_jobs([replay_from_overrides(cfg, settings)])
+    for job in jobs:
+        if job.name in configured and configured[job.name] != job:
+            raise ConfigError(
+                f"name: {job.name!r} is a configured replay with other settings; pass name=... "
+                "to give this ad-hoc replay its own name"
+            )
+    return jobs
+
+
+def _replay(run: RunDir, arguments: dict, overrides: list[str]) -> str:
+    from pipeline.stages.replay import finished_replay, run_replay
+
+    compute = [item for item in overrides if item.partition("=")[0] in REPLAY_COMPUTE_KEYS]
+    settings = [item for item in overrides if item not in compute]
+    cfg = override_run_config(saved_run_config(run), compute, REPLAY_COMPUTE_KEYS)
+    jobs = replays_to_run(run, cfg, settings)
+    for job in jobs:  # every name free (or finished alike) before the first step of any job
+        finished_replay(run, job)
+    for job in jobs:
+        run_replay(run, cfg, job)
+    return "\n".join(str(run.replay(job.name)) for job in jobs)
+
+
+def _compare(run: RunDir, arguments: dict, overrides: list[str]) -> str:
+    from pipeline.stages.compare import compare
+
+    refuse_overrides("compare", overrides, "zoom=")
+    return str(compare(run, int_argument(arguments, "zoom") if "zoom" in arguments else 0))
+
+
+STAGES: dict[str, StageEntry] = {
+    "layout": StageEntry(
+        _layout,
+        (),
+        "stage 2: fix the sketch settings and create the measurement storage",
+        "Resolve k (default 5% of D), s (default 2k), block_size, MEAS_PER_JOB and the "
+        "steps/splits to measure; write RUN/measurements/sketch.json; create the part files "
+        "(flags 'initialized') and virtual views per step and split, and each split's "
+        "monolithic merge arrays. Overrides: k= s= recovery= noise= block_size= "
+        "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=. "
+        "Without overrides, a layout already on disk is completed as it is.",
+    ),
+    "measure": StageEntry(
+        _measure,
+        ("step", "split", "indices", "task", "round"),
+        "stage 3: take one worker's share of the Hessian sketch measurements",
+        "Measure step=T split=train|test (default: every step and split of the layout) for "
+        "indices=a:b, task=i, or $SLURM_ARRAY_TASK_ID with MEAS_PER_JOB (default: all). "
+        "Skips measured blocks; writes each finished block atomically. With two-pass "
+        "recovery (the default), round=second multiplies H onto the basis Q that "
+        "`hessov basis` wrote after the first round. Also device= threads=.",
+    ),
+    "basis": StageEntry(
+        _basis,
+        ("step", "split"),
+        "stage 4a (two-pass): the orthonormal basis Q of the first round",
+        "For step=T split=train|test (default: every step and split of the layout): verify "
+        "every flag and checksum of the first round, merge, and write Q = qr(H Omega) to "
+        "RUN/measurements/step_T_SPLIT/basis.h5 for the second round. Also device= threads=.",
+    ),
+    "solve": StageEntry(
+        _solve,
+        ("step", "split"),
+        "stage 4b: verify and merge the measurements, solve for the top-k eigenpairs",
+        "Solve step=T split=train|test (default: every step and split of the layout): "
+        "verify every flag and checksum, merge, then Rayleigh-Ritz on the basis and H Q "
+        "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error. "
+        "Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
+    ),
+    "exhaustive": StageEntry(
+        _exhaustive,
+        ("step", "split"),
+        "small networks: exact eigendecomposition next to the sketch",
+        "For D up to ~10,000: the dense Hessian (H @ I in blocks, float64), exact eigh, and "
+        "next to it the sketch at the layout's settings (the solve stage's result, or the "
+        "in-core sketch): top-20 eigenvalue errors, sign-invariant eigenvector residuals, "
+        "subspace overlaps at k = 1, 5, 10, 20, 50, 100 and k. step= split= (default all).",
+    ),
+    "analyze": StageEntry(
+        _analyze,
+        ("step", "split", "report"),
+        "stage 5: magnitude masks vs eigenspaces, crystallization, figures and report",
+        "For step=T split=S (default: every solved step and split): overlap(k) of the "
+        "top-k parameter-magnitude mask with the top-k eigenspace for k = 1..K against "
+        "chance k/D, random masks and the best k-sparse mask; Grassmannian similarities "
+        "across steps for eigenspaces and masks (sparsity 0.005, 0.01, 0.05, 0.2). Writes "
+        "RUN/analysis/analysis.h5, figures/*.png, report.md and the 'analyze' summary; "
+        "names the steps not solved yet and adds them when re-run. report=false analyses "
+        "only, leaving the figures and report to a later call. Prints the report path.",
+    ),
+    "check-operator": StageEntry(
+        _check_operator,
+        ("step", "split"),
+        "check that a recorded step's Hessian is deterministic, symmetric and finite",
+        "Build the Hessian of step=T split=train|test as the measurements will, and "
+        "report a determinism probe (two passes over the data), a symmetry probe "
+        "(v^T H w vs w^T H v), NaN/inf detection and the time of one HVP. Also device= "
+        "dtype= threads=.",
+    ),
+    "replay": StageEntry(
+        _replay,
+        (),
+        "stage 6: continue a run from a snapshot with a spectral filter on the gradient",
+        "Replay a snapshot of a trained run with the gradient filtered in the Hessian's "
+        "top eigenbasis before the optimizer (README, 'Spectral-filter replays'): name=NAME "
+        "runs that replay of the run's config (replays: [...]); or an ad-hoc one: snapshot=T "
+        "mode=none|global_scaling|flat_scaling_v1|flat_scaling_v2|dynamic scaling=ALPHA "
+        "nfilter=N eig_freq=F [neigs= eigensolver=lanczos|sketch eig_tol= warmup=W "
+        "MAX_STEPS= EVAL_EVERY= TARGET_TRAIN_LOSS= STOP_AT_TARGET= TARGET_TRAIN_ACCURACY= "
+        "optimizer.lr= optimizer.name= seeds=[0,1,2] perturbation=1e-3 name=]. Also "
+        "device= dtype= threads= HESSIAN_BATCH_SIZE=. With seeds=[...] a replay is one "
+        "independent job per seed, NAME.seedS in RUN/replays/NAME.seedS/: seed 0 replays "
+        "the snapshot itself, seed S > 0 first perturbs every parameter p <- p (1 + "
+        "perturbation z), z ~ N(0, 1) seeded with S, so that `hessov compare` reports "
+        "what holds across seeds. --list prints one line per job, name=NAME.seedS runs one "
+        "job and name=NAME all of a replay's seeds in turn. Writes RUN/replays/NAME/ and "
+        "the 'replay' summary; a finished replay is not run again, a name used with other "
+        "settings is refused. Prints the directory of each job it ran, one a line.",
+    ),
+    "compare": StageEntry(
+        _compare,
+        ("zoom",),
+        "figures and report comparing every finished replay of a run",
+        "Per snapshot: the train-loss curves of every finished replay (the switch "
+        "marked, the baseline's history before it; the seeds of one replay in one "
+        "colour), a zoom on the first zoom=Z steps after the switch (default a tenth of "
+        "the longest replay), and per replay its sharpness flow over its seeds; "
+        "RUN/replays/report.md gives per replay the median and min-max over its seeds "
+        "of the steps to the loss target and the final loss, and states only what holds "
+        "across seeds: which replay reaches the target first (A is ahead of B only if "
+        "A's slowest seed beats B's fastest), and whether flat_scaling_v1 sent the frozen "
+        "eigenvalues up. Drawing again replaces them. Prints RUN/replays last.",
+    ),
+}
+
+
+def run_job(argv: list[str]) -> str | None:
+    """Run one job, ``[STAGE, RUN_DIR or CONFIG, KEY=VALUE ...]``; returns what the command
+    line prints. Raises :class:`pipeline.errors.HessovError` for what a user can fix."""
+    stage, *rest = argv
+    if stage == "train":
+        if rest and "=" not in rest[0]:  # a config file, then overrides
+            return str(train_job(rest[0], rest[1:]).root)
+        return str(train_job(None, rest).root)
+    if not rest:
+        raise ConfigError(f"{stage}: pass the run directory")
+    target, *items = rest
+    entry = STAGES[stage]
+    arguments, overrides = split_arguments(items, entry.keys)
+    return entry.run(open_run(target), arguments, overrides)

@@ -1,0 +1,300 @@
+"""The stage graph of a run: every job, its arguments, files and dependencies, built once.
+
+A run's work is a list of jobs in dependency order: train; the replays (one job per seed)
+and their comparison; the layout; for every step and split the first round of measurement
+tasks, then (two-pass) the basis and the second round, then the solve, the exhaustive check
+(``EXHAUSTIVE=true``) and the step's analysis; finally the figures and report. Each
+:class:`Job` carries the ``hessov`` arguments of its stage (:func:`pipeline.jobs.run_job`
+runs them), the files it reads and writes (named by :class:`~pipeline.rundir.RunDir`), the
+jobs it waits for and its resources key (``slurm.stages.STAGE``).
+
+:func:`build_graph` makes the list from the config and from what the run's files say is
+done (:func:`pipeline.launch.status.run_status`): a new run gets every job, a resumed one
+only the array tasks with missing indices and the stages whose outputs are missing. Every
+launcher walks this one list: ``hessov run`` locally (:mod:`pipeline.launch.local`) or
+through submitit (:mod:`pipeline.launch.slurm`), ``slurm/submit_chain.sh`` and
+``slurm/run_sequential.sh`` (through ``hessov plan --jobs``), and ``hessov resume``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import RunConfig, replay_jobs, save_config
+from pipeline.errors import RunExistsError
+from pipeline.launch.status import SketchStatus, run_status
+from pipeline.rundir import RunDir
+from pipeline.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job, or one job array with an element per task.
+
+    Attributes:
+        name: unique in the graph, e.g. ``"measure first step=100 split=train"``.
+        stage: the entry point in :data:`pipeline.jobs.STAGES` (or ``train``) and the
+            resources key ``slurm.stages.STAGE``.
+        args: the ``hessov`` arguments after the stage: the run directory (``train``: its
+            config file) and ``KEY=VALUE`` pairs.
+        after: names of the jobs that must succeed first.
+        tasks: the array's task ids (each element adds ``task=ID``); ``None``: one job.
+        inputs: files and directories the job reads.
+        outputs: files and directories the job writes.
+    """
+
+    name: str
+    stage: str
+    args: tuple[str, ...]
+    after: tuple[str, ...] = ()
+    tasks: tuple[int, ...] | None = None
+    inputs: tuple[Path, ...] = ()
+    outputs: tuple[Path, ...] = ()
+
+    def elements(self) -> list[tuple[str, list[str]]]:
+        """``(name, argv)`` of each job this submission runs: one, or one per task."""
+        argv = [self.stage, *self.args]
+        if self.tasks is None:
+            return [(self.name, argv)]
+        return [(f"{self.name} task={task}", [*argv, f"task={task}"]) for task in self.tasks]
+
+    def as_dict(self) -> dict:
+        """The job as plain data (``hessov plan --json``)."""
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "argv": [self.stage, *self.args],
+            "after": list(self.after),
+            "tasks": None if self.tasks is None else list(self.tasks),
+            "inputs": [str(path) for path in self.inputs],
+            "outputs": [str(path) for path in self.outputs],
+        }
+
+
+@dataclass
+class _Builder:
+    """The graph under construction: jobs in order, and the last job of each chain."""
+
+    run: RunDir
+    compute_args: list[str]
+    jobs: list[Job] = field(default_factory=list)
+
+    def add(self, name, stage, args, after, inputs=(), outputs=(), tasks=None) -> tuple[str, ...]:
+        """Append a job; returns its name as the dependency of what follows it."""
+        args = (str(self.run.root), *args, *self.compute_args)
+        self.jobs.append(Job(name, stage, args, tuple(after), tasks, tuple(inputs), tuple(outputs)))
+        return (name,)
+
+
+def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where, after):
+    """The measurement rounds of one step and split (and the basis between them); returns
+    the dependency of the solve."""
+    run, (step, split) = graph.run, where
+    label = f"step={step} split={split}"
+    previous = after
+    for round_name in spec.rounds:
+        if round_name == "second" and not (item and item.basis_written):
+            previous = graph.add(
+                f"basis {label}",
+                "basis",
+                (f"step={step}", f"split={split}"),
+                previous,
+                [run.measurement_parts(step, split, "first")],
+                [run.two_pass_basis(step, split)],
+            )
+        tasks = item.rounds[round_name].tasks_missing if item else list(range(spec.num_tasks))
+        if tasks:
+            inputs = [run.sketch_spec]
+            if round_name == "second":
+                inputs.append(run.two_pass_basis(step, split))
+            previous = graph.add(
+                f"measure {round_name} {label}",
+                "measure",
+                (f"step={step}", f"split={split}", f"round={round_name}"),
+                previous,
+                inputs,
+                [run.measurement_parts(step, split, round_name)],
+                tuple(tasks),
+            )
+    return previous
+
+
+def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) -> tuple[str, ...]:
+    """Every job of one step and split still needed; returns the names the report waits for."""
+    run, (step, split) = graph.run, where
+    args = (f"step={step}", f"split={split}")
+    label = f"step={step} split={split}"
+    solved = item is not None and item.solved
+    previous = after
+    if not solved:
+        previous = _rounds(graph, spec, item, where, after)
+        inputs = [run.measurement_parts(step, split, name) for name in spec.rounds]
+        previous = graph.add(
+            f"solve {label}", "solve", args, previous, inputs, [run.eigen(step, split)]
+        )
+    waited: tuple[str, ...] = ()
+    if exhaustive and not (item and item.exhaustive_done):
+        waited += graph.add(
+            f"exhaustive {label}",
+            "exhaustive",
+            args,
+            previous,
+            [run.eigen(step, split)],
+            [run.exhaustive(step, split)],
+        )
+    if not (item and item.analysed):
+        waited += graph.add(
+            f"analyze {label}",
+            "analyze",
+            (*args, "report=false"),
+            previous,
+            [run.eigen(step, split)],
+            [run.analysis_step(step, split)],
+        )
+    return waited
+
+
+def _replay_jobs(graph: _Builder, cfg: RunConfig, trained: tuple[str, ...]) -> None:
+    """One job per configured replay and seed not finished yet, then their comparison."""
+    run, replayed = graph.run, ()
+    for job in replay_jobs(cfg.replays):
+        if not run.replay_summary(job.name).is_file():  # written when it finished
+            replayed += graph.add(
+                f"replay name={job.name}",
+                "replay",
+                (f"name={job.name}",),
+                trained,
+                [run.snapshots],
+                [run.replay(job.name)],
+            )
+    if replayed or (cfg.replays and not run.replay_report.is_file()):
+        graph.add("compare", "compare", (), replayed, [run.replays], [run.replay_report])
+
+
+def build_graph(
+    run: RunDir, spec: SketchSpec, status: dict | None, cfg: RunConfig, compute_args=()
+) -> list[Job]:
+    """The jobs ``run`` still needs, in an order that respects every dependency.
+
+    Args:
+        run: the run directory.
+        spec: the sketch settings (the layout's on disk, or the config's resolved).
+        status: :func:`~pipeline.launch.status.run_status` of the run; ``None`` when
+            nothing exists yet (every job).
+        cfg: the run's config (replays, ``EXHAUSTIVE``).
+        compute_args: ``device=``, ``threads=`` passed on to every job after training.
+    """
+    done = status or {"train": False, "layout": False, "sketches": []}
+    items = {(item.step, item.split): item for item in done["sketches"]}
+    graph = _Builder(run, list(compute_args))
+    trained: tuple[str, ...] = ()
+    if not done["train"]:
+        # resume=true: a job requeued after a node failure continues from its last snapshot.
+        graph.jobs.append(
+            Job(
+                "train",
+                "train",
+                (str(run.config), f"RUN_DIR={run.root}", "resume=true", *compute_args),
+                outputs=(run.params, run.snapshots, run.summary("train")),
+            )
+        )
+        trained = ("train",)
+    _replay_jobs(graph, cfg, trained)
+    laid_out = trained
+    if not done["layout"]:
+        laid_out = graph.add("layout", "layout", (), trained, [run.params], [run.sketch_spec])
+    analysed: tuple[str, ...] = ()
+    for step in spec.steps:
+        for split in spec.splits:
+            item = items.get((step, split))
+            analysed += _sketch_jobs(graph, spec, item, (step, split), laid_out, cfg.EXHAUSTIVE)
+    if analysed or not run.report.is_file():
+        graph.add("report", "analyze", (), analysed, [run.analysis], [run.report])
+    return graph.jobs
+
+
+@dataclass
+class RunPlan:
+    """A run directory, its sketch settings, D and the jobs still needed."""
+
+    run: RunDir
+    spec: SketchSpec
+    jobs: list[Job]
+
+    def as_dict(self) -> dict:
+        """Everything ``hessov plan --json`` prints."""
+        return {
+            "run_dir": str(self.run.root),
+            "dim": self.spec.layout.dim,
+            "rounds": list(self.spec.rounds),
+            "tasks": self.spec.num_tasks,
+            "sketches": [[step, split] for step in self.spec.steps for split in self.spec.splits],
+            "replays": [job.name.partition("=")[2] for job in self.jobs if job.stage == "replay"],
+            "jobs": [job.as_dict() for job in self.jobs],
+        }
+
+    def as_lines(self) -> str:
+        """A readable summary: ``key value`` lines, then one line per job."""
+        lines = [
+            f"run_dir {self.run.root}",
+            f"dim {self.spec.layout.dim}",
+            f"rounds {' '.join(self.spec.rounds)}",
+            f"tasks {self.spec.num_tasks}",
+            f"jobs {len(self.jobs)}",
+        ]
+        for job in self.jobs:
+            size = f" ({len(job.tasks)} array tasks)" if job.tasks is not None else ""
+            after = f"  after: {', '.join(job.after)}" if job.after else ""
+            lines.append(f"  {job.name}{size}{after}")
+        return "\n".join(lines)
+
+
+def plan_run(cfg: RunConfig) -> RunPlan:
+    """The plan of ``cfg``'s run: a new run directory unless ``RUN_DIR`` names an unfinished
+    one, whose files then say what is done. A layout on disk that differs from the config's
+    is refused (``hessov resume`` finishes a layout made by hand)."""
+    from pipeline.problems import build_problem
+    from pipeline.stages.train import new_run_dir
+
+    dim = build_problem(cfg).num_params
+    run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
+    spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
+    status = run_status(run) if run.config.is_file() else None
+    if status and status["layout"]:
+        spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
+    return RunPlan(run, spec, build_graph(run, spec, status, cfg))
+
+
+def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
+    """What ``run`` is missing, from its files: the sketch its layout holds (or, before the
+    layout, the config's), with ``compute_args`` passed on to every job after training."""
+    status = run_status(run)
+    if status["layout"]:
+        spec = load_spec(run)
+    else:
+        from pipeline.problems import build_problem
+
+        spec = resolve_spec(cfg, build_problem(cfg).num_params, list(cfg.RECORD_STEPS))
+    return RunPlan(run, spec, build_graph(run, spec, status, cfg, compute_args))
+
+
+def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:
+    """Make ``plan``'s run directory ready for its jobs, before any is started: refuse a
+    finished run, and save the resolved config the train job reads (its presence marks a run
+    whose training is pending; training with ``resume=true`` starts it from scratch)."""
+    from pipeline.stages.train import prepare_run_dir
+
+    run = plan.run
+    if cfg.RUN_DIR:
+        try:
+            prepare_run_dir(cfg)  # the refusals the train job would meet
+        except RunExistsError as err:
+            backend = " backend=slurm" if cfg.backend == "slurm" else ""
+            raise RunExistsError(
+                f"{err} To finish what it is missing: hessov resume {run.root}{backend}"
+            ) from None
+    cfg.RUN_DIR, cfg.resume = str(run.root), True
+    if not run.config.is_file():
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run.config)
