@@ -35,10 +35,12 @@ REFERENCES = {
     "consecutive": "between consecutive recorded steps",
 }
 DPI = 110
+#: The mask ratio whose crystallization is drawn in detail, when the run recorded it.
+MASK_DETAIL_RATIO = 0.05
 
 
 def _panels(count: int, width: float = 4.6, height: float = 3.6):
-    columns = 2 if count == 4 else min(count, 3)
+    columns = 2 if count == 4 else min(count, 3)  # noqa: PLR2004 (four panels: a 2 x 2 grid)
     rows = -(-count // columns)
     fig, axes = plt.subplots(
         rows, columns, figsize=(width * columns, height * rows), squeeze=False, layout="constrained"
@@ -51,7 +53,8 @@ def _panels(count: int, width: float = 4.6, height: float = 3.6):
 def plot_overlap(curves: dict[int, dict[str, np.ndarray]], split: str, dimension: int):
     """Overlap(k) of the magnitude mask for each step, with the random baselines and the best
     ``k``-sparse mask, on log-log axes. ``curves[step]`` holds the datasets of
-    ``overlap/{split}/step_T``."""
+    ``overlap/{split}/step_T``.
+    """
     fig, axes = _panels(len(curves))
     for ax, (step, c) in zip(axes, sorted(curves.items()), strict=True):
         k = c["k"]
@@ -85,7 +88,8 @@ def plot_overlap(curves: dict[int, dict[str, np.ndarray]], split: str, dimension
 
 def plot_overlap_ratio(curves: dict[int, dict[str, np.ndarray]], split: str):
     """Overlap divided by the chance level ``k / D``, one line per step (the best mask dotted);
-    1 means no better than chance."""
+    1 means no better than chance.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(curves)))
     for color, (step, c) in zip(colors, sorted(curves.items()), strict=True):
@@ -107,7 +111,8 @@ def plot_overlap_ratio(curves: dict[int, dict[str, np.ndarray]], split: str):
 
 def plot_spectra(eigenvalues: dict[int, np.ndarray], split: str):
     """``|lambda_i|`` against rank ``i`` (by ``|lambda|``) per step, log-log; negative
-    eigenvalues as open markers."""
+    eigenvalues as open markers.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(eigenvalues)))
     for color, (step, values) in zip(colors, sorted(eigenvalues.items()), strict=True):
@@ -189,7 +194,8 @@ def read_overlap_curves(handle: h5py.File, split: str) -> dict[int, dict[str, np
 def read_crystallization(group: h5py.Group) -> dict:
     """``{size: {reference: {column: array, "random": {metric: float}}}}`` from a
     ``crystallization/eigenspaces/{split}`` or ``crystallization/masks`` group; ``size`` is the
-    subspace dimension (eigenspaces) or the sparsity ratio (masks)."""
+    subspace dimension (eigenspaces) or the sparsity ratio (masks).
+    """
     data = {}
     for sub in group.values():
         key = sub.attrs["ratio"] if "ratio" in sub.attrs else int(sub.attrs["size"])
@@ -255,7 +261,7 @@ def draw_all(results: Path, out_dir: Path) -> list[dict]:
             add(f"eigenspace_crystallization_{split}", f"Eigenspace crystallization, {split}", fig)
         if "crystallization/masks" in handle:
             data = read_crystallization(handle["crystallization/masks"])
-            detail = 0.05 if 0.05 in data else max(data)
+            detail = MASK_DETAIL_RATIO if MASK_DETAIL_RATIO in data else max(data)
             fig = plot_crystallization(
                 data, "Crystallization of the parameter-magnitude masks", "ratio", detail
             )

@@ -11,15 +11,13 @@ Reference: G. Zhang, L. Li, Z. Nado, J. Martens, S. Sachdeva, G. E. Dahl, C. J. 
 R. Grosse, "Which Algorithmic Choices Matter at Which Batch Sizes? Insights From a Noisy
 Quadratic Model", NeurIPS 2019 (arXiv:1907.04164), sections 2-4 and appendix B.
 
-Model (Zhang et al. 2019, section 2)
-------------------------------------
-Loss ``L(x) = 0.5 * sum_i h_i x_i^2`` over ``K`` dimensions with curvatures ``h_i = 1/i``. A
-batch of ``B`` examples gives the gradient ``h_i x_i + e_i`` with independent zero-mean noise
-of variance ``sigma_i^2 = h_i / B``. The start is ``x_0 ~ N(0, I)``, so ``s_i = E[x_i^2]``
-starts at ``s_0 = 1`` and the expected loss is ``E[L] = 0.5 * sum_i h_i s_i``. A diagonal
-preconditioner ``P_i = h_i^(-p)`` (``p = 0``: SGD, ``p = 0.5``: Adam-like) gives dimension
-``i`` the learning rate ``a_i = a P_i``. Every dimension evolves on its own; below,
-``x = a_i h_i`` (the per-step contraction) and ``q = a_i^2 sigma_i^2`` (the injected noise).
+Model (Zhang et al. 2019, section 2): loss ``L(x) = 0.5 * sum_i h_i x_i^2`` over ``K`` dimensions
+with curvatures ``h_i = 1/i``. A batch of ``B`` examples gives the gradient ``h_i x_i + e_i`` with
+independent zero-mean noise of variance ``sigma_i^2 = h_i / B``. The start is ``x_0 ~ N(0, I)``, so
+``s_i = E[x_i^2]`` starts at ``s_0 = 1`` and the expected loss is ``E[L] = 0.5 * sum_i h_i s_i``. A
+diagonal preconditioner ``P_i = h_i^(-p)`` (``p = 0``: SGD, ``p = 0.5``: Adam-like) gives dimension
+``i`` the learning rate ``a_i = a P_i``. Every dimension evolves on its own; below, ``x = a_i h_i``
+(the per-step contraction) and ``q = a_i^2 sigma_i^2`` (the injected noise).
 
 SGD: ``s' = (1 - x)^2 s + q``, so with ``beta = (1 - x)^2`` and the stationary value
 ``s* = q / (1 - beta) = a_i / (B (2 - x))``::
@@ -60,15 +58,14 @@ system with ``A = [[1 - x, 0], [(1 - g)(1 - x), g]]``, noise direction ``(1, 1 -
     E[theta u]* = (1 - g) s* / (1 - g (1 - x)),
     E[u^2]*     = (1 - g) s* (1 + g (1 - x)) / ((1 + g) (1 - g (1 - x))).
 
-Steps to target
----------------
-The steps to a target loss ``C`` are the integer ``n`` with ``L(n - 1) > C >= L(n)``, found by
-bisection on a bracket that keeps this invariant (``L(lo) > C >= L(hi)``), so the answer is
-exact; it is infinite when the stationary loss is ``>= C``, the dynamics are unstable, or the
-crossing lies beyond ``max_steps``. When ``L`` is non-increasing in ``t`` the crossing is the
-first passage. That holds for SGD and preconditioned SGD whenever the target is reachable:
-every ``s_i`` then moves monotonically from ``s_0`` down to ``s*_i < s_0``. Under momentum
-``E[theta^2]`` may oscillate, and the answer is a crossing found by the bisection.
+Steps to target: the steps to a target loss ``C`` are the integer ``n`` with
+``L(n - 1) > C >= L(n)``, found by bisection on a bracket that keeps this invariant
+(``L(lo) > C >= L(hi)``), so the answer is exact; it is infinite when the stationary loss is
+``>= C``, the dynamics are unstable, or the crossing lies beyond ``max_steps``. When ``L`` is
+non-increasing in ``t`` the crossing is the first passage. That holds for SGD and preconditioned SGD
+whenever the target is reachable: every ``s_i`` then moves monotonically from ``s_0`` down to
+``s*_i < s_0``. Under momentum ``E[theta^2]`` may oscillate, and the answer is a crossing found by
+the bisection.
 
 The fewest steps over a grid of learning rates (and momenta) is one bisection for the whole
 grid: a grid point whose loss is still above ``C`` at a probe ``t`` that another point has
@@ -79,11 +76,10 @@ rate, where heavy ball behaves like SGD at small batch sizes). Across a batch-si
 previous optimum is searched again, so the fewest steps never rise with the batch size (at a
 fixed ``(a, b)`` a larger batch only removes noise).
 
-Schedules and the critical batch size
--------------------------------------
-A piecewise-constant schedule with learning rate ``a_k`` for ``n_k`` steps composes the SGD
-closed form piece by piece; the final loss and its exact gradient with respect to ``log a_k``
-(reverse mode, written out in ``schedule_final_loss``) feed scipy's L-BFGS-B.
+Schedules and the critical batch size: a piecewise-constant schedule with learning rate ``a_k`` for
+``n_k`` steps composes the SGD closed form piece by piece; the final loss and its exact gradient
+with respect to ``log a_k`` (reverse mode, written out in ``schedule_final_loss``) feed scipy's
+L-BFGS-B.
 
 The critical batch size (``critical_batch_size``) is the smallest batch size ``B`` of a
 doubling sweep at which doubling the batch reduces the fewest steps by less than a factor
@@ -158,7 +154,8 @@ class Optimizer:
 
 def _signed_power(negative: np.ndarray, log_abs: np.ndarray, n: np.ndarray, odd: np.ndarray):
     """``r^n`` from ``r < 0`` and ``log|r|`` for integer ``n >= 0`` of parity ``odd``;
-    ``0^0 = 1``."""
+    ``0^0 = 1``.
+    """
     magnitude = np.exp(np.where(n == 0, 0.0, n * log_abs))
     return np.where(negative & odd, -magnitude, magnitude)
 
@@ -186,7 +183,8 @@ def _real_lucas(r1: np.ndarray, one_minus_q: np.ndarray, q_negative: np.ndarray)
 
 def _complex_lucas(rho: np.ndarray, phi: np.ndarray) -> dict:
     """Per-element data for ``f_n`` with roots ``rho e^(+-i phi)``:
-    ``f_n = rho^(n-1) sin(n phi) / sin(phi)``."""
+    ``f_n = rho^(n-1) sin(n phi) / sin(phi)``.
+    """
     return {"log_rho": np.log(rho), "inv_rho": 1.0 / rho, "phi": phi, "sin_phi": np.sin(phi)}
 
 
@@ -212,10 +210,18 @@ def _lucas_pair(data: dict, n: np.ndarray, odd: np.ndarray) -> tuple[np.ndarray,
     )
 
 
+#: Below this ``x``, ``log|1 - x|`` is ``log1p(-x)``, which keeps the digits of small ``x``.
+_LOG1P_BELOW = 0.5
+
+
 def _log_abs_one_minus(x: np.ndarray) -> np.ndarray:
     """``log|1 - x|`` without cancellation for small ``x``; ``-inf`` at ``x = 1``."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(x < 0.5, np.log1p(-np.minimum(x, 0.5)), np.log(np.abs(1.0 - x)))
+        return np.where(
+            x < _LOG1P_BELOW,
+            np.log1p(-np.minimum(x, _LOG1P_BELOW)),
+            np.log(np.abs(1.0 - x)),
+        )
 
 
 class _SGDModes:
@@ -231,7 +237,7 @@ class _SGDModes:
         self.s0 = s0
         step = self.lr[:, None] * preconditioner(h, power)
         x = step * h
-        self.stable = np.all((x > 0) & (x < 2), axis=1)
+        self.stable = np.all((x > 0) & (x < 2), axis=1)  # noqa: PLR2004 (SGD's 0 < x < 2)
         self.log_beta = 2.0 * _log_abs_one_minus(x)
         with np.errstate(divide="ignore"):
             self.s_unit = step / (2.0 - x)
@@ -271,9 +277,11 @@ class _LinearModes:
     evaluate the other group's formula.
     """
 
-    def __init__(self, row, lr, momentum, h, s0, x, a_row, det, star, sigma_0, stable, lucas):
+    # The arrays of one precomputation, which its two builders (momentum, EMA) pass once.
+    def __init__(self, row, lr, momentum, h, s0, x, a_row, det, star, sigma_0, stable, lucas):  # noqa: PLR0913, PLR0917
         """``x``, ``a_row``, ``det``, ``star`` (``(S00, S01, S11)`` at ``B = 1``): ``(G, K)``;
-        ``lucas``: ``(real, r1, one_minus_q, q_negative, rho, phi)``, ``(G, K)`` each."""
+        ``lucas``: ``(real, r1, one_minus_q, q_negative, rho, phi)``, ``(G, K)`` each.
+        """
         self.row, self.lr, self.momentum, self.sigma_0 = row, lr, momentum, sigma_0
         self.shape = x.shape
         weight = 0.5 * h
@@ -434,7 +442,7 @@ def _ema_modes(lr, decay: float, h, power: float = 0.0, s0: float = 1.0) -> _Lin
         det=g * (1.0 - x),
         star=(s_star, cross, average),
         sigma_0=(s0, s0, s0),
-        stable=(x > 0) & (x < 2),
+        stable=(x > 0) & (x < 2),  # noqa: PLR2004 (SGD's 0 < x < 2)
         lucas=lucas,
     )
 
@@ -464,7 +472,8 @@ def ema_second_moment(t, lr, decay, h, batch_size, power=0.0, s0=1.0) -> np.ndar
 
 def momentum_transition_matrix(lr, momentum, h, power=0.0) -> np.ndarray:
     """The 3x3 map of ``(E theta^2, E v^2, E theta v)`` per dimension, shape ``(K, 3, 3)``
-    (module docstring); the affine noise part is ``q (1, 1, 1)`` with ``q = (a P)^2 h / B``."""
+    (module docstring); the affine noise part is ``q (1, 1, 1)`` with ``q = (a P)^2 h / B``.
+    """
     x = lr * preconditioner(h, power) * h
     b = momentum
     matrix = np.zeros((x.size, 3, 3))
@@ -548,7 +557,8 @@ def steps_to_target(
     s0: float = 1.0,
 ) -> float:
     """Fewest steps ``n`` with ``L(n - 1) > target >= L(n)`` for one configuration (an int),
-    or ``math.inf`` when the target is out of reach (see the module docstring)."""
+    or ``math.inf`` when the target is out of reach (see the module docstring).
+    """
     modes = _modes(optimizer, np.array([lr]), np.array([momentum]), np.asarray(h), s0)
     return _fewest_steps(modes, batch_size, target, max_steps, None)[0]
 
@@ -557,7 +567,8 @@ def steps_to_target(
 class SearchGrid:
     """Log-spaced grids of learning rates and momenta (log-spaced in ``1 - b``, from
     ``b = 0`` to ``momentum_max``), refined ``refine_rounds`` times around the best point
-    with ``refine_points`` per axis spanning its two neighbours on the previous grid."""
+    with ``refine_points`` per axis spanning its two neighbours on the previous grid.
+    """
 
     lr_min: float = 1e-6
     lr_max: float = 4.0
@@ -569,6 +580,7 @@ class SearchGrid:
     max_steps: int = DEFAULT_MAX_STEPS
 
     def log_learning_rates(self) -> np.ndarray:
+        """``log a``, ``lr_points`` of them, evenly spaced from ``lr_min`` to ``lr_max``."""
         return np.linspace(math.log(self.lr_min), math.log(self.lr_max), self.lr_points)
 
     def log_momentum_gaps(self) -> np.ndarray:
@@ -579,7 +591,8 @@ class SearchGrid:
 @dataclass(frozen=True)
 class Optimum:
     """Fewest steps to the target (``math.inf`` if unreachable, 0 if the start is already
-    below it) and the learning rate and momentum that attain it (``None`` if none does)."""
+    below it) and the learning rate and momentum that attain it (``None`` if none does).
+    """
 
     steps: float
     lr: float | None
@@ -612,7 +625,8 @@ def _local_points(best: Optimum, lr_spacing, gap_spacing, points: int, gap_lower
 
 class _Search:
     """The grid search of one algorithm; the coarse grid's modes are built once and reused
-    for every batch size (only the noise, ``1/B``, changes between batch sizes)."""
+    for every batch size (only the noise, ``1/B``, changes between batch sizes).
+    """
 
     def __init__(self, optimizer: Optimizer, h: np.ndarray, grid: SearchGrid, s0: float = 1.0):
         self.optimizer, self.h, self.grid, self.s0 = optimizer, h, grid, s0
@@ -689,7 +703,8 @@ def optimal_hyperparameters(
     s0: float = 1.0,
 ) -> Optimum:
     """Fewest steps to ``target`` over the learning-rate (and momentum) grid, refined, and
-    over the extra ``(lr, momentum)`` ``points``."""
+    over the extra ``(lr, momentum)`` ``points``.
+    """
     search = _Search(optimizer, np.asarray(h, dtype=np.float64), grid, s0)
     return search.optimum(batch_size, target, hint, points)
 
@@ -750,7 +765,8 @@ def critical_batch_size(
 
 def schedule_piece_steps(total_steps: int, pieces: int) -> np.ndarray:
     """Lengths of ``pieces`` consecutive pieces summing to ``total_steps``, as equal as
-    possible (earlier pieces take the remainder), shape ``(pieces,)``."""
+    possible (earlier pieces take the remainder), shape ``(pieces,)``.
+    """
     base, extra = divmod(int(total_steps), pieces)
     return np.array([base + (k < extra) for k in range(pieces)], dtype=np.float64)
 
@@ -811,6 +827,7 @@ class Schedule:
 
     @property
     def total_steps(self) -> int:
+        """The steps of all pieces together."""
         return int(self.piece_steps.sum())
 
 
@@ -831,7 +848,8 @@ def optimal_schedule(
 ) -> Schedule:
     """The piecewise-constant schedule of ``total_steps`` steps in ``pieces`` equal pieces
     that minimises the final expected loss (L-BFGS-B on ``log L`` over ``log a_k``, exact
-    gradients, bounded to ``[lr_min, stability limit)``). Never worse than ``init_lrs``."""
+    gradients, bounded to ``[lr_min, stability limit)``). Never worse than ``init_lrs``.
+    """
     h = np.asarray(h, dtype=np.float64)
     piece_steps = schedule_piece_steps(total_steps, pieces)
     upper = math.log(_lr_ceiling(h, power)) + math.log1p(-1e-9)
@@ -858,7 +876,8 @@ def optimal_schedule(
 @dataclass(frozen=True)
 class ScheduleResult:
     """Fewest steps with an optimised schedule: the schedule reaches the target at
-    ``steps``; at ``steps_lower`` the optimiser found none that does."""
+    ``steps``; at ``steps_lower`` the optimiser found none that does.
+    """
 
     steps: int
     steps_lower: int
@@ -901,7 +920,7 @@ def fewest_steps_with_schedule(
 # --------------------------------------------------------------------------- Monte Carlo
 
 
-def simulate_nqm(
+def simulate_nqm(  # noqa: PLR0913, PLR0917 (a check taking the closed forms' settings)
     lr: float,
     batch_size: float,
     h: np.ndarray,

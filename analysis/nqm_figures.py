@@ -65,7 +65,8 @@ def plot_steps_vs_batch_size(
     path: Path,
 ) -> Path:
     """Fewest steps to the target loss against batch size, one curve per algorithm, with
-    the critical batch size of each marked by a star."""
+    the critical batch size of each marked by a star.
+    """
     fig, ax = plt.subplots(figsize=(7, 5))
     _steps_panel(ax, curves, critical)
     ax.set_ylabel(f"steps to reach E[L] ≤ {target:g} (optimizer steps)")
@@ -84,7 +85,8 @@ def plot_steps_by_preconditioner_power(
     path: Path,
 ) -> Path:
     """Fewest steps to the target against batch size for each preconditioner power ``p``
-    (``P = h^-p``; p = 0 is SGD, p = 0.5 Adam-like), no momentum."""
+    (``P = h^-p``; p = 0 is SGD, p = 0.5 Adam-like), no momentum.
+    """
     fig, ax = plt.subplots(figsize=(7, 5))
     _steps_panel(ax, curves, critical)
     ax.set_ylabel(f"steps to reach E[L] ≤ {target:g} (optimizer steps)")
@@ -103,7 +105,8 @@ def plot_optimal_hyperparameters(
 ) -> Path:
     """Optimal learning rate ``a``, effective learning rate ``a / (1 - b)`` and ``1 - b`` of
     the optimal momentum ``b``, against batch size. ``momenta`` holds the algorithms with
-    momentum (the others have ``b = 0``)."""
+    momentum (the others have ``b = 0``).
+    """
     fig, (ax_lr, ax_eff, ax_mom) = plt.subplots(1, 3, figsize=(16, 4.8))
     for label, (batch_sizes, lrs) in learning_rates.items():
         xs, ys = _finite(batch_sizes, lrs)

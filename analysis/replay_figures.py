@@ -36,15 +36,16 @@ MODE_COLORMAPS = {
 class ReplayCurves:
     """What one replay logged, in replay steps ``s`` (global step ``snapshot + s``).
 
-    :ivar group: the replay whose seed this is (its own name without seeds); the seeds of
-        one group are drawn in one colour.
-    :ivar seed: the seed of its starting point (None: the snapshot, unseeded).
-    :ivar steps: ``(S,)`` steps of ``train_loss``.
-    :ivar train_loss: ``(S,)`` loss at the parameters after ``s`` updates.
-    :ivar eigen_steps: ``(E,)`` steps of the eigenvalue recomputations.
-    :ivar eigenvalues: ``(E, k)``, each row by ``|lambda|`` descending (``k = 0``: none).
-    :ivar lr: the base learning rate ``eta``.
-    :ivar summary: the replay's recorded summary.
+    Attributes:
+        group: the replay whose seed this is (its own name without seeds); the seeds of one group
+            are drawn in one colour.
+        seed: the seed of its starting point (None: the snapshot, unseeded).
+        steps: ``(S,)`` steps of ``train_loss``.
+        train_loss: ``(S,)`` loss at the parameters after ``s`` updates.
+        eigen_steps: ``(E,)`` steps of the eigenvalue recomputations.
+        eigenvalues: ``(E, k)``, each row by ``|lambda|`` descending (``k = 0``: none).
+        lr: the base learning rate ``eta``.
+        summary: the replay's recorded summary.
     """
 
     name: str
@@ -110,7 +111,8 @@ def draw_loss_comparison(
     group as thin lines of one colour), the switch step dashed; ``zoom``: only the first
     ``zoom`` steps after the switch (and a fifth as many before it), with the loss axis
     fitted to them. ``history_*``: ``(H,)`` global steps and
-    losses of the baseline run before the snapshot."""
+    losses of the baseline run before the snapshot.
+    """
     snapshot = curves[0].snapshot
     colors = _colors(curves)
     figure, axis = plt.subplots(figsize=(10, 6))
@@ -159,7 +161,8 @@ def draw_sharpness_flow(
     """Loss above; below, each of the top eigenvalues against the global step, with the
     lines ``2 / eta`` (the maximal stable sharpness) and, if ``alpha != 1``,
     ``2 / (alpha eta)``; for filtering modes eigenvalue N+1 (the first unfrozen) is bold.
-    ``curves``: the seeds of one group, drawn over each other (thinner lines for several)."""
+    ``curves``: the seeds of one group, drawn over each other (thinner lines for several).
+    """
     curve = curves[0]
     snapshot, thin = curve.snapshot, 1.6 if len(curves) > 1 else 1.0
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)

@@ -58,7 +58,7 @@ def sharpening_under_v1(curve: ReplayCurves) -> dict | None:
         recomputations of at least N eigenvalues.
     """
     values, n = curve.eigenvalues, curve.nfilter
-    if values.shape[0] < 2 or values.shape[1] < n:
+    if values.shape[0] < 2 or values.shape[1] < n:  # noqa: PLR2004 (first and last)
         return None
     result = {
         "lambda_1": [values[0, 0], values[-1, 0]],
@@ -98,7 +98,8 @@ def group_findings(members: list[ReplayCurves]) -> dict:
 
 def _baseline_findings(members: list[ReplayCurves]) -> dict | None:
     """Sharpness of the baseline group at the snapshot (median over its seeds) and its range
-    over every seed's replay; None without eigenvalues."""
+    over every seed's replay; None without eigenvalues.
+    """
     members = [c for c in members if c.eigenvalues.size]
     if not members:
         return None
@@ -118,7 +119,8 @@ def _baseline_findings(members: list[ReplayCurves]) -> dict | None:
 
 def _v1_across_seeds(items: list[dict]) -> dict:
     """:func:`sharpening_under_v1` of one group's seeds: in how many of them the frozen top-N
-    went up and eigenvalue N+1 reached each line, and the spread of the eigenvalues."""
+    went up and eigenvalue N+1 reached each line, and the spread of the eigenvalues.
+    """
     spread = replay_groups.spread
     result = {
         "seeds": len(items),
@@ -142,7 +144,8 @@ def _v1_across_seeds(items: list[dict]) -> dict:
 
 def _ranking_findings(members: dict[str, list], groups: dict[str, dict]) -> dict:
     """The order to the loss target by median, and what holds across seeds, among the
-    groups with a loss target."""
+    groups with a loss target.
+    """
     ranked = {
         name: groups[name]
         for name, group in members.items()
@@ -177,7 +180,8 @@ def _ranking_findings(members: dict[str, list], groups: dict[str, dict]) -> dict
 
 def _v1_findings(curves: list[ReplayCurves], members: dict[str, list]) -> dict:
     """``flat_scaling_v1``: :func:`sharpening_under_v1` per replay; ``flat_scaling_v1_groups``:
-    the same over the seeds of each group that has it."""
+    the same over the seeds of each group that has it.
+    """
     v1 = {c.name: sharpening_under_v1(c) for c in curves if c.mode == "flat_scaling_v1"}
     across_seeds = {}
     for name, group in members.items():

@@ -65,7 +65,8 @@ def group_statistics(summaries: list[dict]) -> dict:
 
 def ahead(a: dict, b: dict) -> bool:
     """Whether group ``a`` is ahead of group ``b`` (:data:`RANKING_RULE`); both are
-    :func:`group_statistics`."""
+    :func:`group_statistics`.
+    """
     return bool(_steps(a["steps_to_target"]).max() < _steps(b["steps_to_target"]).min())
 
 
@@ -79,7 +80,8 @@ def ranking(groups: dict[str, dict]) -> dict[str, list[str]]:
 
 def first_to_target(groups: dict[str, dict]) -> str | None:
     """The group ahead of every other one, whose seeds all reached the target; None where
-    no group is (the first place is not resolved across seeds)."""
+    no group is (the first place is not resolved across seeds).
+    """
     for name, stats in groups.items():
         others = [groups[other] for other in groups if other != name]
         if stats["seeds_reaching_target"] == len(stats["steps_to_target"]) and all(

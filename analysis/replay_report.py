@@ -1,4 +1,4 @@
-"""``RUN/replays/report.md``: the spectral-filter replays of a run, as Markdown.
+r"""``RUN/replays/report.md``: the spectral-filter replays of a run, as Markdown.
 
 Written by ``hessov compare`` (README.md, "Spectral-filter replays") from the findings of
 :func:`analysis.replay_findings.snapshot_findings`, one section per snapshot: the
@@ -7,7 +7,7 @@ baseline's sharpness against ``2 / eta`` (the edge of stability of Cohen et al. 
 per group of seeds (median and min-max), the orders that hold across seeds
 (:data:`~analysis.replay_groups.RANKING_RULE`), whether flat_scaling_v1 resumed progressive
 sharpening, how many directions ``dynamic`` froze, a table of every replay, and the figures
-of :mod:`analysis.replay_figures`. Every function returns lines, joined by ``\\n``.
+of :mod:`analysis.replay_figures`. Every function returns lines, joined by ``\n``.
 """
 
 from __future__ import annotations
@@ -234,7 +234,8 @@ def _best_lines(findings: dict) -> list[str]:
 
 def _ranking_lines(findings: dict) -> list[str]:
     """First to the target, the orders that hold across seeds, global scaling against the
-    baseline, and the fastest per mode by median."""
+    baseline, and the fastest per mode by median.
+    """
     lines = _first_lines(findings) + ["", "Ahead across seeds (the rule above):", ""]
     lines += _ahead_lines(findings) + _global_scaling_lines(findings) + _best_lines(findings)
     return lines + [""]

@@ -100,7 +100,8 @@ def _crystallization_table(data: dict, key, label: str) -> list[str]:
 
 def write_report(results: Path, figures: list[dict], path: Path) -> Path:
     """Write ``report.md`` for ``results`` (``analysis.h5``) and the drawn ``figures``
-    (``[{"name", "title", "path"}]`` from :func:`analysis.figures.draw_all`)."""
+    (``[{"name", "title", "path"}]`` from :func:`analysis.figures.draw_all`).
+    """
     with h5py.File(results, "r") as handle:
         problem = str(handle.attrs["problem"])
         dimension = int(handle.attrs["dimension"])

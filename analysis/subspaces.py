@@ -8,25 +8,22 @@ and with the best any sparse mask could do, and how the eigenspace moves during 
 a ``D x D`` matrix: every metric works on ``D x k`` frames, ``k x k`` cross products, or per-row
 energies, with ``k x k`` decompositions only.
 
-References
-----------
-- A. Fernandez et al., "Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
-  Sketched Methods" (the overlap, its baselines and the Grassmannian similarities).
-- A. Edelman, T. A. Arias and S. T. Smith, "The geometry of algorithms with orthogonality
-  constraints", SIAM J. Matrix Anal. Appl. 20(2), 1998 (section 4.3: distances on the
-  Grassmannian in terms of principal angles).
-- K. Ye and L.-H. Lim, "Schubert varieties and distances between subspaces of different
-  dimensions", SIAM J. Matrix Anal. Appl. 37(3), 2016 (the same distances for subspaces of
-  different dimensions use the ``min(k1, k2)`` principal angles).
-- A. Bjorck and G. H. Golub, "Numerical methods for computing angles between linear
-  subspaces", Math. Comp. 27, 1973, and A. V. Knyazev and M. E. Argentati, SIAM J. Sci.
-  Comput. 23(6), 2002 (small angles from sines, large ones from cosines).
+References:
+    - A. Fernandez et al., "Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
+      Sketched Methods" (the overlap, its baselines and the Grassmannian similarities).
+    - A. Edelman, T. A. Arias and S. T. Smith, "The geometry of algorithms with orthogonality
+      constraints", SIAM J. Matrix Anal. Appl. 20(2), 1998 (section 4.3: distances on the
+      Grassmannian in terms of principal angles).
+    - K. Ye and L.-H. Lim, "Schubert varieties and distances between subspaces of different
+      dimensions", SIAM J. Matrix Anal. Appl. 37(3), 2016 (the same distances for subspaces of
+      different dimensions use the ``min(k1, k2)`` principal angles).
+    - A. Bjorck and G. H. Golub, "Numerical methods for computing angles between linear
+      subspaces", Math. Comp. 27, 1973, and A. V. Knyazev and M. E. Argentati, SIAM J. Sci.
+      Comput. 23(6), 2002 (small angles from sines, large ones from cosines).
 
-Overlap with a magnitude mask (Fernandez et al. 2025)
-----------------------------------------------------
-``W`` (``D x K``) holds eigenvectors sorted by ``|lambda|`` descending. The magnitude mask of
-size ``k`` is the set ``M_k`` of the ``k`` largest ``|theta_i|``; its overlap with the top-``k``
-eigenspace is::
+Overlap with a magnitude mask (Fernandez et al. 2025): ``W`` (``D x K``) holds eigenvectors sorted
+by ``|lambda|`` descending. The magnitude mask of size ``k`` is the set ``M_k`` of the ``k`` largest
+``|theta_i|``; its overlap with the top-``k`` eigenspace is::
 
     overlap(k) = ||W[M_k, :k]||_F^2 / k = sum_(i in M_k) e_i(k) / k,   e_i(k) = sum_(j<k) W_ij^2.
 
@@ -36,12 +33,11 @@ an upper bound for any mask of ``k`` coordinates, the magnitude mask included. A
 coordinates spans a coordinate subspace, and the overlap is then ``subspace_overlap`` of that
 subspace and ``span W[:, :k]``; between two masks it reduces to ``|A & B| / k``.
 
-Principal angles and the Grassmannian
--------------------------------------
-For orthonormal frames ``O1`` (``D x k1``) and ``O2`` (``D x k2``) with ``m = min(k1, k2)``, the
-principal angles ``0 <= theta_1 <= ... <= theta_m <= pi/2`` have ``cos theta`` = singular values
-of ``O1^T O2`` and ``sin theta`` = singular values of ``(I - O1 O1^T) O2`` (for ``k2 <= k1``).
-Then, with their maxima (used to turn each distance ``d`` into a similarity ``1 - d / max``)::
+Principal angles and the Grassmannian: for orthonormal frames ``O1`` (``D x k1``) and ``O2``
+(``D x k2``) with ``m = min(k1, k2)``, the principal angles
+``0 <= theta_1 <= ... <= theta_m <= pi/2`` have ``cos theta`` = singular values of ``O1^T O2`` and
+``sin theta`` = singular values of ``(I - O1 O1^T) O2`` (for ``k2 <= k1``). Then, with their maxima
+(used to turn each distance ``d`` into a similarity ``1 - d / max``)::
 
     overlap        ||O1^T O2||_F^2 / m = mean cos^2 theta    (a similarity in [0, 1])
     geodesic       ||theta||_2                                max pi/2 sqrt(m)
@@ -88,7 +84,7 @@ def _check_vector(params: torch.Tensor) -> None:
 
 
 def _check_frame(frame: torch.Tensor, name: str) -> None:
-    if frame.ndim != 2 or frame.shape[1] < 1:
+    if frame.ndim != 2 or frame.shape[1] < 1:  # noqa: PLR2004 (a matrix)
         raise ValueError(f"{name} must be a (D, k) matrix with k >= 1, got {tuple(frame.shape)}")
 
 
@@ -179,7 +175,8 @@ def mask_grassmannian_similarities(mask_a: torch.Tensor, mask_b: torch.Tensor) -
 
 def _coordinate_similarities(shared: int, m: int) -> dict[str, float]:
     """Similarities of two coordinate subspaces with ``m`` principal angles, ``shared`` of them 0
-    and the rest ``pi/2``."""
+    and the rest ``pi/2``.
+    """
     theta = torch.full((m,), math.pi / 2, dtype=torch.float64)
     theta[:shared] = 0.0
     return _similarities_from_angles(theta)
@@ -275,7 +272,7 @@ def random_mask_overlap(
     permutation per mask); ``random_mask_overlap_curve`` gives the exact moments instead.
     """
     _check_frame(eigenvectors, "eigenvectors")
-    if num_masks < 2:
+    if num_masks < 2:  # noqa: PLR2004 (a standard deviation needs two)
         raise ValueError(f"num_masks must be >= 2 for a standard deviation, got {num_masks}")
     dimension = eigenvectors.shape[0]
     ((_, energies),) = _prefix_row_energies(
@@ -415,7 +412,8 @@ def subspace_overlap(O1: torch.Tensor, O2: torch.Tensor, orthonormalize: bool = 
 
 def GRASSMANNIAN_MAXIMA(k: int) -> dict[str, float]:
     """Largest value of each distance of ``grassmannian_distances`` for ``k`` principal angles
-    (all ``theta = pi/2``)."""
+    (all ``theta = pi/2``).
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     return {
@@ -461,7 +459,9 @@ def grassmannian_distances(
     O1: torch.Tensor, O2: torch.Tensor, orthonormalize: bool = False
 ) -> dict[str, float]:
     """The six Grassmannian distances (names in ``DISTANCE_NAMES``) between ``span O1`` and
-    ``span O2``, from their ``min(k1, k2)`` principal angles ``theta``::
+    ``span O2``, from their ``min(k1, k2)`` principal angles ``theta``.
+
+    In terms of ``theta``::
 
         geodesic ||theta||, chordal_2 max 2 sin(theta/2), chordal_f ||2 sin(theta/2)||,
         projection_2 max sin(theta), projection_f ||sin(theta)||, fubini_study arccos prod cos
@@ -559,7 +559,7 @@ def sign_invariant_residuals(W_a: torch.Tensor, W_b: torch.Tensor) -> torch.Tens
     ``W_a``, ``W_b``: ``(D, r)``. An eigenvector is only defined up to sign; the smaller of the
     two residuals is the one with ``a . b >= 0``, so one ``D x r`` difference suffices.
     """
-    if W_a.shape != W_b.shape or W_a.ndim != 2:
+    if W_a.shape != W_b.shape or W_a.ndim != 2:  # noqa: PLR2004 (a matrix)
         raise ValueError(
             f"expected two (D, r) matrices, got {tuple(W_a.shape)}, {tuple(W_b.shape)}"
         )

@@ -129,7 +129,8 @@ def write(output, settings: Settings, bodies, started, load_start, progress: str
 
 def split_questions(text: str) -> list[tuple[int, str]]:
     """A section's text cut at its ``## N.`` headings (one module may answer two questions),
-    each with its question number; a failed section sorts last."""
+    each with its question number; a failed section sorts last.
+    """
     parts = re.split(r"\n(?=## \d+\.)", text)
     numbered = []
     for part in parts:

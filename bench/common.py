@@ -60,7 +60,8 @@ class Settings:
 def test_oracles() -> ModuleType:
     """``tests/oracles.py``: the reference operators the tests check hessov's against
     (curvlinops' Hessian), which the benchmarks time as well. ``tests/`` is not a package
-    (pytest puts it on ``sys.path``), so the module is loaded from its file."""
+    (pytest puts it on ``sys.path``), so the module is loaded from its file.
+    """
     spec = importlib.util.spec_from_file_location("oracles", ROOT / "tests" / "oracles.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -125,7 +126,8 @@ def finished(args, status: int, seconds: float, out, err, check: bool) -> ChildR
 
 def run_child(args: Sequence[object], env: dict | None = None, check: bool = True) -> ChildRun:
     """Run ``args`` in the repository root; its wall time and its own peak RSS (through
-    :data:`PEAK_RSS_WRAPPER`, whose Python start-up adds a few tens of milliseconds)."""
+    :data:`PEAK_RSS_WRAPPER`, whose Python start-up adds a few tens of milliseconds).
+    """
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         process = subprocess.Popen(wrapped(args), cwd=ROOT, env=env, stdout=out, stderr=err)
@@ -259,7 +261,8 @@ def log(message: str) -> None:
 
 def run_parallel(commands: Sequence[Sequence[object]], env: dict | None = None) -> list[ChildRun]:
     """Start every command at once and wait for all; each child's own wall time and peak
-    RSS (see :func:`run_child`)."""
+    RSS (see :func:`run_child`).
+    """
     pending = {}
     for args in commands:
         out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")

@@ -140,7 +140,8 @@ def max_relative_error(values, exact: torch.Tensor, top: int) -> float:
 
 def exact_eigenvalues(run: RunDir, hessian: HessianAtStep) -> tuple[torch.Tensor, float]:
     """All eigenvalues ``(D,)`` by ``|lambda|`` descending, cached per ``params.h5`` content;
-    and the seconds it took (0 if cached)."""
+    and the seconds it took (0 if cached).
+    """
     digest = hashlib.sha256(Path(run.params).read_bytes()).hexdigest()[:12]
     cache = WORK / f"exact_{RUN_NAME}_step{STEP}_train_{digest}.pt"
     if cache.is_file():
@@ -163,7 +164,8 @@ def sweep(
     method: str, settings: list, attempt: Callable[[object, int], Attempt], reps: int
 ) -> list[Attempt]:
     """Try ``settings`` in order until one reaches 1%; repeat that one ``reps`` times in all
-    (repetition ``i`` gets seed index ``i``). Returns every attempt, the chosen one last."""
+    (repetition ``i`` gets seed index ``i``). Returns every attempt, the chosen one last.
+    """
     tried = []
     for setting in settings:
         result = attempt(setting, 0)
@@ -267,7 +269,8 @@ def power_attempt(hessian, exact, top: int):
 
 def single_pass_reference(hessian, exact, top: int) -> Attempt:
     """Our single pass at the pipeline's budget for mnist_mini (k=355, s=710 HVPs): not a
-    sweep, a reference row for the recoveries' accuracy at equal HVPs."""
+    sweep, a reference row for the recoveries' accuracy at equal HVPs.
+    """
     result = sketched_eigh(
         hessian.matmat,
         hessian.dim,
@@ -349,7 +352,8 @@ def skerch_attempt(hessian, exact, top: int):
 def extrapolated_power(top20: Attempt, top: int) -> Attempt:
     """Power iteration for ``top`` pairs, estimated from its top-20 run: the same HVPs per
     eigenpair and seconds per HVP (deeper pairs converge no faster: their eigenvalues lie
-    closer together)."""
+    closer together).
+    """
     per_pair = top20.hvps / 20
     seconds_per_hvp = statistics.median(top20.seconds) / top20.hvps
     hvps = round(per_pair * top)
@@ -366,14 +370,16 @@ def extrapolated_power(top20: Attempt, top: int) -> Attempt:
 
 def startup_seconds() -> float:
     """Wall seconds of a process that starts Python and imports the stages: the floor of
-    every CLI call (median of 3)."""
+    every CLI call (median of 3).
+    """
     code = "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve"
     return statistics.median(run_child([PYTHON, "-c", code]).seconds for _ in range(3))
 
 
 def staged_sketch(source: Path, k: int, top: int, exact: torch.Tensor, reps: int) -> Attempt:
     """The two-pass sketch through the CLI stages, float64, each round's measurements split
-    over 2 workers running at once; wall time of the whole chain as the CLI runs it."""
+    over 2 workers running at once; wall time of the whole chain as the CLI runs it.
+    """
     block = min(BLOCK, -(-k // 2))  # at least two blocks, so that two workers share a round
     blocks = -(-k // block)
     per_job = block * -(-blocks // 2)  # half the blocks per worker
@@ -407,7 +413,7 @@ def staged_sketch(source: Path, k: int, top: int, exact: torch.Tensor, reps: int
                 [[HESSOV, "measure", *where, *round_args, f"task={task}"] for task in (0, 1)]
             )
             walls.append(max(w.seconds for w in workers))
-            walls.append(run_cli(["solve", *where]).seconds)
+            walls.append(run_cli(["solve" if round_args else "basis", *where]).seconds)
         with h5py.File(run / "eigen" / f"step_{STEP}_train.h5", "r") as handle:
             values = handle["eigenvalues"][:]
         summary = json.loads(run_cli(["summary", str(run)]).stdout)
@@ -422,7 +428,8 @@ def staged_sketch(source: Path, k: int, top: int, exact: torch.Tensor, reps: int
 
 def fmt_error(error: float) -> str:
     """A relative error; infinite when a method returned fewer eigenvalues of one sign than
-    the exact top r holds (its spectrum is wrong there)."""
+    the exact top r holds (its spectrum is wrong there).
+    """
     return "wrong signs" if math.isinf(error) else f"{error:.1e}"
 
 

@@ -84,7 +84,8 @@ class Product:
 @dataclass
 class Measured:
     """Per-round ratios (seconds per column / seconds per gradient) of every product, the
-    gradient's seconds, and the FLOPs per column in gradients."""
+    gradient's seconds, and the FLOPs per column in gradients.
+    """
 
     ratios: dict[str, list[float]] = field(default_factory=dict)
     gradient_s: list[float] = field(default_factory=list)
@@ -210,7 +211,8 @@ ARITHMETIC_KERNELS = ("mm", "bmm", "addmm", "matmul", "linear", "conv", "convolu
 
 def profile_table(call: Callable[[], object], label: str, top: int = 6) -> tuple[str, float]:
     """Where one call's time goes: the operators with the most self time, and the share of
-    all operator self time spent in matrix products and convolutions."""
+    all operator self time spent in matrix products and convolutions.
+    """
     call()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
@@ -305,7 +307,8 @@ def best_block(result: Measured) -> str:
 def threads_table(values: dict[int, dict[str, list[float]]]) -> str:
     """Seconds per gradient and per product column with 1 and 2 threads, and each against
     the 1-thread gradient of the same round (a 2-thread gradient that waits for a busy core
-    would make same-thread ratios look good for the wrong reason)."""
+    would make same-thread ratios look good for the wrong reason).
+    """
     reference = values[1]["gradient"]
     rows = []
     for threads, measured in values.items():
@@ -331,7 +334,8 @@ def threads_table(values: dict[int, dict[str, list[float]]]) -> str:
 
 def measure_threads(table: dict[str, Product], rounds: int, device: str) -> dict:
     """Seconds of the gradient and per column of the blocks of 64 with 1 and 2 threads,
-    interleaved round by round."""
+    interleaved round by round.
+    """
     sync = device_sync(device)
     values = {t: {"gradient": [], "ours 64": [], "curvlinops 64": []} for t in (1, 2)}
     for _ in range(rounds):

@@ -66,7 +66,7 @@ def sketch(source: Path, name: str, dtype: str, variant: Variant) -> Path:
     run_cli(["layout", str(run), *LAYOUT, f"dtype={dtype}", *variant.layout_args])
     for round_name in ("first", "second"):
         if round_name == "second":
-            run_cli(["solve", str(run), *WHERE, *variant.stage_args])  # the basis
+            run_cli(["basis", str(run), *WHERE, *variant.stage_args])
         for task, env in enumerate(variant.task_env):
             args = ["measure", str(run), *WHERE, f"round={round_name}", f"task={task}"]
             run_cli([*args, *variant.stage_args], env={**os.environ, **env})

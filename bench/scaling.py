@@ -5,13 +5,13 @@ per worker, blocks of 64):
 
 * one measurement round of ``MEASUREMENTS`` HVPs (a two-pass layout with that k, first
   round only), split into 1, 2, ... equal array tasks (``MEAS_PER_JOB``), each task a
-  ``hessov measure`` process: on the real local Slurm cluster (``slurm/measure.sbatch`` as a
+  ``hessov measure`` process: on the real local Slurm cluster (``slurm/job.sbatch measure`` as a
   job array, wall time from ``sbatch`` until the last task has left the queue), and as plain
   processes started at once on this machine (``--workers`` sets the counts; 1..16 on a
   machine with that many cores). Speedup = T(1) / T(n), efficiency = speedup / n.
 * the whole pipeline of ``problem=mnist_mini preset=tiny`` as the sbatch chain on the local
-  cluster (``slurm/submit_chain.sh``, every stage a job, linked by ``afterok``), from
-  submission until the last job has left the queue, against the same sbatch scripts run
+  cluster (``slurm/submit_chain.sh``, every job of the stage graph, linked by ``afterok``),
+  from submission until the last job has left the queue, against the same jobs run
   one after another without Slurm (``slurm/run_sequential.sh``): the difference is what
   scheduling costs, less what running array tasks side by side saves.
 
@@ -132,7 +132,6 @@ def slurm_round(source: Path, workers: int, env: dict) -> float:
     run = laid_out_round(source, f"slurm_{workers}", workers)
     logs = WORK / "scaling" / "slurm-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    job_env = {**env, "RUN_DIR": str(run), "STEP": str(STEP), "SPLIT": "train", "ROUND": "first"}
     start = time.perf_counter()
     job = subprocess.run(
         [
@@ -140,9 +139,10 @@ def slurm_round(source: Path, workers: int, env: dict) -> float:
             "--parsable",
             f"--array=0-{workers - 1}",
             f"--output={logs}/%x-%A_%a.out",
-            str(ROOT / "slurm" / "measure.sbatch"),
+            str(ROOT / "slurm" / "job.sbatch"),
+            *["measure", str(run), f"step={STEP}", "split=train", "round=first"],
         ],
-        env=job_env,
+        env=env,
         capture_output=True,
         text=True,
         check=True,
@@ -165,7 +165,8 @@ def local_round(source: Path, workers: int) -> float:
 
 def chain_overhead(env: dict, quick: bool) -> dict:
     """Wall seconds of the tiny pipeline as the sbatch chain and run sequentially, and the
-    number of jobs the chain submitted."""
+    number of jobs the chain submitted.
+    """
     # preset=tiny's training, one of its four sketches (step 300, train): 10 processes.
     args = ["problem=mnist_mini", "preset=tiny", "HESSIAN_STEPS=[300]", "HESSIAN_SPLITS=[train]"]
     if quick:
@@ -264,7 +265,7 @@ def report(local, slurm, hvp_seconds, chain, reason, wall) -> str:
         ]
     else:
         lines += ["", f"Slurm rows: not measured: {reason}."]
-    lines += ["", "### The whole sbatch chain against the same scripts run one after another", ""]
+    lines += ["", "### The whole sbatch chain against the same jobs run one after another", ""]
     if chain:
         overhead = chain["slurm"] - chain["sequential"]
         lines += [
@@ -277,7 +278,7 @@ def report(local, slurm, hvp_seconds, chain, reason, wall) -> str:
                 ],
                 [
                     [
-                        "`slurm/run_sequential.sh` (the sbatch scripts, one after another)",
+                        "`slurm/run_sequential.sh` (the same jobs, one after another)",
                         f"{chain['sequential']:.1f} s",
                     ],
                     [

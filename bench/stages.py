@@ -91,16 +91,17 @@ def fresh_copy(source: Path, name: str) -> Path:
 
 
 def sketch_stages(run: Path, step: int, layout_args: list[str], analyze: bool = True) -> StageRun:
-    """layout, measure, solve [, measure round=second, solve] and (``analyze``) analyze,
-    each a child process."""
+    """layout, measure [, basis, measure round=second], solve and (``analyze``) analyze,
+    each a child process.
+    """
     result = StageRun()
     where = [str(run), f"step={step}", "split=train"]
     result.calls["layout"] = run_cli(["layout", str(run), *layout_args])
     result.calls["measure"] = run_cli(["measure", *where])
-    result.calls["solve"] = run_cli(["solve", *where])
     if "recovery=two_pass" in layout_args:
+        result.calls["basis"] = run_cli(["basis", *where])
         result.calls["measure round=second"] = run_cli(["measure", *where, "round=second"])
-        result.calls["solve (second)"] = run_cli(["solve", *where])
+    result.calls["solve"] = run_cli(["solve", *where])
     try:
         if analyze:
             result.calls["analyze"] = run_cli(["analyze", str(run)])
@@ -119,7 +120,8 @@ def sketch_stages(run: Path, step: int, layout_args: list[str], analyze: bool = 
 def baseline() -> ChildRun:
     """A process that starts Python, imports every stage and takes one tiny batched
     ``torch.autograd.grad`` (whose first call imports torch's symbolic-shapes module and
-    sympy), and does nothing else: the floor of every CLI call's time and memory."""
+    sympy), and does nothing else: the floor of every CLI call's time and memory.
+    """
     code = (
         "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve, h5py, torch\n"
         "x = torch.ones(3, requires_grad=True)\n"
@@ -130,7 +132,8 @@ def baseline() -> ChildRun:
 
 def problem_only(run: Path) -> ChildRun:
     """The floor's process that also builds the run's problem (network and data) as every
-    stage does, and nothing else: how much of a stage's memory is the data loader's."""
+    stage does, and nothing else: how much of a stage's memory is the data loader's.
+    """
     code = (
         "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve, h5py, torch\n"
         "from pipeline.config import saved_run_config\n"
@@ -145,7 +148,8 @@ def problem_only(run: Path) -> ChildRun:
 
 def write_synthetic_cifar(root: Path) -> Path:
     """CIFAR-10 'python version' pickles of random images under ``root``; returns the
-    directory to use as ``OBS_DATASETS``."""
+    directory to use as ``OBS_DATASETS``.
+    """
     directory = root / "cifar-10-batches-py"
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -183,7 +187,8 @@ def train_cifar(base: Path, data: Path, points: int) -> Path:
 def cifar_runs() -> tuple[Path, StageRun, Path, ChildRun]:
     """cifar10_3c3d on synthetic data: the small sketch through every stage, and one
     measurement block at the paper's cluster settings (k=1000, blocks of 4, the Hessian
-    points in batches of 125): the run directories, the stages, the block's process."""
+    points in batches of 125): the run directories, the stages, the block's process.
+    """
     base = WORK / "cifar10_3c3d"
     if base.exists():
         shutil.rmtree(base)
@@ -224,7 +229,8 @@ def cifar_runs() -> tuple[Path, StageRun, Path, ChildRun]:
 
 def data_bytes(run: Path) -> tuple[int, int, int, int]:
     """``(D, bytes per entry, bytes of the data a stage loads, Hessian points)`` for a run:
-    the problem is built in this process exactly as a stage builds it (float32 images)."""
+    the problem is built in this process exactly as a stage builds it (float32 images).
+    """
     from pipeline.config import saved_run_config
     from pipeline.hessian import recorded_subsets
     from pipeline.problems import build_problem
@@ -243,7 +249,8 @@ def data_bytes(run: Path) -> tuple[int, int, int, int]:
 
 def needed_bytes(dim: int, entry: int, loaded: int, block: int, k: int) -> int:
     """The issue's yardstick for every stage: the model (D parameters), the data it loads,
-    one D x block measurement block and the basis Q (D x k)."""
+    one D x block measurement block and the basis Q (D x k).
+    """
     return dim * entry + loaded + dim * block * entry + dim * k * entry
 
 

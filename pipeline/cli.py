@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     """Parse ``hessov [--log-level L] COMMAND ...`` with the command's flags and positional
     arguments in any order (argparse's intermixed parsing, which cannot see through
-    subparsers, so the command is found first)."""
+    subparsers, so the command is found first).
+    """
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse API)
     index, head = 0, argparse.Namespace(log_level="INFO")

@@ -103,7 +103,8 @@ class SlurmStageConfig:
 @dataclass
 class SlurmStagesConfig:
     """Per-stage overrides of the Slurm resources, e.g. ``slurm.stages.measure.time_minutes=30``:
-    one field per stage of the graph (``analyze`` also covers the final report job)."""
+    one field per stage of the graph (``analyze`` also covers the final report job).
+    """
 
     train: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     layout: SlurmStageConfig = field(default_factory=SlurmStageConfig)
@@ -334,7 +335,8 @@ def _config_layers(
 
 def _drop_default_steps_beyond_max(merged: DictConfig, explicit: list[DictConfig]) -> None:
     """A shorter MAX_STEPS drops the *default* record/snapshot steps beyond it; steps the
-    user gave explicitly are validated instead (an explicit step past the end is an error)."""
+    user gave explicitly are validated instead (an explicit step past the end is an error).
+    """
     for key in ("RECORD_STEPS", "SNAPSHOT_STEPS"):
         if not any(key in layer for layer in explicit):
             merged[key] = [s for s in merged[key] if s <= merged.MAX_STEPS]
@@ -390,7 +392,7 @@ def _validate_training(cfg: RunConfig) -> None:
     require(opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
     require(opt.eps > 0, "optimizer.eps", "must be > 0")
     require(
-        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+        len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),  # noqa: PLR2004 (a pair)
         "optimizer.betas",
         f"must be two values in [0, 1), got {opt.betas}",
     )
@@ -477,7 +479,8 @@ _REPLAY_SHORT_MODES = {
 
 def replay_default_name(replay: ReplayConfig) -> str:
     """``none``, ``global_a2``, ``v1_a2_n20``, ``v2_a1.5_n10``, ``dynamic_a2_n40_w100``; a
-    changed optimizer is appended, e.g. ``none_lr0.1`` or ``v1_a2_n20_nameAdam_lr0.001``."""
+    changed optimizer is appended, e.g. ``none_lr0.1`` or ``v1_a2_n20_nameAdam_lr0.001``.
+    """
     if replay.mode == "none":
         name = "none"
     else:
@@ -505,7 +508,8 @@ def replay_optimizer(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> 
 def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> None:
     """Refuse an impossible replay of ``cfg``'s run, naming ``prefix + key``; resolve its
     default ``snapshot`` (the run's last) and ``name`` in place. ``nfilter < D`` and the
-    snapshot file are checked by the replay stage, which knows D and the run directory."""
+    snapshot file are checked by the replay stage, which knows D and the run directory.
+    """
     check = functools.partial(require, prefix=prefix)
     _validate_replay_filter(replay, check)
     check(replay.MAX_STEPS >= 1, "MAX_STEPS", f"must be >= 1, got {replay.MAX_STEPS}")
@@ -546,7 +550,8 @@ def validate_replay(cfg: RunConfig, replay: ReplayConfig, prefix: str = "") -> N
 
 def _validate_replay_filter(replay: ReplayConfig, check) -> None:
     """The filter's mode, scaling and size, and how its eigenpairs are recomputed;
-    ``check`` is :func:`require` with the replay's key prefix."""
+    ``check`` is :func:`require` with the replay's key prefix.
+    """
     from pipeline.optim.spectral_filter import FILTERING_MODES, MODES
 
     mode = replay.mode
@@ -586,7 +591,8 @@ def _refuse_job_keys(replay: ReplayConfig, prefix: str) -> None:
 
 def validate_replays(cfg: RunConfig) -> None:
     """Validate every configured replay (keys named ``replays[i].KEY``); the names of their
-    jobs (:func:`replay_jobs`) are unique."""
+    jobs (:func:`replay_jobs`) are unique.
+    """
     seen: dict[str, int] = {}
     for index, replay in enumerate(cfg.replays):
         _refuse_job_keys(replay, f"replays[{index}].")
@@ -609,7 +615,8 @@ def replay_jobs(replays: list[ReplayConfig]) -> list[ReplayConfig]:
     """The independent jobs of validated replays, in order: a replay without ``seeds`` is its
     own job; one with seeds is one job per seed, named :func:`seeded_name`, with ``seed`` and
     ``group`` (the replay's name) set and no ``seeds``. Every launcher runs exactly these:
-    ``hessov replay --list``, ``hessov run`` (local and Slurm) and ``hessov plan``."""
+    ``hessov replay --list``, ``hessov run`` (local and Slurm) and ``hessov plan``.
+    """
     jobs = []
     for replay in replays:
         if not replay.seeds:
@@ -631,7 +638,8 @@ def replay_jobs(replays: list[ReplayConfig]) -> list[ReplayConfig]:
 
 def replay_from_overrides(cfg: RunConfig, overrides: list[str]) -> ReplayConfig:
     """An ad-hoc replay of ``cfg``'s run from ``KEY=VALUE`` strings (``mode=flat_scaling_v1
-    scaling=2 nfilter=20 eig_freq=50 optimizer.lr=0.1``), validated."""
+    scaling=2 nfilter=20 eig_freq=50 optimizer.lr=0.1``), validated.
+    """
     pairs = _split_dotlist(overrides)
     replay: ReplayConfig = merge_config(ReplayConfig, _command_line(pairs), source=COMMAND_LINE)
     _refuse_job_keys(replay, "")

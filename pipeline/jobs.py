@@ -95,7 +95,8 @@ def refuse_overrides(stage: str, overrides: list[str], accepted: str) -> None:
 
 def sketch_inputs(run: RunDir, overrides: list[str]):
     """What every stage after the layout starts from: the run's config (only
-    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec."""
+    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec.
+    """
     from pipeline.sketchspec import load_spec
 
     cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
@@ -132,7 +133,8 @@ def _layout(run: RunDir, arguments: dict, overrides: list[str]) -> None:
 
 def measured_indices(arguments: dict[str, str], spec) -> tuple[range, str]:
     """The measurement indices of a job and its task name: ``indices=a:b``, ``task=i`` (or
-    ``$SLURM_ARRAY_TASK_ID``), or all of them."""
+    ``$SLURM_ARRAY_TASK_ID``), or all of them.
+    """
     if "indices" in arguments:
         start, _, stop = arguments["indices"].partition(":")
         try:
@@ -210,7 +212,8 @@ def _check_operator(run: RunDir, arguments: dict, overrides: list[str]) -> str:
 def replays_to_run(run: RunDir, cfg, settings: list[str]):
     """The replay jobs ``settings`` name: ``name=NAME`` alone names a configured job or a
     configured replay with seeds (all its jobs); otherwise an ad-hoc replay from the keys
-    (one job per seed of ``seeds=[...]``)."""
+    (one job per seed of ``seeds=[...]``).
+    """
     configured = {job.name: job for job in replay_jobs(cfg.replays)}
     seeded = {replay.name: replay_jobs([replay]) for replay in cfg.replays if replay.seeds}
     if [item.partition("=")[0] for item in settings] == ["name"]:
@@ -369,7 +372,8 @@ STAGES: dict[str, StageEntry] = {
 
 def run_job(argv: list[str]) -> str | None:
     """Run one job, ``[STAGE, RUN_DIR or CONFIG, KEY=VALUE ...]``; returns what the command
-    line prints. Raises :class:`pipeline.errors.HessovError` for what a user can fix."""
+    line prints. Raises :class:`pipeline.errors.HessovError` for what a user can fix.
+    """
     stage, *rest = argv
     if stage == "train":
         if rest and "=" not in rest[0]:  # a config file, then overrides

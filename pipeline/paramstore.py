@@ -74,6 +74,7 @@ class ColumnStore:
         return True
 
     def steps(self) -> list[int]:
+        """The recorded steps, in the order of their columns."""
         with h5py.File(self.path, "r") as handle:
             return [int(s) for s in handle["steps"][:]]
 
@@ -86,5 +87,6 @@ class ColumnStore:
             return handle["data"][:, steps.index(step)]
 
     def dim(self) -> int:
+        """``D``, the length of every column."""
         with h5py.File(self.path, "r") as handle:
             return int(handle["data"].shape[0])

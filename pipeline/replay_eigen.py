@@ -64,7 +64,7 @@ class Eigenpairs:
     relative_error: float | None
 
 
-def hessian_eigenpairs(
+def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only settings)
     model: torch.nn.Module,
     loss_fn,
     inputs: torch.Tensor,

@@ -44,24 +44,30 @@ class RunDir:
 
     @property
     def config(self) -> Path:
+        """The resolved configuration, written by train."""
         return self.root / "config.yaml"
 
     @property
     def log(self) -> Path:
+        """The JSON-lines event log that every stage appends to."""
         return self.root / "log.jsonl"
 
     @property
     def params(self) -> Path:
+        """Flattened parameters ``(D, n)``, one column per recorded step."""
         return self.root / "params.h5"
 
     def gradients(self, split: str) -> Path:
+        """Full gradients of ``split``'s Hessian subset, one column per recorded step."""
         return self.root / f"grads_{split}.h5"
 
     @property
     def snapshots(self) -> Path:
+        """The directory of the training snapshots."""
         return self.root / "snapshots"
 
     def snapshot(self, step: int) -> Path:
+        """Model, optimizer, schedule and RNG state after ``step``, for replay and resume."""
         return self.snapshots / f"step_{step}.pt"
 
     def snapshot_steps(self) -> list[int]:
@@ -72,13 +78,16 @@ class RunDir:
 
     @property
     def summaries(self) -> Path:
+        """The directory of the per-stage summaries."""
         return self.root / "summary"
 
     def summary(self, stage: str) -> Path:
+        """What ``stage`` recorded when it finished."""
         return self.summaries / f"{stage}.json"
 
     @property
     def measurements(self) -> Path:
+        """The directory of the sketch settings, measurement parts and merged arrays."""
         return self.root / "measurements"
 
     @property
@@ -99,13 +108,16 @@ class RunDir:
         return self.measurements / f"step_{step}_{split}" / "basis.h5"
 
     def eigen(self, step: int, split: str) -> Path:
+        """Eigenpairs of one step and split, with their provenance (solve)."""
         return self.root / "eigen" / f"step_{step}_{split}.h5"
 
     def exhaustive(self, step: int, split: str) -> Path:
+        """The exact-vs-sketch comparison of one step and split."""
         return self.root / "exhaustive" / f"step_{step}_{split}.h5"
 
     @property
     def analysis(self) -> Path:
+        """The directory of the analyze stage's results."""
         return self.root / "analysis"
 
     def analysis_step(self, step: int, split: str) -> Path:
@@ -124,14 +136,17 @@ class RunDir:
 
     @property
     def figures(self) -> Path:
+        """The analyze stage's figures."""
         return self.analysis / "figures"
 
     @property
     def report(self) -> Path:
+        """The analyze stage's Markdown report."""
         return self.analysis / "report.md"
 
     @property
     def replays(self) -> Path:
+        """The directory of the spectral-filter replays and their comparison."""
         return self.root / "replays"
 
     def replay(self, name: str) -> Path:
@@ -172,11 +187,12 @@ class RunDir:
 
     @property
     def task_logs(self) -> Path:
+        """Per-task logs of the measurement and Slurm jobs."""
         return self.root / "logs"
 
     @property
     def slurm_logs(self) -> Path:
-        """submitit's job files and the output of every job ``backend=slurm`` submitted."""
+        """The job files of submitit and the output of every job ``backend=slurm`` submitted."""
         return self.task_logs / "slurm"
 
     @property

@@ -35,6 +35,7 @@ def setup_terminal_logging(level: str = "INFO") -> logging.Logger:
 
 
 def get_logger() -> logging.Logger:
+    """The pipeline's logger, as :func:`setup_terminal_logging` configured it."""
     return logging.getLogger(LOGGER_NAME)
 
 

@@ -57,10 +57,12 @@ class SketchSpec:
 
     def seeds(self) -> SeedRegistry:
         """Omega's and Psi's ranges cover every first-round measurement (s, or k for two-pass,
-        as in :func:`skerch_ext.incore.sketched_eigh`), then the a-posteriori probes."""
+        as in :func:`skerch_ext.incore.sketched_eigh`), then the a-posteriori probes.
+        """
         return sketch_seed_ranges(self.layout.seed, self.layout.num_measurements, self.num_apost)
 
     def matrices(self, dtype: torch.dtype, device) -> SketchMatrices:
+        """Omega and Psi of the sketch, from :meth:`seeds`, in ``dtype`` on ``device``."""
         return SketchMatrices.from_seeds(
             self.layout.dim,
             self.layout.num_measurements,
@@ -91,6 +93,7 @@ class SketchSpec:
     def store(
         self, run: RunDir, step: int, split: str, round_name: str = "first"
     ) -> MeasurementStore:
+        """The part files of one round of one step and split."""
         return MeasurementStore(
             run.measurement_parts(step, split, round_name), self.round_layout(round_name)
         )
@@ -101,12 +104,14 @@ class SketchSpec:
         return MonolithicArrays(run.monolithic(name), self.round_layout(round_name))
 
     def to_json(self) -> dict:
+        """The spec as plain data, as ``measurements/sketch.json`` holds it."""
         payload = asdict(self)
         payload["layout"] = asdict(self.layout)
         return payload
 
     @classmethod
     def from_json(cls, payload: dict) -> SketchSpec:
+        """The spec :meth:`to_json` wrote."""
         payload = dict(payload)
         payload["layout"] = SketchLayout(**payload["layout"])
         return cls(**payload)
@@ -114,7 +119,8 @@ class SketchSpec:
 
 def automatic_block_size(dim: int) -> int:
     """The default block (columns per batched HVP and per part file): 64 up to
-    D = 100,000 parameters, 4 above (see the constants' comment for the measurement)."""
+    D = 100,000 parameters, 4 above (see the constants' comment for the measurement).
+    """
     return SMALL_NETWORK_BLOCK if dim <= LARGE_NETWORK_DIM else LARGE_NETWORK_BLOCK
 
 
@@ -155,7 +161,8 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
 
 def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> SketchSpec:
     """``existing`` (the layout on disk at ``where``) when ``wanted`` asks for the same sketch;
-    otherwise a :class:`ConfigError`, since the measurements taken for it would not match."""
+    otherwise a :class:`ConfigError`, since the measurements taken for it would not match.
+    """
     if (existing.layout, existing.recovery, existing.num_apost) != (
         wanted.layout,
         wanted.recovery,
@@ -170,6 +177,7 @@ def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> Sketch
 
 
 def save_spec(run: RunDir, spec: SketchSpec) -> None:
+    """Write the spec to ``measurements/sketch.json``, atomically."""
     atomic_write_json(run.sketch_spec, spec.to_json())
 
 

@@ -49,10 +49,12 @@ class BatchSchedule:
 
     @property
     def full_batch(self) -> bool:
+        """Whether every step takes the whole split (gradient descent)."""
         return self.batch_size in (0, self.num_examples)
 
     @property
     def steps_per_epoch(self) -> int:
+        """Steps per epoch: ``N // B`` (the examples left over are skipped), or 1 for full batch."""
         return 1 if self.full_batch else self.num_examples // self.batch_size
 
     def epoch_order(self, epoch: int) -> torch.Tensor:
@@ -120,7 +122,8 @@ def flat_gradient(
     model: nn.Module, loss_fn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
     """Full gradient ``(D,)`` of the mean loss over ``inputs``, model in eval mode
-    (the same function whose Hessian the sketch stages measure)."""
+    (the same function whose Hessian the sketch stages measure).
+    """
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
@@ -134,7 +137,8 @@ def flat_gradient(
 def set_cpu_threads(threads: int) -> int:
     """Set torch's intra-op CPU threads: ``threads``, or for 0 the Slurm allocation
     (``$SLURM_CPUS_PER_TASK``) or all cores. Small networks run fastest on one thread
-    (bench/RESULTS.md); oversubscribed cores make multi-threaded steps many times slower."""
+    (bench/RESULTS.md); oversubscribed cores make multi-threaded steps many times slower.
+    """
     if threads == 0:
         threads = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
     torch.set_num_threads(threads)

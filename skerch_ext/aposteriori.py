@@ -38,9 +38,10 @@ DEFAULT_NUM_PROBES = 30
 class ApostEstimate:
     """A-posteriori estimates from ``num_probes`` Gaussian probes.
 
-    :ivar error_sq: Estimated ``||H - W diag(L) W^T||_F^2``.
-    :ivar frobenius_sq: Estimated ``||H||_F^2``.
-    :ivar num_probes: ``n``.
+    Attributes:
+        error_sq: Estimated ``||H - W diag(L) W^T||_F^2``.
+        frobenius_sq: Estimated ``||H||_F^2``.
+        num_probes: ``n``.
     """
 
     error_sq: float
@@ -96,11 +97,13 @@ def apost_error(
 ) -> ApostEstimate:
     """Estimate ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2`` with the given probes.
 
-    :param matmat: The operator ``H``.
-    :param eigenvalues: ``L``, ``(r,)``.
-    :param eigenvectors: ``W``, ``(D, r)``.
-    :param probes: Standard Gaussian ``(D, n)``, independent of the sketch (see
-      :func:`gaussian_probes`); costs ``n`` HVPs in blocks of ``block_size``.
+    Args:
+        matmat: The operator ``H``.
+        eigenvalues: ``L``, ``(r,)``.
+        eigenvectors: ``W``, ``(D, r)``.
+        probes: Standard Gaussian ``(D, n)``, independent of the sketch (see
+            :func:`gaussian_probes`); costs ``n`` HVPs in blocks of ``block_size``.
+        block_size: Columns per batched HVP (bounds the operator's memory).
     """
     h_probes = matmat_in_blocks(matmat, probes, block_size)
     residuals = h_probes - low_rank_apply(eigenvalues, eigenvectors, probes)
@@ -114,10 +117,13 @@ def apost_error(
 def apost_failure_probabilities(num_probes: int, rel_deviation: float) -> tuple[float, float]:
     """Bounds on the probability that an ``n``-probe estimate of a squared norm ``x`` misses.
 
-    :param num_probes: ``n``.
-    :param rel_deviation: ``eps`` in ``(0, 1)``.
-    :returns: ``(P(est <= (1 - eps) x), P(est >= (1 + eps) x))`` bounded by
-      ``(e^eps (1 - eps))^(n/2)`` and ``((1 + eps) e^-eps)^(n/2)``.
+    Args:
+        num_probes: ``n``.
+        rel_deviation: ``eps`` in ``(0, 1)``.
+
+    Returns:
+        ``(P(est <= (1 - eps) x), P(est >= (1 + eps) x))`` bounded by ``(e^eps (1 - eps))^(n/2)``
+        and ``((1 + eps) e^-eps)^(n/2)``.
     """
     if num_probes < 1 or not 0 < rel_deviation < 1:
         raise ValueError("need num_probes >= 1 and 0 < rel_deviation < 1")
@@ -136,9 +142,10 @@ def scree_bounds(
     ``lo_j = (res_j / ||H||_F)^2`` and ``hi_j = ((res_j + err) / ||H||_F)^2`` with
     ``res_j = sqrt(sum_{i >= j} L_i^2)``.
 
-    :param eigenvalues: ``L`` sorted by ``|lambda|`` descending, ``(r,)``.
-    :param error: A-posteriori ``err`` (not squared).
-    :param frobenius: Estimated ``||H||_F`` (not squared).
+    Args:
+        eigenvalues: ``L`` sorted by ``|lambda|`` descending, ``(r,)``.
+        error: A-posteriori ``err`` (not squared).
+        frobenius: Estimated ``||H||_F`` (not squared).
     """
     squares = eigenvalues.pow(2)
     residuals = squares.flip(0).cumsum(0).flip(0).sqrt()

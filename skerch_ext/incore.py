@@ -41,13 +41,14 @@ from skerch_ext.solve import (
 class SketchedEighResult:
     """Eigenpairs of ``H`` with their a-posteriori check and bookkeeping.
 
-    :ivar eigenvalues: ``(r,)``, sorted by ``|lambda|`` descending.
-    :ivar eigenvectors: ``(D, r)``, orthonormal columns.
-    :ivar apost: Estimates of ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2``.
-    :ivar scree_lower: ``(r,)``, see :func:`skerch_ext.aposteriori.scree_bounds`.
-    :ivar scree_upper: ``(r,)``.
-    :ivar hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
-    :ivar seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
+    Attributes:
+        eigenvalues: ``(r,)``, sorted by ``|lambda|`` descending.
+        eigenvectors: ``(D, r)``, orthonormal columns.
+        apost: Estimates of ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2``.
+        scree_lower: ``(r,)``, see :func:`skerch_ext.aposteriori.scree_bounds`.
+        scree_upper: ``(r,)``.
+        hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
+        seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
     """
 
     eigenvalues: torch.Tensor
@@ -69,7 +70,7 @@ class SketchedEighResult:
         return sum(self.hvps.values())
 
 
-def sketched_eigh(
+def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mostly defaulted)
     matmat: MatMat,
     dim: int,
     num_outer: int,
@@ -86,19 +87,22 @@ def sketched_eigh(
 ) -> SketchedEighResult:
     """Sketched eigendecomposition of the symmetric operator ``matmat`` (D x D).
 
-    :param matmat: ``M -> H M`` on ``(D, b)`` tensors of ``dtype`` on ``device``.
-    :param dim: ``D``.
-    :param num_outer: ``k``, the columns of the basis ``Q``.
-    :param num_inner: ``s > k``, inner measurements (single pass only; must be None
-      otherwise, the two-pass recoveries spend ``2k`` HVPs).
-    :param seed: Base seed; Omega, Psi and the probes get disjoint ranges from it
-      (:func:`skerch_ext.seeds.sketch_seed_ranges`).
-    :param noise: Test-matrix type, see :data:`skerch_ext.options.NOISE_TYPES`.
-    :param recovery: One of :data:`skerch_ext.options.RECOVERIES`.
-    :param block_size: Columns per batched HVP (bounds the operator's memory).
-    :param num_apost: Gaussian probes for the a-posteriori error (>= 1).
-    :param num_eigenpairs: ``r``, eigenpairs to report (default ``k``); fewer than ``k``
-      makes the basis oversampled, which is what makes the top ``r`` accurate.
+    Args:
+        matmat: ``M -> H M`` on ``(D, b)`` tensors of ``dtype`` on ``device``.
+        dim: ``D``.
+        num_outer: ``k``, the columns of the basis ``Q``.
+        num_inner: ``s > k``, inner measurements (single pass only; must be None otherwise, the
+            two-pass recoveries spend ``2k`` HVPs).
+        seed: Base seed; Omega, Psi and the probes get disjoint ranges from it
+            (:func:`skerch_ext.seeds.sketch_seed_ranges`).
+        noise: Test-matrix type, see :data:`skerch_ext.options.NOISE_TYPES`.
+        recovery: One of :data:`skerch_ext.options.RECOVERIES`.
+        block_size: Columns per batched HVP (bounds the operator's memory).
+        dtype: The dtype of the test matrices and the probes, that ``matmat`` takes.
+        device: The device of the test matrices and the probes, that ``matmat`` takes.
+        num_apost: Gaussian probes for the a-posteriori error (>= 1).
+        num_eigenpairs: ``r``, eigenpairs to report (default ``k``); fewer than ``k`` makes the
+            basis oversampled, which is what makes the top ``r`` accurate.
     """
     if recovery not in RECOVERIES:
         raise ValueError(f"unknown recovery '{recovery}', expected one of {RECOVERIES}")
@@ -145,7 +149,8 @@ def _single_pass(
     hvps: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SEIGH's single pass: ``s`` HVPs (``k`` recycled as the outer sketch), then the core
-    solve; records each phase's seconds and HVPs in ``seconds`` and ``hvps``."""
+    solve; records each phase's seconds and HVPs in ``seconds`` and ``hvps``.
+    """
     start = time.perf_counter()
     blocks = measure_indices(matmat, sketch, range(num_inner), num_outer, block_size)
     outer, inner = assemble_sketch(blocks, sketch.dim, num_outer, num_inner)
@@ -167,7 +172,8 @@ def _two_pass(
     hvps: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two passes: ``k`` HVPs for the basis ``Q``, ``k`` more for ``H Q``, then Rayleigh-Ritz
-    on ``span(Q, H Q)``; records each phase's seconds and HVPs in ``seconds`` and ``hvps``."""
+    on ``span(Q, H Q)``; records each phase's seconds and HVPs in ``seconds`` and ``hvps``.
+    """
     start = time.perf_counter()
     outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
     basis = orthonormal_basis(outer)

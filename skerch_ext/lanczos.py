@@ -29,10 +29,11 @@ from skerch_ext.operator import MatMat
 class LanczosResult:
     """Top eigenpairs of a symmetric operator.
 
-    :ivar eigenvalues: ``(k,)`` float64, sorted by ``|lambda|`` descending.
-    :ivar eigenvectors: ``(D, k)`` in the operator's dtype and device, orthonormal columns,
-      column ``i`` belonging to ``eigenvalues[i]``.
-    :ivar hvps: operator-vector products spent (a block of ``b`` columns counts ``b``).
+    Attributes:
+        eigenvalues: ``(k,)`` float64, sorted by ``|lambda|`` descending.
+        eigenvectors: ``(D, k)`` in the operator's dtype and device, orthonormal columns, column
+            ``i`` belonging to ``eigenvalues[i]``.
+        hvps: operator-vector products spent (a block of ``b`` columns counts ``b``).
     """
 
     eigenvalues: torch.Tensor
@@ -40,7 +41,7 @@ class LanczosResult:
     hvps: int
 
 
-def top_eigenpairs(
+def top_eigenpairs(  # noqa: PLR0913 (ARPACK's options, keyword-only and mostly defaulted)
     matmat: MatMat,
     dim: int,
     k: int,
@@ -54,15 +55,21 @@ def top_eigenpairs(
 ) -> LanczosResult:
     """The ``k`` eigenpairs of largest magnitude of the symmetric ``D x D`` operator.
 
-    :param matmat: ``M (D, b) -> H @ M (D, b)`` on tensors of ``dtype`` on ``device``.
-    :param dim: ``D``.
-    :param k: eigenpairs wanted, ``1 <= k < D`` (ARPACK cannot return all of them).
-    :param tol: relative residual at which ARPACK stops (see the module docstring).
-    :param start: ``(D,)`` start vector, e.g. the sum of the previous top eigenvectors;
-      None draws a Gaussian one from ``seed``, so that every call is reproducible.
-    :param max_restarts: ARPACK's ``maxiter`` (None = its default, ``10 D``).
-    :raises ValueError: ``k`` outside ``1..D-1``.
-    :raises scipy.sparse.linalg.ArpackNoConvergence: ARPACK did not reach ``tol``.
+    Args:
+        matmat: ``M (D, b) -> H @ M (D, b)`` on tensors of ``dtype`` on ``device``.
+        dim: ``D``.
+        k: eigenpairs wanted, ``1 <= k < D`` (ARPACK cannot return all of them).
+        tol: relative residual at which ARPACK stops (see the module docstring).
+        start: ``(D,)`` start vector, e.g. the sum of the previous top eigenvectors; None draws a
+            Gaussian one from ``seed``, so that every call is reproducible.
+        dtype: The dtype ``matmat`` takes and the eigenvectors are returned in.
+        device: The device ``matmat`` takes and the eigenvectors are returned on.
+        seed: Seed of the Gaussian start vector when ``start`` is None.
+        max_restarts: ARPACK's ``maxiter`` (None = its default, ``10 D``).
+
+    Raises:
+        ValueError: ``k`` outside ``1..D-1``.
+        scipy.sparse.linalg.ArpackNoConvergence: ARPACK did not reach ``tol``.
     """
     if not 1 <= k < dim:
         raise ValueError(f"k={k} eigenpairs need 1 <= k < D={dim}")

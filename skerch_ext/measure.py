@@ -32,12 +32,13 @@ from skerch_ext.random_matrices import SketchMatrices
 class MeasurementBlock:
     """The measurements of one block of inner indices.
 
-    :ivar indices: The inner indices ``m`` of this block, shape ``(n,)``, int64.
-    :ivar inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``.
-    :ivar outer_indices: The indices of this block that are below ``k``, shape ``(n_o,)``.
-    :ivar outer: ``H Omega[:, outer_indices]``, shape ``(D, n_o)``.
-    :ivar seconds: Wall seconds of the block's ``"hvps"`` (the batched product alone) and
-      ``"test_matrices"`` (drawing Omega's columns and applying Psi).
+    Attributes:
+        indices: The inner indices ``m`` of this block, shape ``(n,)``, int64.
+        inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``.
+        outer_indices: The indices of this block that are below ``k``, shape ``(n_o,)``.
+        outer: ``H Omega[:, outer_indices]``, shape ``(D, n_o)``.
+        seconds: Wall seconds of the block's ``"hvps"`` (the batched product alone) and
+            ``"test_matrices"`` (drawing Omega's columns and applying Psi).
     """
 
     indices: torch.Tensor
@@ -60,10 +61,11 @@ def measure_block(
 ) -> MeasurementBlock:
     """One batched HVP ``H Omega[:, indices]`` and the inner and outer columns it yields.
 
-    :param matmat: The operator ``H`` (D x D).
-    :param sketch: Omega and Psi, in the dtype and on the device of the operator.
-    :param indices: Inner indices in ``[0, s)``; the block costs ``len(indices)`` HVPs.
-    :param num_outer: ``k``; indices below it also give outer columns.
+    Args:
+        matmat: The operator ``H`` (D x D).
+        sketch: Omega and Psi, in the dtype and on the device of the operator.
+        indices: Inner indices in ``[0, s)``; the block costs ``len(indices)`` HVPs.
+        num_outer: ``k``; indices below it also give outer columns.
     """
     index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
     start = time.perf_counter()
@@ -87,7 +89,8 @@ def measure_block(
 
 def synchronized(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` once the device has finished computing it (CUDA runs asynchronously), so
-    that wall-clock timings around it are the computation's."""
+    that wall-clock timings around it are the computation's.
+    """
     if tensor.is_cuda:
         torch.cuda.synchronize(tensor.device)
     return tensor

@@ -41,7 +41,8 @@ def data_batches(
     inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Split ``inputs`` ``(N, ...)`` and ``targets`` ``(N, ...)`` into physical batches of at
-    most ``batch_size`` examples (0 = one batch), in order."""
+    most ``batch_size`` examples (0 = one batch), in order.
+    """
     size = batch_size if 0 < batch_size < inputs.shape[0] else inputs.shape[0]
     return list(zip(inputs.split(size), targets.split(size), strict=True))
 
@@ -85,7 +86,8 @@ class AutogradHessian:
     ) -> list[tuple[int, torch.Tensor]]:
         """``(parameter index, gradient)`` of the batch's mean loss for every gradient that
         depends on the parameters (the others have a zero Hessian block), each with its graph
-        for the second backward pass."""
+        for the second backward pass.
+        """
         with torch.enable_grad():
             loss = self.loss_fn(self.model(inputs), targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -95,7 +97,8 @@ class AutogradHessian:
         self, graph: list[tuple[int, torch.Tensor]], columns: list[torch.Tensor], keep: bool
     ) -> torch.Tensor:
         """``(b, D)``: the rows of ``(H_batch M)^T`` from one batch's gradient graph, with
-        ``columns`` the rows of ``M^T`` shaped like the parameters, ``(b, *shape)`` each."""
+        ``columns`` the rows of ``M^T`` shaped like the parameters, ``(b, *shape)`` each.
+        """
         products: list[torch.Tensor | None] = [None] * len(self.params)
         if graph:
             products = torch.autograd.grad(
@@ -116,8 +119,9 @@ class AutogradHessian:
 
     def matmat(self, matrix: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
         """``H @ matrix`` for ``matrix`` of shape ``(D, b)``; ``fresh=True`` rebuilds the
-        gradient graph even when one is kept (an independent pass over the data)."""
-        if matrix.ndim != 2 or matrix.shape[0] != self.dim:
+        gradient graph even when one is kept (an independent pass over the data).
+        """
+        if matrix.ndim != 2 or matrix.shape[0] != self.dim:  # noqa: PLR2004 (a matrix)
             raise ValueError(f"expected a ({self.dim}, b) matrix, got {tuple(matrix.shape)}")
         num = matrix.shape[1]
         columns = [
@@ -141,7 +145,8 @@ class AutogradHessian:
         """Raise ``RuntimeError`` unless two independent passes over the data (forward,
         gradient and one Hessian-vector product each) agree with each other and with the
         kept graph, to curvlinops' tolerances: what random augmentation, train-mode dropout
-        or a nondeterministic kernel would break."""
+        or a nondeterministic kernel would break.
+        """
         generator = torch.Generator(device="cpu").manual_seed(seed)
         dtype = self.params[0].dtype
         probe = torch.randn(self.dim, 1, generator=generator, dtype=torch.float64)
@@ -172,6 +177,7 @@ class OperatorReport:
     deterministic: bool = True
 
     def as_dict(self) -> dict:
+        """The fields as a plain dict, for summaries."""
         return dict(self.__dict__)
 
 
@@ -198,7 +204,8 @@ def dense_matrix(
     matmat: MatMat, dim: int, *, block_size: int, dtype: torch.dtype, device, progress: bool = True
 ) -> torch.Tensor:
     """The operator as a dense ``(D, D)`` matrix, ``H @ I`` a block of columns at a time
-    (identity blocks are made on the fly; only the result is ever D x D), symmetrised."""
+    (identity blocks are made on the fly; only the result is ever D x D), symmetrised.
+    """
     result = torch.empty(dim, dim, dtype=dtype, device=device)
     starts = range(0, dim, block_size)
     for start in tqdm(starts, desc="H @ I", unit="block", disable=not progress, mininterval=1.0):

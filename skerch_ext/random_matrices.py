@@ -56,11 +56,12 @@ class RandomMatrix:
     normal and for ``"rademacher"`` they are +-1. The recovery is invariant to a scaling of
     the test matrices, so no normalisation is applied.
 
-    :param dim: ``D``, the height.
-    :param num_columns: ``n``, the width.
-    :param seed_range: Seeds this matrix may use: ``n`` of them for i.i.d. noise,
-      ``MIN_OPERATOR_SEEDS`` for SSRFT.
-    :param noise: One of ``NOISE_TYPES``.
+    Args:
+        dim: ``D``, the height.
+        num_columns: ``n``, the width.
+        seed_range: Seeds this matrix may use: ``n`` of them for i.i.d. noise,
+            ``MIN_OPERATOR_SEEDS`` for SSRFT.
+        noise: One of ``NOISE_TYPES``.
     """
 
     def __init__(self, dim: int, num_columns: int, seed_range: SeedRange, noise: str = "ssrft"):
@@ -102,7 +103,7 @@ class RandomMatrix:
 
         Computed in ``x``'s dtype and on its device.
         """
-        if x.ndim != 2 or x.shape[0] != self.dim:
+        if x.ndim != 2 or x.shape[0] != self.dim:  # noqa: PLR2004 (a matrix)
             raise ValueError(f"expected x of shape ({self.dim}, b), got {tuple(x.shape)}")
         if self.noise == "ssrft":
             return SSRFT.ssrft(x.T, self.num_columns, seed=self.seed_range.start).T.contiguous()
@@ -157,10 +158,14 @@ class SketchMatrices:
     ) -> SketchMatrices:
         """Omega from ``seeds["omega"]`` and Psi from ``seeds["psi"]``, both with ``s`` vectors.
 
-        :param dim: ``D``.
-        :param num_inner: ``s``.
-        :param seeds: A registry holding ``"omega"`` and ``"psi"`` ranges, e.g. from
-          :func:`skerch_ext.seeds.sketch_seed_ranges`.
+        Args:
+            dim: ``D``.
+            num_inner: ``s``.
+            seeds: A registry holding ``"omega"`` and ``"psi"`` ranges, e.g. from
+                :func:`skerch_ext.seeds.sketch_seed_ranges`.
+            noise: One of ``NOISE_TYPES``, for both.
+            dtype: The dtype of the columns both produce (products run in their input's).
+            device: Where both produce their columns.
         """
         return cls(
             omega=RandomMatrix(dim, num_inner, seeds["omega"], noise),

@@ -91,16 +91,19 @@ class SketchLayout:
         return [range(a, min(a + size, total)) for a in range(0, total, size)]
 
     def to_json(self) -> str:
+        """The layout as a JSON object with sorted keys, as the stores' files record it."""
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> SketchLayout:
+        """The layout :meth:`to_json` wrote."""
         return cls(**json.loads(text))
 
 
 def check_part_count(num_parts: int, limit: int | None = None) -> None:
     """Refuse more part files than half the open-file limit (a virtual dataset opens them
-    all; past the limit HDF5 returns fill values instead of failing)."""
+    all; past the limit HDF5 returns fill values instead of failing).
+    """
     soft = limit if limit is not None else resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if num_parts > soft // 2:
         raise ValueError(
@@ -114,7 +117,8 @@ def column_checksums(inner: np.ndarray | None, outer: np.ndarray | None, count: 
     sketch) then outer column ``j`` (if any). ``inner`` ``(s, P)``, ``outer`` ``(D, P_outer)``.
 
     The columns are checksummed as rows of one transposed copy: the same bytes as copying
-    each strided column on its own, in one pass over the block."""
+    each strided column on its own, in one pass over the block.
+    """
     inner_rows = None if inner is None else np.ascontiguousarray(inner.T)
     outer_rows = None if outer is None else np.ascontiguousarray(outer.T)
     sums = np.empty(count, dtype=np.uint32)
@@ -130,7 +134,8 @@ def column_checksums(inner: np.ndarray | None, outer: np.ndarray | None, count: 
 
 class IncompleteMeasurements(ValueError):
     """Some measurements are missing (not flagged measured) or corrupt (checksum or file
-    damage); ``missing`` and ``corrupt`` name their indices."""
+    damage); ``missing`` and ``corrupt`` name their indices.
+    """
 
     def __init__(self, missing: list[int], corrupt: list[int]):
         super().__init__(
@@ -148,10 +153,12 @@ class MeasurementStore:
         self.layout = layout
 
     def part_path(self, block_id: int) -> Path:
+        """The part file of block ``block_id`` (see :attr:`SketchLayout.blocks`)."""
         return self.directory / f"part_{block_id:05d}.h5"
 
     @property
     def view_path(self) -> Path:
+        """The virtual dataset over all part files."""
         return self.directory / "view.h5"
 
     def _outer_count(self, block: range) -> int:
@@ -188,7 +195,8 @@ class MeasurementStore:
 
     def _write_part_file(self, tmp: Path, block: range, inner, outer, flag: int, attrs) -> None:
         """Write a whole part to ``tmp``: the block's columns (NaN placeholders when ``flag``
-        is initialized), per-measurement flags and checksums, and ``attrs``."""
+        is initialized), per-measurement flags and checksums, and ``attrs``.
+        """
         n_outer = self._outer_count(block)
         dtype, has_inner = self.layout.dtype, self.layout.num_inner > 0
         with h5py.File(tmp, "w") as handle:
@@ -243,7 +251,8 @@ class MeasurementStore:
         """Try to take block ``block_id`` for measuring; yields False if another live
         process holds it. The claim is an ``flock`` on a lock file, which the kernel
         releases when its holder dies (even by SIGKILL), so a crash never leaves a block
-        claimed: two submissions of the same run never measure a block twice at once."""
+        claimed: two submissions of the same run never measure a block twice at once.
+        """
         return exclusive_lock(self.directory / f".part_{block_id:05d}.lock", blocking=False)
 
     def block_flags(self) -> list[np.ndarray]:
@@ -354,7 +363,8 @@ def describe_indices(indices: list[int]) -> str:
 
 class MonolithicArrays:
     """Contiguous ``outer`` (D, k) and ``inner`` (s, s) arrays, allocated once, reused for
-    every recorded step. ``attrs['holds']`` names the measurements merged in last."""
+    every recorded step. ``attrs['holds']`` names the measurements merged in last.
+    """
 
     def __init__(self, path: Path, layout: SketchLayout):
         self.path = Path(path)

@@ -67,7 +67,8 @@ def unit_roundoff(dtype: torch.dtype) -> float:
 
 def rounding_level(dtype: torch.dtype, length: int) -> float:
     """``g(n) = lam sqrt(n) u``: the relative error of a length-``n`` inner product that holds
-    with probability ``1 - FAILURE_PROBABILITY`` (module docstring, Higham & Mary 2019)."""
+    with probability ``1 - FAILURE_PROBABILITY`` (module docstring, Higham & Mary 2019).
+    """
     lam = math.sqrt(2 * math.log(2 * length / FAILURE_PROBABILITY))
     return lam * math.sqrt(length) * unit_roundoff(dtype)
 
@@ -75,9 +76,10 @@ def rounding_level(dtype: torch.dtype, length: int) -> float:
 def product_tolerance(abs_product: torch.Tensor, dtype: torch.dtype, length: int) -> torch.Tensor:
     """Entrywise bound ``2 g(n) |A| |x|`` on the difference of two evaluations of ``A x``.
 
-    :param abs_product: ``|A| |x|``, any shape, computed in higher precision.
-    :param dtype: The dtype the products were computed in.
-    :param length: ``n``, the inner dimension of the product.
+    Args:
+        abs_product: ``|A| |x|``, any shape, computed in higher precision.
+        dtype: The dtype the products were computed in.
+        length: ``n``, the inner dimension of the product.
     """
     return 2 * rounding_level(dtype, length) * abs_product
 
@@ -87,11 +89,12 @@ def eigenvalue_tolerance(
 ) -> float:
     """``max(2 g(D) ||H||, sketch_error)``: how far two runs' eigenvalues may be apart.
 
-    :param norm: ``||H||_2`` (the largest eigenvalue magnitude is a fine estimate).
-    :param dim: ``D``, the longest inner product of the computation.
-    :param dtype: The dtype of the products and of the solve.
-    :param sketch_error: For eigenvalues the sketch may not resolve, the sum of the two runs'
-      absolute spectral-norm errors (e.g. from their a-posteriori estimates); 0 otherwise.
+    Args:
+        norm: ``||H||_2`` (the largest eigenvalue magnitude is a fine estimate).
+        dim: ``D``, the longest inner product of the computation.
+        dtype: The dtype of the products and of the solve.
+        sketch_error: For eigenvalues the sketch may not resolve, the sum of the two runs' absolute
+            spectral-norm errors (e.g. from their a-posteriori estimates); 0 otherwise.
     """
     return max(2 * rounding_level(dtype, dim) * norm, sketch_error)
 
@@ -99,10 +102,14 @@ def eigenvalue_tolerance(
 def subspace_tolerance(eigenvalues: torch.Tensor, size: int, perturbation: float) -> float | None:
     """Davis-Kahan bound on sin of the largest angle between two runs' top-``size`` spaces.
 
-    :param eigenvalues: ``(k,)``, sorted by magnitude, descending; ``size < k``.
-    :param perturbation: ``||E_a - E_b||``, e.g. :func:`eigenvalue_tolerance`.
-    :returns: ``perturbation / (gap - perturbation)``, or ``None`` where no gap larger than
-      the perturbation defines the subspace.
+    Args:
+        eigenvalues: ``(k,)``, sorted by magnitude, descending; ``size < k``.
+        size: ``m``, the dimension of the top eigenspace compared.
+        perturbation: ``||E_a - E_b||``, e.g. :func:`eigenvalue_tolerance`.
+
+    Returns:
+        ``perturbation / (gap - perturbation)``, or ``None`` where no gap larger than the
+        perturbation defines the subspace.
     """
     magnitudes = eigenvalues.abs().double()
     gap = (magnitudes[size - 1] - magnitudes[size]).item()
@@ -114,7 +121,8 @@ def subspace_tolerance(eigenvalues: torch.Tensor, size: int, perturbation: float
 def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
     """``sin`` of the largest principal angle between the column spans of two ``(D, m)``
     matrices, computed in float64 after orthonormalising each (so that the bases' own
-    rounding, e.g. float32 storage, does not count as an angle)."""
+    rounding, e.g. float32 storage, does not count as an angle).
+    """
     basis_a = torch.linalg.qr(first.double()).Q
     basis_b = torch.linalg.qr(second.double()).Q
     residual = basis_b - basis_a @ (basis_a.T @ basis_b)
@@ -125,12 +133,13 @@ def largest_angle_sine(first: torch.Tensor, second: torch.Tensor) -> float:
 class Agreement:
     """Two runs' eigenpairs against the tolerances (see :func:`compare_eigenpairs`).
 
-    :ivar tolerance: ``2 g(D) ||H||``, for the eigenvalues the sketch resolves.
-    :ivar sketch_tolerance: The same widened to the two runs' own errors, for all ``k``.
-    :ivar bounds: ``{m: Davis-Kahan bound}`` for each top-``m`` space a gap defines.
-    :ivar sines: ``{m: measured sin theta}`` for the same ``m``.
-    :ivar resolved_difference: Largest ``|lambda_a - lambda_b|`` over the top ``max(bounds)``.
-    :ivar all_difference: Largest ``|lambda_a - lambda_b|`` over all ``k``.
+    Attributes:
+        tolerance: ``2 g(D) ||H||``, for the eigenvalues the sketch resolves.
+        sketch_tolerance: The same widened to the two runs' own errors, for all ``k``.
+        bounds: ``{m: Davis-Kahan bound}`` for each top-``m`` space a gap defines.
+        sines: ``{m: measured sin theta}`` for the same ``m``.
+        resolved_difference: Largest ``|lambda_a - lambda_b|`` over the top ``max(bounds)``.
+        all_difference: Largest ``|lambda_a - lambda_b|`` over all ``k``.
     """
 
     tolerance: float
@@ -160,10 +169,13 @@ def compare_eigenpairs(
 ) -> Agreement:
     """Compare two runs' ``(eigenvalues (k,), eigenvectors (D, k))``, sorted by magnitude.
 
-    :param dtype: The dtype both were computed in.
-    :param sketch_error: The sum of the two runs' absolute spectral-norm errors (e.g. twice
-      the sum of their a-posteriori estimates), for the eigenvalues the sketch may not resolve.
-    :param max_size: The largest top-``m`` space compared.
+    Args:
+        first: ``(eigenvalues (k,), eigenvectors (D, k))`` of one run.
+        second: The same of the other run.
+        dtype: The dtype both were computed in.
+        sketch_error: The sum of the two runs' absolute spectral-norm errors (e.g. twice the sum of
+            their a-posteriori estimates), for the eigenvalues the sketch may not resolve.
+        max_size: The largest top-``m`` space compared.
     """
     (values_a, vectors_a), (values_b, vectors_b) = first, second
     dim = vectors_a.shape[0]

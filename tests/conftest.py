@@ -53,7 +53,8 @@ def summary_of():
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> str:
     """One finished `hessov run problem=mnist_mini preset=tiny` (local backend), shared by
-    every test that only reads it; tests that change a run work on a copy."""
+    every test that only reads it; tests that change a run work on a copy.
+    """
     out = tmp_path_factory.mktemp("tiny-runs")
     return last_line(
         run_hessov("run", "problem=mnist_mini", "preset=tiny", f"OUTPUT_DIR={out}").stdout
@@ -62,7 +63,8 @@ def tiny_run(tmp_path_factory) -> str:
 
 def measured_parts(parts: Path) -> int:
     """Part files under ``parts`` whose first measurement is flagged measured (a part is
-    written whole, then renamed, so its first flag stands for the part)."""
+    written whole, then renamed, so its first flag stands for the part).
+    """
     measured = 0
     for part in parts.glob("part_*.h5"):
         try:
@@ -75,7 +77,8 @@ def measured_parts(parts: Path) -> int:
 
 def kill_while_measuring(args: list[str], parts: Path, after: int, timeout: float = 120) -> int:
     """Start ``hessov ARGS`` (a measure command), ``kill -9`` it once ``after`` parts under
-    ``parts`` are measured; returns how many were measured when it died."""
+    ``parts`` are measured; returns how many were measured when it died.
+    """
     process = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO,
@@ -104,7 +107,8 @@ def laid_out(trained: Path, target: Path, *layout: str) -> Path:
 
 def measured_and_solved(run: Path, two_pass: bool) -> Path:
     """Every task of ``TINY_SKETCH`` in this process's kernel path, then the solve (and the
-    basis and second round for two-pass), one after another: the tests' reference."""
+    basis and second round for two-pass), one after another: the tests' reference.
+    """
     run_hessov("measure", str(run), *TINY_SKETCH)
     if two_pass:
         run_hessov("basis", str(run), *TINY_SKETCH)
@@ -116,7 +120,8 @@ def measured_and_solved(run: Path, two_pass: bool) -> Path:
 @pytest.fixture(scope="session")
 def tiny_trained(tmp_path_factory) -> Path:
     """A trained `preset=tiny` run (train split, step 300 to sketch) with no layout yet; tests
-    lay it out on a copy."""
+    lay it out on a copy.
+    """
     out = tmp_path_factory.mktemp("tiny-trained")
     args = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]", "HESSIAN_STEPS=[300]"]
     return Path(last_line(run_hessov("train", *args, f"OUTPUT_DIR={out}").stdout))

@@ -54,7 +54,8 @@ def compare_eigen_files(reference: Path, other: Path) -> Agreement:
 
 def assert_equivalent_runs(reference: Path, other: Path, sketches, analysis: bool = True):
     """:func:`compare_eigen_files` for every ``(step, split)`` of ``sketches``; with
-    ``analysis``, also the overlap curves at the gapped sizes (module docstring)."""
+    ``analysis``, also the overlap curves at the gapped sizes (module docstring).
+    """
     for step, split in sketches:
         name = f"step_{step}_{split}.h5"
         agreement = compare_eigen_files(reference / "eigen" / name, other / "eigen" / name)

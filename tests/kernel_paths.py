@@ -36,7 +36,8 @@ def current() -> dict[str, str]:
 
 def on_path(env: dict[str, str], setting: dict[str, str]) -> dict[str, str]:
     """``env`` on kernel path ``setting`` exactly: any kernel-path variable ``env`` carries
-    (CI reruns the suite under one) is dropped first."""
+    (CI reruns the suite under one) is dropped first.
+    """
     return {**{key: value for key, value in env.items() if key not in VARIABLES}, **setting}
 
 

@@ -93,7 +93,7 @@ def _base() -> Path:
 
 
 def _lock(fd: int, mode: int, timeout: float) -> bool:
-    """flock with a deadline (fcntl.flock itself would wait forever)."""
+    """Take an flock lock, with a deadline (fcntl.flock itself would wait forever)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -201,7 +201,8 @@ def wait_for_jobs(
     env: dict[str, str], job_id: str, count: int = 1, timeout: float = 60
 ) -> dict[str, tuple[str, str]]:
     """Poll sacct until ``count`` records of ``job_id`` (array tasks count one each) are in a
-    terminal state; fail with the queue's state after ``timeout`` seconds."""
+    terminal state; fail with the queue's state after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         rows = sacct_jobs(env, job_id)

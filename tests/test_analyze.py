@@ -1,5 +1,6 @@
 """`hessov analyze` on a real tiny run: the summary contract, the curves against a direct
-computation, partial runs completed by a re-run, the report, and the notebook."""
+computation, partial runs completed by a re-run, the report, and the notebook.
+"""
 
 import os
 import shutil

@@ -154,7 +154,8 @@ for args in (["problem=mnist_mini"], ["problem=fc-tanh", "data=mnist_embedded"])
 def test_preprocessed_data_are_the_same_bits_on_every_kernel_path():
     """Resized (mnist_mini) and standardized (fc-tanh) images are computed in float64 and
     rounded once, so a worker on another CPU kernel path sketches the Hessian of the same
-    data; in float32 a tenth of the resized pixels came out differently."""
+    data; in float32 a tenth of the resized pixels came out differently.
+    """
     import subprocess
     import sys
 

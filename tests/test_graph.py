@@ -1,7 +1,8 @@
 """The stage graph (pipeline/launch/graph.py): the jobs of a new run and of a partly done one,
 and every launcher running exactly its jobs: the local backend, the sequential sbatch
 emulation (slurm/run_sequential.sh, through `hessov plan --jobs`) and, in
-tests/test_slurm_submitit.py, submitit."""
+tests/test_slurm_submitit.py, submitit.
+"""
 
 import json
 import re
@@ -158,7 +159,8 @@ def test_local_backend_and_sbatch_emulation_run_the_plans_jobs(tmp_path):
     """`hessov plan --json` lists the jobs; the local backend runs exactly those, in that
     order, and slurm/run_sequential.sh too (in a bare environment: the scripts rely on
     nothing of the caller's but HESSOV and the kernel path), to the same eigenpairs within the
-    tolerances of tests/equivalence.py."""
+    tolerances of tests/equivalence.py.
+    """
     plan = json.loads(run_hessov("plan", "--json", *QUADRATIC, f"OUTPUT_DIR={tmp_path}").stdout)
     planned = element_names(plan)
     assert {"replay name=plain.seed1", "compare", "exhaustive step=300 split=train"} <= set(planned)
@@ -187,7 +189,8 @@ def test_submitit_and_sbatch_chain_submit_the_plans_jobs(slurm_cluster, tmp_path
     slurm/submit_chain.sh submit exactly the jobs `hessov plan` lists, with the same
     dependencies. Training is held back an hour (an sbatch option of the train stage, which
     both launchers take from the config), so nothing runs; the jobs are then cancelled.
-    tests/test_slurm_*.py run these launchers to the end."""
+    tests/test_slurm_*.py run these launchers to the end.
+    """
     held = [*QUADRATIC, "slurm.stages.train.additional_parameters={begin: now+3600}"]
     plan = json.loads(run_hessov("plan", "--json", *held, f"OUTPUT_DIR={tmp_path}").stdout)
     submitted = run_hessov("run", *held, "backend=slurm", f"OUTPUT_DIR={tmp_path / 'submitit'}")
@@ -274,3 +277,17 @@ def test_a_flag_between_overrides_no_longer_ends_them(tmp_path):
         "plan", "problem=mnist_mini", "preset=tiny", "--json", f"OUTPUT_DIR={tmp_path}"
     )
     assert json.loads(result.stdout)["run_dir"].startswith(str(tmp_path))
+
+
+def test_every_stage_of_the_graph_has_its_resources_key():
+    """A job's resources come from ``slurm.stages.STAGE``: a new stage needs its key."""
+    from dataclasses import fields
+
+    from pipeline.config import SlurmStagesConfig
+    from pipeline.jobs import STAGES
+
+    keys = {field.name for field in fields(SlurmStagesConfig)}
+    replays = "replays=[{name: plain}]"
+    cfg = load_run_config([*TINY, replays, "EXHAUSTIVE=true", "recovery=two_pass"])
+    assert {job.stage for job in plan_run(cfg).jobs} <= keys
+    assert set(STAGES) - {"check-operator"} <= keys

@@ -1,5 +1,6 @@
 """The sketch stages end to end through the CLI: layout, measure (split and killed),
-solve (refusing missing or corrupt measurements), exhaustive, check-operator."""
+solve (refusing missing or corrupt measurements), exhaustive, check-operator.
+"""
 
 import json
 import shutil

@@ -3,7 +3,8 @@ task per setting of tests/kernel_paths.py, rotated between rounds), as node type
 job array would. The sequential emulation runs slurm/job.sbatch with each task's setting;
 the real local Slurm cluster gets one ``sbatch --export`` per task. Both reproduce the
 single-process eigenpairs within the tolerances of tests/equivalence.py, and `hessov solve`
-accepts every measurement (checksums are of the bits each task wrote)."""
+accepts every measurement (checksums are of the bits each task wrote).
+"""
 
 import os
 import subprocess

@@ -204,7 +204,8 @@ def _at(optima: list[Optimum], batch_size: int) -> Optimum:
 @pytest.mark.parametrize("small", [4, 8])
 def test_small_batch_sgd_scales_linearly(sweeps, small):
     """16x the batch: 16x the optimal learning rate and 1/16 of the steps, within 10%
-    (at K = 1000 the linear regime ends near B = 128; the critical batch size is 512)."""
+    (at K = 1000 the linear regime ends near B = 128; the critical batch size is 512).
+    """
     low, high = _at(sweeps["sgd"], small), _at(sweeps["sgd"], 16 * small)
     assert high.lr / low.lr == pytest.approx(16, rel=0.1)
     assert low.steps / high.steps == pytest.approx(16, rel=0.1)

@@ -1,5 +1,6 @@
 """The sketch stages' Hessian operator (batched reverse-over-reverse autograd) against
-curvlinops' ``HessianLinearOperator`` and against the dense Hessian from ``torch.func``."""
+curvlinops' ``HessianLinearOperator`` and against the dense Hessian from ``torch.func``.
+"""
 
 import pytest
 import torch

@@ -96,7 +96,8 @@ def replay(run: RunDir, cfg, **settings) -> tuple[dict, np.ndarray]:
 
 def snapshot_and_minimum(run: RunDir, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Parameters at the snapshot, the minimiser ``m`` (mean of the train points) and the
-    curvatures ``h`` the model holds (``sqrt(h)`` is stored in float32, so not exactly 1/i)."""
+    curvatures ``h`` the model holds (``sqrt(h)`` is stored in float32, so not exactly 1/i).
+    """
     state = torch.load(run.snapshot(SNAPSHOT), weights_only=False)["model"]
     problem = build_problem(cfg)
     minimum = problem.train.images.double().mean(dim=0).numpy()
@@ -126,7 +127,8 @@ def test_filter_formulas_on_an_orthonormal_basis():
 @pytest.mark.parametrize("mode, scaling", [("flat_scaling_v1", 2.0), ("global_scaling", 2.0)])
 def test_momentum_buffer_is_the_momentum_of_the_filtered_gradients(mode, scaling):
     """SGD momentum sees F(g): b_t = mu b_{t-1} + F(g_t); the buffer itself is never scaled
-    (the fork multiplied it in place, so the scale compounded)."""
+    (the fork multiplied it in place, so the scale compounded).
+    """
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3).double()
     params = list(model.parameters())
@@ -156,7 +158,8 @@ def test_momentum_buffer_is_the_momentum_of_the_filtered_gradients(mode, scaling
 
 def test_flat_scaling_v1_is_stable_iff_alpha_eta_lambda_n_plus_1_below_two(nqm_run):
     """N = 5, eta = 1, lambda_6 = 1/6: alpha = 10 gives 1.67 < 2 (converges), alpha = 14
-    gives 2.33 > 2 (diverges); the frozen top-5 coordinates never move."""
+    gives 2.33 > 2 (diverges); the frozen top-5 coordinates never move.
+    """
     run, cfg = nqm_run
     x0, minimum, _ = snapshot_and_minimum(run, cfg)
     common = dict(mode="flat_scaling_v1", nfilter=5, eig_freq=1000, neigs=6, MAX_STEPS=40)
@@ -211,7 +214,8 @@ def test_global_scaling_equals_plain_gradient_descent_at_alpha_eta(nqm_run):
 
 def test_none_continues_the_baseline_exactly(nqm_run):
     """The baseline replay takes the steps the train stage took after the snapshot, bit for
-    bit, although it computes eigenvalues in between."""
+    bit, although it computes eigenvalues in between.
+    """
     run, cfg = nqm_run
     result = run_replay(run, cfg, cfg.replays[0])
     trained = {e["step"]: e["loss"] for e in read_events(run.log, "batch") if e["stage"] == "train"}
@@ -225,8 +229,9 @@ def test_none_continues_the_baseline_exactly(nqm_run):
 
 
 def test_dynamic_freezes_directions_above_two_over_alpha_eta_with_warmup(nqm_run):
-    """eta = 0.9, alpha = 3, warmup 2: step 0 runs at alpha 2 (2/(alpha eta) = 1.11, nothing
-    frozen), later steps at alpha 3 (0.74: lambda_1 = 1 frozen, lambda_2 = 0.5 not)."""
+    """With eta = 0.9, alpha = 3, warmup 2: step 0 runs at alpha 2 (2/(alpha eta) = 1.11, nothing
+    frozen), later steps at alpha 3 (0.74: lambda_1 = 1 frozen, lambda_2 = 0.5 not).
+    """
     run, cfg = nqm_run
     x0, minimum, h = snapshot_and_minimum(run, cfg)
     result, final = replay(
@@ -251,7 +256,8 @@ def test_dynamic_freezes_directions_above_two_over_alpha_eta_with_warmup(nqm_run
 
 def test_sketch_eigensolver_approximates_the_lanczos_eigenpairs(nqm_run):
     """The in-core two-pass sketch (k = 10 of D = 20 on the flat spectrum 1/i) is an
-    approximation: its eigenvalues agree with Lanczos to a few percent, with an error estimate."""
+    approximation: its eigenvalues agree with Lanczos to a few percent, with an error estimate.
+    """
     run, cfg = nqm_run
     common = dict(mode="flat_scaling_v1", scaling=4, nfilter=3, eig_freq=1000, neigs=4)
     replay(run, cfg, MAX_STEPS=2, name="v1_lanczos", **common)
@@ -392,7 +398,8 @@ def seeded_run(tmp_path_factory):
 
 def starting_points(run: RunDir, cfg, names: list[str], lr: float) -> list[np.ndarray]:
     """Where one-step ``mode=none`` replays at rate ``lr`` started: on the nqm a GD step is
-    ``x1 = m + (1 - lr h)(x0 - m)``, so ``x0 = m + (x1 - m) / (1 - lr h)``."""
+    ``x1 = m + (1 - lr h)(x0 - m)``, so ``x0 = m + (x1 - m) / (1 - lr h)``.
+    """
     _, minimum, h = snapshot_and_minimum(run, cfg)
     finals = [torch.load(run.replay_final(name), weights_only=True)["x"].numpy() for name in names]
     return [minimum + (final - minimum) / (1 - lr * h) for final in finals]
@@ -547,7 +554,8 @@ def synthetic_curve(group: str, seed: int, mode: str, steps: int, **fields) -> R
 
 def test_findings_and_report_of_overlapping_groups_and_v1_sharpening():
     """From logged curves alone: seeds grouped in order, an unresolved first place, and
-    flat_scaling_v1's eigenvalue N+1 crossing 2/(alpha eta) = 2 and 2/eta = 4."""
+    flat_scaling_v1's eigenvalue N+1 crossing 2/(alpha eta) = 2 and 2/eta = 4.
+    """
     v1_eigen = np.array([[5.0, 4.0, 1.0], [6.0, 5.0, 5.0]])
     curves = [
         synthetic_curve("v1", 1, "flat_scaling_v1", 12, nfilter=2, eigenvalues=v1_eigen),
@@ -599,7 +607,8 @@ def test_seeded_and_unseeded_replays_of_one_name_are_refused(nqm_run, capsys):
 
 def test_a_replay_recorded_before_seeds_existed_still_counts_as_finished(nqm_run, capsys):
     """A ``replay.yaml`` without the keys added since (seeds, perturbation, seed, group)
-    matches the same settings today: the replay is not run again, nor refused."""
+    matches the same settings today: the replay is not run again, nor refused.
+    """
     run, _ = nqm_run
     short = ["mode=none", "eig_freq=0", "MAX_STEPS=2", "name=older"]
     assert main(["replay", str(run.root), *short]) == 0

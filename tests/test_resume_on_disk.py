@@ -1,7 +1,8 @@
 """`hessov resume` and `hessov status` finish the sketch the run directory holds, not the
 one its config's defaults would lay out: a layout made by hand with other k, s, block_size
 or recovery, with a worker killed by SIGKILL or measurements partly taken with indices=a:b.
-Locally, and on the real Slurm cluster with `backend=slurm`."""
+Locally, and on the real Slurm cluster with `backend=slurm`.
+"""
 
 from pathlib import Path
 

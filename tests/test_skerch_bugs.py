@@ -48,7 +48,8 @@ def skerch_matrix(linop_class, block_size: int, seed: int = SEED) -> torch.Tenso
 @pytest.mark.parametrize("linop_class", [GaussianNoiseLinOp, RademacherNoiseLinOp])
 def test_skerch_iid_omega_depends_on_block_size(linop_class):
     """Bug: the same (seed, shape) gives a different Omega for a different block size, so
-    workers with different block sizes measure with different test matrices."""
+    workers with different block sizes measure with different test matrices.
+    """
     one_by_one = skerch_matrix(linop_class, block_size=1)
     in_blocks_of_7 = skerch_matrix(linop_class, block_size=7)
     assert not torch.equal(one_by_one, in_blocks_of_7)
@@ -76,7 +77,8 @@ def test_our_omega_is_partition_invariant(noise):
 
 def test_skerch_overlapping_seeds_repeat_columns_and_we_refuse_them():
     """Bug: with the paper's layout (Omega at seed + 1, Psi at seed + 2) and one column per
-    block, Omega's column m + 1 *is* Psi's row m: the two sketches are not independent."""
+    block, Omega's column m + 1 *is* Psi's row m: the two sketches are not independent.
+    """
     omega = skerch_matrix(GaussianNoiseLinOp, block_size=1, seed=SEED + 1)
     psi_transposed = skerch_matrix(GaussianNoiseLinOp, block_size=1, seed=SEED + 2)
     assert torch.equal(omega[:, 1:], psi_transposed[:, :-1])
@@ -114,7 +116,8 @@ def test_skerch_seed_register_rejects_adjacent_ranges(monkeypatch):
 
 def test_skerch_oversampled_core_is_not_symmetric_ours_is():
     """Bug: the oversampled core estimates the symmetric Q^T H Q but is returned (and handed
-    to eigh, which reads one triangle) unsymmetrized."""
+    to eigh, which reads one triangle) unsymmetrized.
+    """
     generator = torch.Generator().manual_seed(0)
     basis, _ = torch.linalg.qr(torch.randn(DIM, DIM, generator=generator, dtype=torch.float64))
     spectrum = torch.cat(
@@ -144,7 +147,8 @@ def test_skerch_oversampled_core_is_not_symmetric_ours_is():
 def test_skerch_apost_probes_are_not_gaussian():
     """Deviation: ``apost_error`` rescales each coordinate of its probes across the block,
     so they are not Gaussian and the Gaussian probability bounds do not cover them. On a
-    diagonal operator, one-probe blocks are exactly +-1 vectors: all 30 estimates agree."""
+    diagonal operator, one-probe blocks are exactly +-1 vectors: all 30 estimates agree.
+    """
     diagonal = torch.diag(torch.arange(1.0, DIM + 1, dtype=torch.float64))
     zero = torch.zeros(DIM, DIM, dtype=torch.float64)
     _, (per_probe, _, _) = skerch_apost_error(
@@ -169,7 +173,8 @@ def test_skerch_apost_probes_are_not_gaussian():
 
 def test_skerch_scree_bounds_normalise_by_recovered_spectrum():
     """Deviation: skerch divides by ||L|| instead of ||H||_F, so its lower scree bound
-    always starts at 1, even when the recovered eigenvalues carry a fraction of ||H||_F."""
+    always starts at 1, even when the recovered eigenvalues carry a fraction of ||H||_F.
+    """
     eigenvalues = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)
     frobenius = 2 * eigenvalues.norm().item()  # the eigenpairs hold a quarter of ||H||_F^2
     skerch_lower, _ = skerch_scree_bounds(eigenvalues, 0.5)

@@ -95,7 +95,8 @@ def indefinite_spectrum(dim: int = DIM) -> torch.Tensor:
 def column_by_column(matrix: torch.Tensor):
     """``M -> matrix @ M`` computed one column at a time on a contiguous copy, so that each
     output column is the same call whatever block it travels in (a dense matmul, or a
-    strided column, takes other BLAS kernels: see random_matrices)."""
+    strided column, takes other BLAS kernels: see random_matrices).
+    """
     return lambda block: torch.stack([matrix @ column.contiguous() for column in block.T], dim=1)
 
 
@@ -117,7 +118,8 @@ def sketch_for(
 
 def array_tasks(num_inner: int, per_task: int) -> SketchSpec:
     """A layout of ``num_inner`` measurements split into array tasks of ``per_task``, as the
-    pipeline splits them (:meth:`~pipeline.sketchspec.SketchSpec.task_indices`)."""
+    pipeline splits them (:meth:`~pipeline.sketchspec.SketchSpec.task_indices`).
+    """
     layout = SketchLayout(num_inner + 1, 1, num_inner, 1, "float64", "ssrft", 0)
     return SketchSpec(layout, "single_pass", 1, [0], ["train"], per_task)
 
@@ -265,7 +267,8 @@ def test_measurements_merge_bit_identically_across_workers(noise):
 
     Bitwise by construction on one kernel path: every product here is one matrix-vector
     product per contiguous column (``column_by_column`` and the test matrices'
-    ``t_apply``), so a column's bits never depend on its block."""
+    ``t_apply``), so a column's bits never depend on its block.
+    """
     matrix, _, _ = symmetric_with_spectrum(noisy_spectrum(1e-3, dim=120), 1, torch.float64)
     num_outer, num_inner = 12, 35
     sketch = sketch_for(120, num_inner, seed=5, dtype=torch.float64, noise=noise)
@@ -352,7 +355,8 @@ def test_single_pass_recovers_exactly_low_rank_float64():
 @pytest.mark.parametrize("recovery", ["single_pass", "two_pass", "two_pass_plain"])
 def test_recoveries_on_low_rank_and_indefinite(noise, dtype, recovery):
     """Exactly low-rank indefinite matrices: every recovery is exact up to rounding, and the
-    eigenpairs come sorted by |lambda| with their signs."""
+    eigenpairs come sorted by |lambda| with their signs.
+    """
     matrix, eigenvalues, eigenvectors = symmetric_with_spectrum(indefinite_spectrum(), 4, dtype)
     if recovery == "single_pass":
         recovered, vectors = single_pass(matrix, 20, 45, noise=noise)
@@ -372,7 +376,8 @@ def test_recoveries_on_low_rank_and_indefinite(noise, dtype, recovery):
 def test_accuracy_with_noisy_bulk_ranks_the_recoveries(dtype):
     """Low rank plus a bulk of level 1e-2: all recoveries get the top 10 right, and with the
     same 2k HVPs two-pass beats single pass and the block Krylov extension beats plain
-    Rayleigh-Ritz by more than an order of magnitude."""
+    Rayleigh-Ritz by more than an order of magnitude.
+    """
     matrix, eigenvalues, eigenvectors = symmetric_with_spectrum(noisy_spectrum(1e-2), 0, dtype)
     single = single_pass(matrix, 20, 40)
     two_pass_data = two_pass_inputs(matrix, 20)
@@ -415,7 +420,8 @@ def test_single_pass_core_is_symmetric():
 
 def test_block_krylov_extension_of_a_low_rank_matrix_adds_nothing_spurious():
     """On an exactly rank-10 matrix ``H Q`` lies in ``span(Q)``: the extension's directions
-    carry no coupling, so the top 10 are exact and every other eigenvalue is zero."""
+    carry no coupling, so the top 10 are exact and every other eigenvalue is zero.
+    """
     matrix, eigenvalues, _ = symmetric_with_spectrum(low_rank_spectrum(), 0, torch.float64)
     recovered, vectors = seigh_two_pass(*two_pass_inputs(matrix, 20))
     assert recovered.shape == (20,) and vectors.shape == (DIM, 20)
@@ -441,7 +447,8 @@ def test_apost_failure_probabilities_reproduce_reference_numbers():
 
 def test_apost_estimate_obeys_its_probability_band():
     """200 independent 30-probe estimates of a known error: the fractions outside
-    [0.5 x, 1.5 x] stay below the bounds 0.055 and 0.242, and the mean is unbiased."""
+    [0.5 x, 1.5 x] stay below the bounds 0.055 and 0.242, and the mean is unbiased.
+    """
     matrix, eigenvalues, eigenvectors = symmetric_with_spectrum(
         noisy_spectrum(0.3, dim=100), 0, torch.float64
     )

@@ -1,6 +1,7 @@
 """The local Slurm cluster (slurm/local-cluster.sh) runs what hessov's measure stage relies on:
 batch jobs, job arrays, afterok dependencies, failures reported by sacct, and jobs that share the
-node's CPUs. Each job writes into the test's tmp_path; every wait is bounded."""
+node's CPUs. Each job writes into the test's tmp_path; every wait is bounded.
+"""
 
 # The fixture is imported by name, and each test's parameter of that name "redefines" it.
 
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.slurm
 
 
 def submit(env, tmp_path, *args):
-    """sbatch with the job's working directory and output in tmp_path."""
+    """Run sbatch with the job's working directory and output in tmp_path."""
     return cluster.sbatch(env, f"--chdir={tmp_path}", f"--output={tmp_path}/slurm-%j.out", *args)
 
 
@@ -77,7 +78,8 @@ def test_two_jobs_share_the_node(slurm_cluster, tmp_path):
     """Two one-CPU jobs run at the same time (DefMemPerCPU keeps a job from taking all memory).
 
     Each job announces itself and waits (bounded) for the other's announcement, so both complete
-    only if they ran together; no timing is measured."""
+    only if they ran together; no timing is measured.
+    """
     cpus = int(cluster.slurm(slurm_cluster, "sinfo", "-h", "-N", "-o", "%c").split()[0])
     if cpus < 2:
         pytest.skip(f"the node has {cpus} CPU")

@@ -1,7 +1,8 @@
 """The sbatch chain on a real local Slurm cluster runs the tiny mnist_mini pipeline to the
 numbers of `hessov run backend=local`, within the tolerances of tests/equivalence.py (the
 Slurm tasks may round differently), and finishes after a cancelled task. The sequential
-emulation without Slurm (slurm/run_sequential.sh) is tested in tests/test_graph.py."""
+emulation without Slurm (slurm/run_sequential.sh) is tested in tests/test_graph.py.
+"""
 
 import re
 import subprocess

@@ -1,6 +1,7 @@
 """`hessov run backend=slurm` (submitit) on the real local Slurm cluster: the whole chain to the
 local backend's eigenpairs, `hessov status` with job states, a cancelled array task finished by
-`hessov resume backend=slurm`, bounded waits, and bad input refused before any submission."""
+`hessov resume backend=slurm`, bounded waits, and bad input refused before any submission.
+"""
 
 import json
 import os
@@ -35,7 +36,8 @@ def local_reference(tmp_path_factory):
 @pytest.fixture
 def own_jobs():
     """Run directories whose jobs this test submitted; any still queued at the end are
-    cancelled, so that a failing test leaves nothing on the shared cluster."""
+    cancelled, so that a failing test leaves nothing on the shared cluster.
+    """
     runs: list[Path] = []
     yield runs
     for run in runs:

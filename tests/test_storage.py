@@ -150,7 +150,8 @@ def test_a_deleted_part_reads_as_missing(store):
 
 def test_writing_a_block_again_replaces_it_atomically(store):
     """``write_block`` neither refuses nor skips a measured block: it renames the new part
-    over the old one (measure skips measured blocks itself, before measuring)."""
+    over the old one (measure skips measured blocks itself, before measuring).
+    """
     first_inner, first_outer = sketch_arrays(store.layout, seed=1)
     second_inner, second_outer = sketch_arrays(store.layout, seed=2)
     write(store, 0, first_inner, first_outer)

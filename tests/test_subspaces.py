@@ -48,7 +48,8 @@ DTYPES = [torch.float32, torch.float64]
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """Run on one thread: these tests decompose thousands of tiny matrices, and on a shared
-    2-core machine a second thread makes each decomposition tens of times slower."""
+    2-core machine a second thread makes each decomposition tens of times slower.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

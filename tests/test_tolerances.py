@@ -1,5 +1,6 @@
 """The tolerances of ``skerch_ext.tolerances`` on synthetic matrices with known spectra: each
-bound holds where its derivation says it must, and is tight enough to catch a real error."""
+bound holds where its derivation says it must, and is tight enough to catch a real error.
+"""
 
 import math
 

@@ -89,7 +89,8 @@ class _Builder:
 
 def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where, after):
     """The measurement rounds of one step and split (and the basis between them); returns
-    the dependency of the solve."""
+    the dependency of the solve.
+    """
     run, (step, split) = graph.run, where
     label = f"step={step} split={split}"
     previous = after
@@ -253,7 +254,8 @@ class RunPlan:
 def plan_run(cfg: RunConfig) -> RunPlan:
     """The plan of ``cfg``'s run: a new run directory unless ``RUN_DIR`` names an unfinished
     one, whose files then say what is done. A layout on disk that differs from the config's
-    is refused (``hessov resume`` finishes a layout made by hand)."""
+    is refused (``hessov resume`` finishes a layout made by hand).
+    """
     from pipeline.problems import build_problem
     from pipeline.stages.train import new_run_dir
 
@@ -268,7 +270,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
 
 def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     """What ``run`` is missing, from its files: the sketch its layout holds (or, before the
-    layout, the config's), with ``compute_args`` passed on to every job after training."""
+    layout, the config's), with ``compute_args`` passed on to every job after training.
+    """
     status = run_status(run)
     if status["layout"]:
         spec = load_spec(run)
@@ -282,7 +285,8 @@ def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
 def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:
     """Make ``plan``'s run directory ready for its jobs, before any is started: refuse a
     finished run, and save the resolved config the train job reads (its presence marks a run
-    whose training is pending; training with ``resume=true`` starts it from scratch)."""
+    whose training is pending; training with ``resume=true`` starts it from scratch).
+    """
     from pipeline.stages.train import prepare_run_dir
 
     run = plan.run

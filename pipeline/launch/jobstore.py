@@ -21,12 +21,16 @@ from pipeline.errors import ConfigError, HessovError
 from pipeline.launch.slurm_client import SlurmUnreachable, query_states
 from pipeline.rundir import RunDir
 
+#: How many of the active jobs the refusal names.
+LISTED_ACTIVE_JOBS = 5
+
 
 class SlurmJobsActiveError(HessovError):
     """Jobs of an earlier submission are still queued; submitting again would race them."""
 
 
 def load_store(run: RunDir) -> dict:
+    """The run's job store (see the module docstring); no submissions if there is none."""
     if not run.slurm_jobs.is_file():
         return {"submissions": []}
     return json.loads(run.slurm_jobs.read_text())
@@ -49,8 +53,12 @@ def refuse_while_queued(run: RunDir) -> None:
     names = {job["job_id"]: job["name"] for sub in store["submissions"] for job in sub["jobs"]}
     active = [job_id for job_id in ids if states[job_id].active]
     if active:
-        listed = ", ".join(f"{names[j]} ({j})" for j in active[:5])
-        more = f" and {len(active) - 5} more" if len(active) > 5 else ""
+        listed = ", ".join(f"{names[j]} ({j})" for j in active[:LISTED_ACTIVE_JOBS])
+        more = (
+            f" and {len(active) - LISTED_ACTIVE_JOBS} more"
+            if len(active) > LISTED_ACTIVE_JOBS
+            else ""
+        )
         raise SlurmJobsActiveError(
             f"{run.root}: {len(active)} jobs of an earlier submission are still queued or "
             f"running: {listed}{more}. Wait for them (hessov status {run.root}) or cancel them "
@@ -60,7 +68,8 @@ def refuse_while_queued(run: RunDir) -> None:
 
 def describe_jobs(run: RunDir) -> str | None:
     """The latest submission's jobs and their Slurm states, for ``hessov status``; ``None``
-    when the run was never submitted to Slurm."""
+    when the run was never submitted to Slurm.
+    """
     store = load_store(run)
     if not store["submissions"]:
         return None

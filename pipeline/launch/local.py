@@ -39,7 +39,8 @@ def _run_plan(plan: RunPlan) -> RunDir:
 
 def run_local(cfg: RunConfig) -> RunDir:
     """Run the whole pipeline of ``cfg`` on this machine (a new run, or an unfinished one
-    given as ``RUN_DIR`` with ``resume=true``); returns the run."""
+    given as ``RUN_DIR`` with ``resume=true``); returns the run.
+    """
     plan = plan_run(cfg)
     prepare_run(cfg, plan)
     return _run_plan(plan)
@@ -47,5 +48,6 @@ def run_local(cfg: RunConfig) -> RunDir:
 
 def resume_local(run: RunDir, cfg: RunConfig, compute_args=()) -> RunDir:
     """Finish whatever ``run`` is missing, reusing everything already measured: the sketch
-    of the layout on disk. ``compute_args`` (``device=``, ``threads=``) reach every job."""
+    of the layout on disk. ``compute_args`` (``device=``, ``threads=``) reach every job.
+    """
     return _run_plan(plan_resume(run, cfg, compute_args))

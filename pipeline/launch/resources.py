@@ -18,8 +18,9 @@ def stage_section(slurm: SlurmConfig, stage: str) -> str:
 
 
 def stage_resources(slurm: SlurmConfig, stage: str) -> dict:
-    """submitit ``SlurmExecutor`` parameters of one stage: the section's values with the
-    stage's overrides on top."""
+    """The submitit ``SlurmExecutor`` parameters of one stage: the section's values with the
+    stage's overrides on top.
+    """
     override = getattr(slurm.stages, stage)
 
     def pick(key: str):

@@ -46,11 +46,14 @@ from pipeline.runlog import setup_terminal_logging
 
 #: After the last job left the queue, how long to let accounting catch up with final states.
 SETTLE_S = 30
+#: How many of the running jobs a progress line names.
+LISTED_RUNNING_JOBS = 4
 
 
 def run_stage(argv: list[str]) -> None:
     """What every submitted job runs: the stage's entry point with the job's arguments.
-    An error fails the job, so that ``afterok`` never fires."""
+    An error fails the job, so that ``afterok`` never fires.
+    """
     setup_terminal_logging("INFO")
     output = run_job(argv)
     if output:
@@ -142,15 +145,17 @@ def _progress(jobs: list[dict], states: dict[str, JobState]) -> str:
     text = ", ".join(f"{count} {state}" for state, count in sorted(counts.items()))
     running = [job["name"] for job in jobs if states[job["job_id"]].state == "RUNNING"]
     if running:
-        text += "; running: " + ", ".join(running[:4])
-        text += f" and {len(running) - 4} more" if len(running) > 4 else ""
+        text += "; running: " + ", ".join(running[:LISTED_RUNNING_JOBS])
+        if len(running) > LISTED_RUNNING_JOBS:
+            text += f" and {len(running) - LISTED_RUNNING_JOBS} more"
     return text
 
 
 def follow(run: RunDir, jobs: list[dict], cfg: RunConfig) -> int:
     """Poll the jobs until none can run any more or ``slurm.wait_timeout_minutes`` passed,
     showing progress on stderr; 0 if every job completed and the files say the run is
-    complete, else 1 after naming the failed jobs and the missing work."""
+    complete, else 1 after naming the failed jobs and the missing work.
+    """
     ids = [job["job_id"] for job in jobs]
     started = time.monotonic()
     deadline = started + cfg.slurm.wait_timeout_minutes * 60
@@ -234,7 +239,8 @@ def _submit_and_report(run: RunDir, cfg: RunConfig, plan: RunPlan, command: str,
 
 def submit_run(cfg: RunConfig, wait: bool) -> int:
     """``hessov run backend=slurm``: submit the whole graph of a new run (or of an unfinished
-    one given as ``RUN_DIR`` with ``resume=true``); prints job ids, then the run directory."""
+    one given as ``RUN_DIR`` with ``resume=true``); prints job ids, then the run directory.
+    """
     require_clients()
     plan = plan_run(cfg)
     if cfg.RUN_DIR:

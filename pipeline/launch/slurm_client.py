@@ -75,7 +75,8 @@ def require_clients() -> None:
 def check_cluster(slurm: SlurmConfig, stages: set[str]) -> None:
     """Refuse, before anything is submitted, when Slurm cannot take the jobs of ``stages``:
     a controller that does not answer, an unknown partition, or resources that
-    ``sbatch --test-only`` rejects (time limit, memory, GPUs, an unknown option)."""
+    ``sbatch --test-only`` rejects (time limit, memory, GPUs, an unknown option).
+    """
     try:
         partitions = set(slurm_client("sinfo", "-h", "-o", "%R").split())
     except SlurmUnreachable as err:
@@ -111,6 +112,7 @@ class JobState:
 
     @property
     def never_runs(self) -> bool:
+        """Pending for a reason Slurm never clears (``NEVER_RUNS``, e.g. a failed dependency)."""
         return self.queued and self.reason in NEVER_RUNS
 
     @property
@@ -127,21 +129,24 @@ class JobState:
 
     @property
     def failed(self) -> bool:
+        """It will never complete: it ended otherwise than COMPLETED, or never runs."""
         return self.never_runs or (
             not self.queued and self.state in TERMINAL_STATES and self.state != "COMPLETED"
         )
 
     def describe(self) -> str:
         """The state, with Slurm's reason where it has one (e.g. a job pending on its
-        dependencies, or cancelled because a dependency failed)."""
+        dependencies, or cancelled because a dependency failed).
+        """
         if self.reason not in ("", "None"):
             return f"{self.state} ({self.reason})"
         return self.state
 
 
 def _expand_array_record(job_id: str) -> list[str]:
-    """sacct's record of array elements that never started, e.g. ``12_[0-2,5%4]``, as
-    ``["12_0", "12_1", "12_2", "12_5"]``; any other id as itself."""
+    """Expand sacct's record of array elements that never started, e.g. ``12_[0-2,5%4]``, to
+    ``["12_0", "12_1", "12_2", "12_5"]``; any other id to itself.
+    """
     match = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
     if not match:
         return [job_id]
@@ -155,7 +160,8 @@ def _expand_array_record(job_id: str) -> list[str]:
 
 def _accounted_states(job_ids: list[str]) -> dict[str, str] | None:
     """``{job id: sacct state}`` of ``job_ids`` and of their arrays' other elements; ``None``
-    when accounting is unavailable."""
+    when accounting is unavailable.
+    """
     masters = sorted({job_id.split("_")[0] for job_id in job_ids}, key=int)
     try:
         out = slurm_client("sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(masters))

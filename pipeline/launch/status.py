@@ -25,6 +25,7 @@ class RoundStatus:
 
     @property
     def done(self) -> bool:
+        """Every measurement of the round is flagged measured."""
         return not self.missing
 
 
@@ -44,6 +45,7 @@ class SketchStatus:
 def round_status(
     run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str
 ) -> RoundStatus:
+    """The flags of one round of one step and split; all missing before the round started."""
     store = spec.store(run, step, split, round_name)
     missing = (
         store.missing_indices()
@@ -83,7 +85,8 @@ def run_status(run: RunDir) -> dict:
 
 def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
     """What :func:`run_status` says is still to do, one line per item; empty when the run is
-    complete (with ``exhaustive``, the exact checks count too)."""
+    complete (with ``exhaustive``, the exact checks count too).
+    """
     if not status["train"]:
         return ["train: not finished (everything after it is missing)"]
     if not status["layout"]:

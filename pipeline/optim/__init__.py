@@ -70,7 +70,7 @@ def _optimizer_kwarg(cfg: OptimizerConfig, field: str) -> Any:
     if field == "betas":
         # The config may hold an omegaconf ListConfig; optimizers expect a pair of floats.
         betas = tuple(float(beta) for beta in value)
-        if len(betas) != 2:
+        if len(betas) != 2:  # noqa: PLR2004 (a pair)
             raise ConfigError(f"optimizer.betas: must have two entries, got {list(value)}")
         return betas
     return value

@@ -56,7 +56,7 @@ class Eve(torch.optim.Optimizer):
             raise ValueError(f"Eve: lr must be >= 0, got {lr}")
         if eps < 0.0:
             raise ValueError(f"Eve: eps must be >= 0, got {eps}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # noqa: PLR2004 (a pair)
             raise ValueError(f"Eve: betas must be two values in [0, 1), got {betas}")
         if not 0.0 <= weight_decay < 1.0:
             raise ValueError(f"Eve: weight_decay must be in [0, 1), got {weight_decay}")

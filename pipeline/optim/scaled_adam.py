@@ -97,7 +97,7 @@ class ScaledAdam(torch.optim.Optimizer):
         grad_norm_window: how many recent total gradient norms the median is taken over.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913, PLR0917 (a torch optimizer: one per hyperparameter)
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
         lr: float = 0.03,
@@ -113,7 +113,7 @@ class ScaledAdam(torch.optim.Optimizer):
             raise ValueError(f"ScaledAdam: lr must be >= 0, got {lr}")
         if eps < 0.0:
             raise ValueError(f"ScaledAdam: eps must be >= 0, got {eps}")
-        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):  # noqa: PLR2004 (a pair)
             raise ValueError(f"ScaledAdam: betas must be two values in [0, 1), got {betas}")
         if scalar_lr_scale < 0.0:
             raise ValueError(f"ScaledAdam: scalar_lr_scale must be >= 0, got {scalar_lr_scale}")

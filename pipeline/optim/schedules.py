@@ -44,12 +44,15 @@ class ClosedFormSchedule(LRScheduler):
     """A schedule whose lr is ``lr_at(base_lr, step)``; subclasses define ``lr_at``."""
 
     def lr_at(self, base_lr: float, step: int) -> float:
+        """The learning rate of step ``step`` (0-based) for a group whose base lr is ``base_lr``."""
         raise NotImplementedError
 
     def get_lr(self) -> list[float]:
+        """The learning rates of the current step, one per parameter group."""
         return [self.lr_at(base_lr, self.last_epoch) for base_lr in self.base_lrs]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the schedule and set the optimizer's lrs to those of the restored step."""
         super().load_state_dict(state_dict)
         # Building a schedule resets the optimizer's lr to that of step 0; undo that here.
         learning_rates = self.get_lr()
@@ -69,9 +72,11 @@ class _LinearWarmupThen(ClosedFormSchedule):
         super().__init__(optimizer)
 
     def lr_after_warmup(self, base_lr: float, steps_after_warmup: int) -> float:
+        """The learning rate ``steps_after_warmup`` steps after the end of the warmup."""
         raise NotImplementedError
 
     def lr_at(self, base_lr: float, step: int) -> float:
+        """Linear warmup for ``step < W``, then :meth:`lr_after_warmup` of ``step - W``."""
         if step < self.warmup_steps:
             return base_lr * (step + 1) / self.warmup_steps
         return self.lr_after_warmup(base_lr, step - self.warmup_steps)
@@ -84,6 +89,7 @@ class Constant(_LinearWarmupThen):
         super().__init__(optimizer, warmup_steps)
 
     def lr_after_warmup(self, base_lr: float, steps_after_warmup: int) -> float:
+        """``base``, whatever the step."""
         return base_lr
 
 
@@ -106,6 +112,7 @@ class StepDecay(_LinearWarmupThen):
         super().__init__(optimizer, warmup_steps)
 
     def lr_after_warmup(self, base_lr: float, steps_after_warmup: int) -> float:
+        """``base * gamma ** (t // step_size)``."""
         return base_lr * self.gamma ** (steps_after_warmup // self.step_size)
 
 
@@ -130,6 +137,7 @@ class CosineDecay(_LinearWarmupThen):
         super().__init__(optimizer, warmup_steps)
 
     def lr_after_warmup(self, base_lr: float, steps_after_warmup: int) -> float:
+        """Half a cosine from ``base`` to ``min_lr`` over ``total_steps - W``, then ``min_lr``."""
         decay_steps = self.total_steps - self.warmup_steps
         progress = min(steps_after_warmup, decay_steps) / decay_steps
         return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -157,6 +165,7 @@ class Eden(ClosedFormSchedule):
         super().__init__(optimizer)
 
     def lr_at(self, base_lr: float, step: int) -> float:
+        """Eden's lr at batch ``b = step`` and epoch ``e = step // steps_per_epoch``."""
         batch, epoch = step, step // self.steps_per_epoch
         batch_factor = ((batch**2 + self.lr_batches**2) / self.lr_batches**2) ** -0.25
         epoch_factor = ((epoch**2 + self.lr_epochs**2) / self.lr_epochs**2) ** -0.25

@@ -54,13 +54,15 @@ def global_scaling(grad: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def flat_scaling_v1(grad: torch.Tensor, basis: torch.Tensor, alpha: float) -> torch.Tensor:
     """``alpha P g = alpha (g - U U^T g)`` ``(D,)``: the top-N directions ``basis`` ``(D, N)``
-    frozen, the rest accelerated by ``alpha`` (mode ``flat_scaling_v1``)."""
+    frozen, the rest accelerated by ``alpha`` (mode ``flat_scaling_v1``).
+    """
     return alpha * (grad - project(grad, basis))
 
 
 def flat_scaling_v2(grad: torch.Tensor, basis: torch.Tensor, alpha: float) -> torch.Tensor:
     """``U U^T g + alpha P g`` ``(D,)``: the top-N directions ``basis`` ``(D, N)`` at the
-    base rate, the rest accelerated by ``alpha`` (mode ``flat_scaling_v2``)."""
+    base rate, the rest accelerated by ``alpha`` (mode ``flat_scaling_v2``).
+    """
     inside = project(grad, basis)
     return inside + alpha * (grad - inside)
 
@@ -72,7 +74,8 @@ def max_stable_sharpness(lr: float, alpha: float = 1.0) -> float:
 
 def dynamic_frozen(eigenvalues: torch.Tensor, alpha: float, lr: float) -> torch.Tensor:
     """Boolean mask ``(N,)`` of the eigenvalues above ``2 / (alpha eta)``: the directions
-    the dynamic filter freezes."""
+    the dynamic filter freezes.
+    """
     return eigenvalues > max_stable_sharpness(lr, alpha)
 
 
@@ -81,7 +84,8 @@ def dynamic_scaling(
 ) -> torch.Tensor:
     """``alpha P_S g`` ``(D,)``: freeze the eigenvectors ``basis`` ``(D, N)`` whose
     ``eigenvalues`` ``(N,)`` exceed ``2 / (alpha eta)``, accelerate the rest by ``alpha``
-    (the seed README's dynamic projection)."""
+    (the seed README's dynamic projection).
+    """
     # P_S g = g - U diag(1_S) U^T g: the masked coefficients spare a copy of U's columns.
     frozen = dynamic_frozen(eigenvalues, alpha, lr).to(device=basis.device, dtype=basis.dtype)
     return alpha * (grad - basis @ (frozen * (basis.T @ grad)))
@@ -89,7 +93,8 @@ def dynamic_scaling(
 
 def warmup_scaling(alpha: float, step: int, warmup: int) -> float:
     """``alpha_t = 1 + (alpha - 1) min(1, (t + 1) / W)``: alpha reached after ``W`` steps
-    (the same linear ramp as the learning-rate warmup); ``W = 0`` gives ``alpha``."""
+    (the same linear ramp as the learning-rate warmup); ``W = 0`` gives ``alpha``.
+    """
     if warmup <= 0:
         return alpha
     return 1.0 + (alpha - 1.0) * min(1.0, (step + 1) / warmup)
@@ -99,12 +104,13 @@ def warmup_scaling(alpha: float, step: int, warmup: int) -> float:
 class FilterStats:
     """What one filtered step did.
 
-    :ivar grad_norm: ``||g||``.
-    :ivar filtered_norm: ``||F(g)||``.
-    :ivar subspace_fraction: ``||U^T g||^2 / ||g||^2``, the share of the gradient inside the
-      top-N eigenspace (None before any eigenbasis is set).
-    :ivar scaling: ``alpha_t`` used in this step (after warmup).
-    :ivar frozen: directions frozen in this step (N for v1, ``|S|`` for dynamic, else 0).
+    Attributes:
+        grad_norm: ``||g||``.
+        filtered_norm: ``||F(g)||``.
+        subspace_fraction: ``||U^T g||^2 / ||g||^2``, the share of the gradient inside the top-N
+            eigenspace (None before any eigenbasis is set).
+        scaling: ``alpha_t`` used in this step (after warmup).
+        frozen: directions frozen in this step (N for v1, ``|S|`` for dynamic, else 0).
     """
 
     grad_norm: float
@@ -187,9 +193,11 @@ class FilteredOptimizer:
 
     @property
     def param_groups(self) -> list[dict]:
+        """The wrapped optimizer's parameter groups (schedules set their ``lr`` here)."""
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients through the wrapped optimizer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()

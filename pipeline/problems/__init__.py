@@ -57,6 +57,7 @@ class Problem:
 
     @property
     def num_params(self) -> int:
+        """``D``, the number of the model's parameters."""
         return sum(p.numel() for p in self.model.parameters())
 
 
@@ -117,6 +118,7 @@ def _cifar100_splits(cfg: RunConfig) -> tuple[dict, str]:
 
 
 def build_mnist_mini(cfg: RunConfig) -> Problem:
+    """The paper's default problem: :class:`MnistMiniMLP` on 16x16 MNIST digits."""
     splits, note = _mnist_splits(cfg, size=16)
     return Problem(
         cfg.problem, MnistMiniMLP(), cross_entropy(), splits["train"], splits["test"], 10, note
@@ -185,7 +187,8 @@ def _eos_builder(kind: str, activation: str):
 def build_quadratic_deep(cfg: RunConfig) -> Problem:
     """DeepOBS quadratic_deep: Hessian ``Q = R^T diag(e) R`` with 90 eigenvalues from
     U(0, 1) and 10 from U(30, 60) (numpy seed 42) and a seeded random rotation ``R``;
-    data ``x ~ N(0, 0.6^2 I)``, 1,000 train and 1,000 test points."""
+    data ``x ~ N(0, 0.6^2 I)``, 1,000 train and 1,000 test points.
+    """
     from scipy.stats import special_ortho_group
 
     rng = np.random.RandomState(42)
@@ -210,7 +213,8 @@ def build_quadratic_deep(cfg: RunConfig) -> Problem:
 
 def build_nqm(cfg: RunConfig) -> Problem:
     """The noisy quadratic model: Hessian ``diag(h)``, ``h_i = 1/i``; data points
-    ``c ~ N(0, diag(1/h))`` so a batch of B has gradient noise variance ``h_i / B``."""
+    ``c ~ N(0, diag(1/h))`` so a batch of B has gradient noise variance ``h_i / B``.
+    """
     from analysis.nqm import nqm_curvatures
 
     curvatures = torch.from_numpy(np.asarray(nqm_curvatures(cfg.nqm_dim))).float()

@@ -32,6 +32,8 @@ import torch
 from pipeline.errors import ConfigError, DatasetNotFoundError
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+#: The IDX format's type code of unsigned bytes, the only one these datasets use.
+IDX_UNSIGNED_BYTE = 0x08
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -75,7 +77,7 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         zero, dtype_code, ndim = struct.unpack(">HBB", handle.read(4))
-        if zero != 0 or dtype_code != 0x08:
+        if zero != 0 or dtype_code != IDX_UNSIGNED_BYTE:
             raise DatasetNotFoundError(
                 f"{path} is not an unsigned-byte IDX file (magic {zero}, {dtype_code})"
             )
@@ -98,7 +100,8 @@ def _find_idx(directories: list[Path], stem: str) -> Path | None:
 
 def read_idx_dataset(directories: list[Path], what: str, hint: str) -> dict[str, Split]:
     """Read the train and test splits of an MNIST-format dataset from the first directory
-    holding each file."""
+    holding each file.
+    """
     splits = {}
     for split, (image_stem, label_stem) in IDX_FILES.items():
         image_path = _find_idx(directories, image_stem)
@@ -166,7 +169,8 @@ def full_mnist(obs_dir: Path | None) -> dict[str, Split]:
 
 def fashion_mnist(obs_dir: Path | None) -> dict[str, Split]:
     """Fashion-MNIST (60k/10k): ``$OBS_DATASETS/FashionMNIST[/raw]`` if set, else Debian's
-    ``dataset-fashion-mnist`` package."""
+    ``dataset-fashion-mnist`` package.
+    """
     directories = []
     if obs_dir is not None:
         directories += [obs_dir / "FashionMNIST" / "raw", obs_dir / "FashionMNIST"]

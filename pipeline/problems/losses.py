@@ -23,6 +23,7 @@ class HalfSquaredLoss(nn.Module):
     reduction = "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean loss, a 0-d tensor."""
         if target.dtype in (torch.int64, torch.int32):
             target = nn.functional.one_hot(target, output.shape[1]).to(output.dtype)
         return 0.5 * (output - target).pow(2).sum() / output.shape[0]
@@ -30,11 +31,13 @@ class HalfSquaredLoss(nn.Module):
 
 class HalfSquaredNorm(nn.Module):
     """``0.5 * sum_j out_j^2``, averaged over the batch; the target is ignored (the noisy
-    quadratic model, whose network already outputs the scaled residual)."""
+    quadratic model, whose network already outputs the scaled residual).
+    """
 
     reduction = "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean loss, a 0-d tensor; ``target`` is unused."""
         return 0.5 * output.pow(2).sum() / output.shape[0]
 
 
@@ -44,6 +47,7 @@ class MeanOfOutput(nn.Module):
     reduction = "mean"
 
     def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The mean of the per-example losses ``output`` ``(N,)``; ``target`` is unused."""
         return output.mean()
 
 

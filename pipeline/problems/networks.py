@@ -114,6 +114,7 @@ class ScaledDifference(nn.Module):
         self.x = nn.Parameter(torch.randn(curvatures.shape[0]))
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """``sqrt(h) * (x - c)`` ``(N, K)`` for the data points ``points`` ``(N, K)``."""
         return self.sqrt_curvatures * (self.x - points)
 
 
@@ -132,5 +133,6 @@ class QuadraticDeep(nn.Module):
         self.register_buffer("hessian", hessian)
 
     def forward(self, points: torch.Tensor) -> torch.Tensor:
+        """The per-example loss ``(N,)`` for the data points ``points`` ``(N, D)``."""
         diff = self.theta - points
         return 0.5 * ((diff @ self.hessian) * diff).sum(dim=1)

@@ -149,7 +149,8 @@ def analyze_step(run: RunDir, step: int, split: str) -> dict:
 
 def crystallization_sizes(dimension: int, num_eigenpairs: int) -> list[int]:
     """Eigenspace sizes compared across steps: ``ratio * D`` for the sparsity ratios whose size
-    is below ``0.9 K`` (a size next to ``K`` would repeat it), and ``K``."""
+    is below ``0.9 K`` (a size next to ``K`` would repeat it), and ``K``.
+    """
     sizes = {max(1, round(r * dimension)) for r in SPARSITY_RATIOS}
     return sorted({m for m in sizes if m < 0.9 * num_eigenpairs} | {num_eigenpairs})
 
@@ -178,7 +179,8 @@ def _pair_metrics(similarities: list[dict[str, float]], maxima: dict[str, float]
 
 def eigenspace_crystallization(run: RunDir, split: str, steps: list[int]) -> dict:
     """Grassmannian similarities of the top-``m`` eigenspaces between pairs of solved steps:
-    ``{m: {reference: {"step_a", "step_b", metric arrays (n_pairs,), "random": {...}}}}``."""
+    ``{m: {reference: {"step_a", "step_b", metric arrays (n_pairs,), "random": {...}}}}``.
+    """
     vectors = {step: read_eigenpairs(run, step, split)[1] for step in steps}
     dimension, num_eigenpairs = next(iter(vectors.values())).shape
     result = {}
@@ -200,7 +202,8 @@ def eigenspace_crystallization(run: RunDir, split: str, steps: list[int]) -> dic
 
 def mask_crystallization(params: dict[int, torch.Tensor]) -> dict:
     """Grassmannian similarities of the magnitude masks of size ``ratio * D`` between pairs of
-    recorded steps: ``{ratio: {reference: {...}}}`` as in :func:`eigenspace_crystallization`."""
+    recorded steps: ``{ratio: {reference: {...}}}`` as in :func:`eigenspace_crystallization`.
+    """
     steps = sorted(params)
     dimension = next(iter(params.values())).numel()
     result = {}

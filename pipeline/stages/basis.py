@@ -30,7 +30,8 @@ from skerch_ext.solve import orthonormal_basis
 
 def basis(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
     """Write the first round's basis ``Q`` ``(D, k)`` of ``step`` and ``split``; returns the
-    summary fields (``basis``: the file, ``seconds``: merge and QR)."""
+    summary fields (``basis``: the file, ``seconds``: merge and QR).
+    """
     set_cpu_threads(cfg.threads)
     t0 = time.perf_counter()
     outer, _ = merged_round(run, spec, step, split, "first")

@@ -40,7 +40,8 @@ NUM_REPORTED_EIGENVALUES = 20
 
 def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split: str):
     """The pipeline's eigenpairs of ``step``/``split`` if solved, else the in-core sketch
-    with the same settings and seeds. Returns ``(eigenvalues (k,), W (D, k), source)``."""
+    with the same settings and seeds. Returns ``(eigenvalues (k,), W (D, k), source)``.
+    """
     path = run.eigen(step, split)
     if path.is_file():
         with h5py.File(path, "r") as handle:
@@ -64,7 +65,7 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
     return result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu(), "in-core"
 
 
-def compare(exact_values, exact_vectors, values, vectors) -> dict:
+def compare_with_exact(exact_values, exact_vectors, values, vectors) -> dict:
     """Errors of a sketch ``(k,), (D, k)`` against exact eigenpairs sorted by ``|lambda|``."""
     top = min(NUM_REPORTED_EIGENVALUES, values.shape[0])
     rel_err = ((values[:top] - exact_values[:top]).abs() / exact_values[:top].abs()).tolist()
@@ -84,7 +85,8 @@ def exact_eigenpairs(
     run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str
 ) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """Every eigenvalue ``(D,)`` and the top-k eigenvectors ``(D, k)`` of the dense float64
-    Hessian, sorted by ``|lambda|``, with the seconds of building it and of ``eigh``."""
+    Hessian, sorted by ``|lambda|``, with the seconds of building it and of ``eigh``.
+    """
     exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
     t0 = time.perf_counter()
     hessian = hessian_at_step(run, exact_cfg, step, split)
@@ -129,7 +131,7 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
     k = spec.layout.num_outer
     sketch_hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
     values, vectors, source = sketched_eigenpairs(run, spec, sketch_hessian, step, split)
-    fields = compare(exact_values, exact_vectors, values, vectors)
+    fields = compare_with_exact(exact_values, exact_vectors, values, vectors)
     fields.update(
         {
             "exact_eigenvalues": exact_values[:NUM_REPORTED_EIGENVALUES].tolist(),

@@ -83,7 +83,8 @@ def measure(
     round_name: str = "first",
 ) -> dict:
     """Measure the missing blocks of ``indices`` for ``step``, ``split`` and round; returns
-    statistics (blocks measured, skipped, HVPs, seconds)."""
+    statistics (blocks measured, skipped, HVPs, seconds).
+    """
     log = get_logger()
     store = _laid_out_store(run, spec, step, split, round_name)
     block_ids = blocks_in_range(store.layout, indices)
@@ -148,7 +149,8 @@ def _laid_out_store(
     run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str
 ) -> MeasurementStore:
     """The part files of ``step``, ``split`` and round; refuses what the layout does not
-    measure or has not laid out."""
+    measure or has not laid out.
+    """
     if step not in spec.steps or split not in spec.splits:
         raise ConfigError(
             f"step/split: the layout measures steps {spec.steps} of splits {spec.splits}, "
@@ -197,7 +199,8 @@ def _measure_blocks(
 ) -> None:
     """Measure and write each block of ``todo`` that no other live worker has claimed and
     none has measured meanwhile, updating ``stats``; ``worker`` (task, host, device) goes
-    into every part's attributes."""
+    into every part's attributes.
+    """
     progress = tqdm(todo, desc=desc, unit="block", mininterval=1.0)
     for block_id in progress:
         block = layout.blocks[block_id]

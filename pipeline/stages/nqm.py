@@ -117,11 +117,12 @@ def validate_nqm_config(cfg: NQMConfig) -> None:
     require(len(set(cfg.batch_sizes)) == len(cfg.batch_sizes), "batch_sizes", "has repeats")
     require(cfg.lr_min > 0, "lr_min", f"must be > 0, got {cfg.lr_min}")
     require(cfg.lr_max > cfg.lr_min, "lr_max", f"must be > lr_min, got {cfg.lr_max}")
-    require(cfg.lr_points >= 2, "lr_points", f"must be >= 2, got {cfg.lr_points}")
+    # The least grid points that make a search, as the messages say.
+    require(cfg.lr_points >= 2, "lr_points", f"must be >= 2, got {cfg.lr_points}")  # noqa: PLR2004
     require(0 < cfg.momentum_max < 1, "momentum_max", f"must be in (0, 1), got {cfg.momentum_max}")
-    require(cfg.momentum_points >= 2, "momentum_points", "must be >= 2")
+    require(cfg.momentum_points >= 2, "momentum_points", "must be >= 2")  # noqa: PLR2004
     require(cfg.refine_rounds >= 0, "refine_rounds", "must be >= 0")
-    require(cfg.refine_points >= 3, "refine_points", "must be >= 3")
+    require(cfg.refine_points >= 3, "refine_points", "must be >= 3")  # noqa: PLR2004
     require(cfg.max_steps >= 1, "max_steps", "must be >= 1")
     require(cfg.schedule_pieces >= 1, "schedule_pieces", "must be >= 1")
     for name in cfg.schedule_algorithms:
@@ -141,7 +142,8 @@ def validate_nqm_config(cfg: NQMConfig) -> None:
 
 def load_nqm_config(overrides: list[str], config_file: str | Path | None = None) -> NQMConfig:
     """Defaults (``NQMConfig``), then ``config/nqm.yaml``, then ``config_file``, then
-    ``KEY=VALUE`` overrides (omegaconf dotlist, e.g. ``batch_sizes=[4,8]``); validated."""
+    ``KEY=VALUE`` overrides (omegaconf dotlist, e.g. ``batch_sizes=[4,8]``); validated.
+    """
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"expected KEY=VALUE, got {item!r}")
@@ -186,7 +188,8 @@ def _critical_table(
     batch_sizes: list[int], sweeps: dict[str, list[Optimum]], speedup: float, what: str
 ) -> tuple[dict, str]:
     """Critical batch size per sweep (``what`` names the sweeps' column), as JSON and as a
-    markdown table."""
+    markdown table.
+    """
     rows, table = {}, []
     for name, optima in sweeps.items():
         steps = [o.steps for o in optima]
@@ -253,7 +256,8 @@ class _Study:
 
 def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
     """Run the study, write ``nqm.json``, ``critical_batch_size.md`` and the figures to
-    ``out_dir``, and return the JSON object (module docstring)."""
+    ``out_dir``, and return the JSON object (module docstring).
+    """
     validate_nqm_config(cfg)
     log = get_logger()
     started = time.perf_counter()
@@ -297,7 +301,8 @@ def run_nqm(cfg: NQMConfig, out_dir: Path, progress: bool = True) -> dict:
 
 def _algorithm_sweeps(cfg: NQMConfig, sweep) -> dict[str, list[Optimum]]:
     """The optimum of every algorithm (and its EMA twin) at every batch size, each search
-    seeded by the algorithm it extends (:data:`SEEDED_BY`)."""
+    seeded by the algorithm it extends (:data:`SEEDED_BY`).
+    """
     names = [name for name in ALGORITHMS if name in cfg.algorithms]
     if cfg.ema:
         names += [f"{name}_ema" for name in MOMENTUM_FREE if name in cfg.algorithms]
@@ -312,7 +317,8 @@ def _power_sweeps(
     cfg: NQMConfig, sweeps: dict[str, list[Optimum]], sweep
 ) -> dict[float, list[Optimum]]:
     """The optimum of preconditioned SGD at every power of ``p_values``, reusing the
-    algorithm sweeps at ``p = 0`` (sgd) and ``p = cfg.p`` (precond)."""
+    algorithm sweeps at ``p = 0`` (sgd) and ``p = cfg.p`` (precond).
+    """
     by_power: dict[float, list[Optimum]] = {}
     for power in cfg.p_values:
         if power == 0 and "sgd" in sweeps:
@@ -328,7 +334,8 @@ def _optimal_schedules(
     cfg: NQMConfig, h, batch_sizes: list[int], sweeps: dict[str, list[Optimum]], progress: bool
 ) -> dict[str, dict[int, dict]]:
     """The optimal piecewise-constant schedules of the ``schedule_algorithms`` at the
-    ``schedule_batch_sizes`` that are also swept, against their best constant rate."""
+    ``schedule_batch_sizes`` that are also swept, against their best constant rate.
+    """
     schedules: dict[str, dict[int, dict]] = {}
     chosen = [b for b in cfg.schedule_batch_sizes if b in batch_sizes]
     skipped = sorted(set(cfg.schedule_batch_sizes) - set(chosen))
@@ -364,7 +371,8 @@ def _optimal_schedules(
 
 def _write_critical_tables(study: _Study, out_dir: Path) -> None:
     """Fill ``study.critical`` and ``study.critical_by_power``; write both tables to
-    ``critical_batch_size.md``."""
+    ``critical_batch_size.md``.
+    """
     cfg = study.cfg
     study.critical, markdown = _critical_table(
         study.batch_sizes, study.sweeps, cfg.critical_speedup, "algorithm"

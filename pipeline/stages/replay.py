@@ -118,7 +118,8 @@ def _settings(replay: ReplayConfig) -> dict:
 
 def _refuse_mixed_group(run: RunDir, replay: ReplayConfig) -> None:
     """Seeds of a replay and an unseeded replay of the same name would mix in one group of
-    ``hessov compare``. Only directory names are read: sibling seeds may be writing theirs."""
+    ``hessov compare``. Only directory names are read: sibling seeds may be writing theirs.
+    """
     if replay.seed is not None and run.replay_config(replay.group).is_file():
         raise RunExistsError(
             f"seeds: replay {replay.group!r} in {run.replay(replay.group)} was run without seeds; "
@@ -168,7 +169,8 @@ def finished_replay(run: RunDir, replay: ReplayConfig) -> dict | None:
 
 def _create_directory(run: RunDir, replay: ReplayConfig) -> None:
     """A fresh directory with the settings; an unfinished one (a killed job with the same
-    settings, see :func:`finished_replay`) is started again from the snapshot."""
+    settings, see :func:`finished_replay`) is started again from the snapshot.
+    """
     if run.replay(replay.name).exists():
         shutil.rmtree(run.replay(replay.name))
     run.replay(replay.name).mkdir(parents=True)
@@ -178,7 +180,8 @@ def _create_directory(run: RunDir, replay: ReplayConfig) -> None:
 def _loss_accuracy_and_gradient(model, loss_fn, inputs, targets, chunk, num_classes):
     """Mean loss (gradients accumulated into ``.grad``) and accuracy (None if unlabelled)
     of one batch ``inputs`` ``(B, ...)``, ``targets`` ``(B,)``, in chunks of ``chunk``, from
-    the same forward passes (a hook collects the predictions)."""
+    the same forward passes (a hook collects the predictions).
+    """
     if not num_classes:  # a regression output has no classes to take the argmax over
         return loss_and_gradient(model, loss_fn, inputs, targets, chunk), None
     predictions = []
@@ -297,7 +300,8 @@ def _finished_or_refused(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> d
 
 def _load_problem(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> tuple[Problem, int]:
     """The run's problem on its device, and the eigenpairs per recomputation; refuses a
-    missing snapshot and ``nfilter``/``neigs`` >= D."""
+    missing snapshot and ``nfilter``/``neigs`` >= D.
+    """
     set_cpu_threads(cfg.threads)
     problem = build_problem(cfg)
     to_device(problem, cfg.device, cfg.dtype)
@@ -464,7 +468,8 @@ class _LoopState:
 def _replay_loop(job: _ReplayJob) -> dict:
     """Steps ``s = 0 .. MAX_STEPS`` of the replay until a stop; returns the result fields
     (``steps``, ``stopped_by``, final losses and accuracies, ``steps_to_target``,
-    ``max_sharpness``, ``max_frozen``, ``eig_computations``, ``hvps``, ``wall_seconds``)."""
+    ``max_sharpness``, ``max_frozen``, ``eig_computations``, ``hvps``, ``wall_seconds``).
+    """
     replay = job.replay
     state = _LoopState(started=time.perf_counter())
     job.problem.model.train()
@@ -545,7 +550,8 @@ def _write_step(job: _ReplayJob, state: _LoopState, step: int, **fields) -> None
 
 def _train_step(job: _ReplayJob, state: _LoopState, step: int) -> bool:
     """The gradient of step ``step``'s batch, then, unless the replay stops here, one
-    filtered optimizer step; returns whether it stopped (``state.stopped_by`` says why)."""
+    filtered optimizer step; returns whether it stopped (``state.stopped_by`` says why).
+    """
     problem, replay = job.problem, job.replay
     train_x, train_y = problem.train.images, problem.train.labels
     idx = job.batches.indices(replay.snapshot + step).to(train_x.device)
@@ -584,7 +590,8 @@ def _train_step(job: _ReplayJob, state: _LoopState, step: int) -> bool:
 
 def _stop_reason(replay: ReplayConfig, state: _LoopState, step: int) -> str | None:
     """Why the replay stops at step ``step``'s batch loss and accuracy (None: it goes on);
-    the first step at the loss target is noted in ``state.steps_to_target`` on the way."""
+    the first step at the loss target is noted in ``state.steps_to_target`` on the way.
+    """
     if not math.isfinite(state.train_loss):
         return "diverged"
     if replay.TARGET_TRAIN_LOSS is not None and state.steps_to_target is None:

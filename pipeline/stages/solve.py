@@ -50,7 +50,8 @@ from skerch_ext.solve import (
 
 def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dict) -> None:
     """Write the eigenpairs file atomically: eigenvalues ``(k,)``, eigenvectors ``(D, k)``
-    (one chunk per column), the extra ``datasets`` and ``attrs`` (non-scalars as JSON)."""
+    (one chunk per column), the extra ``datasets`` and ``attrs`` (non-scalars as JSON).
+    """
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.create_dataset("eigenvalues", data=eigenvalues)
         handle.create_dataset("eigenvectors", data=eigenvectors, chunks=(eigenvectors.shape[0], 1))
@@ -63,7 +64,8 @@ def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dic
 def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) -> dict:
     """Seconds of every round's blocks as the measurement workers recorded them:
     ``"measurements"`` whole blocks (test matrices or basis reads included) and
-    ``"products"`` the batched Hessian-vector products alone."""
+    ``"products"`` the batched Hessian-vector products alone.
+    """
     parts = [
         attrs
         for round_name in spec.rounds
@@ -77,7 +79,8 @@ def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) ->
 
 def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, like, seconds):
     """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
-    ``H Q`` ``(D, k)``: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``."""
+    ``H Q`` ``(D, k)``: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``.
+    """
     path = run.two_pass_basis(step, split)
     if not path.is_file():
         raise MissingInputError(
@@ -98,7 +101,8 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, li
 
 def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, like, seconds):
     """Single-pass SEIGH from the first round's outer ``(D, k)`` and inner ``(s, s)`` sketches:
-    eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``."""
+    eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``.
+    """
     t0 = time.perf_counter()
     outer, inner = merged_round(run, spec, step, split, "first")
     seconds["merge"] = time.perf_counter() - t0
@@ -117,7 +121,8 @@ def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str,
 
 def a_posteriori(hessian, spec: SketchSpec, eigenvalues, eigenvectors, seconds) -> dict:
     """The a-posteriori error of the eigenpairs from ``NUM_A_POSTERIORI`` Gaussian probes,
-    its failure probabilities and the scree bounds ``(k,)``."""
+    its failure probabilities and the scree bounds ``(k,)``.
+    """
     t0 = time.perf_counter()
     probes = gaussian_probes(
         spec.layout.dim, spec.seeds()["apost"], dtype=hessian.dtype, device=hessian.device
@@ -177,7 +182,8 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
 
 def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
     """Solve one step and split (two-pass: after the basis stage and the second round);
-    writes the eigen file and the summary, and returns the summary fields."""
+    writes the eigen file and the summary, and returns the summary fields.
+    """
     set_cpu_threads(cfg.threads)
     seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
     t0 = time.perf_counter()

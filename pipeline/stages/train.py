@@ -185,7 +185,8 @@ def train(cfg: RunConfig) -> RunDir:
 
 def _start_new_run(t: _Training) -> int:
     """Save the config, log the run's globals and create the parameter (and gradient)
-    stores of a new run; returns the first step, 0."""
+    stores of a new run; returns the first step, 0.
+    """
     cfg, run, problem = t.cfg, t.run, t.problem
     run.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run.config)
@@ -236,7 +237,8 @@ def _config_dict(cfg: RunConfig) -> dict:
 
 def _training_loop(t: _Training, start_step: int) -> dict:
     """Train from ``start_step`` to ``MAX_STEPS`` or a goal, recording, snapshotting and
-    evaluating on the way; returns the train summary."""
+    evaluating on the way; returns the train summary.
+    """
     cfg, problem = t.cfg, t.problem
     started = time.perf_counter()
     nan = float("nan")
@@ -288,7 +290,8 @@ def _training_loop(t: _Training, start_step: int) -> dict:
 
 def _record(t: _Training, step: int) -> None:
     """At a recorded step, append the parameters (and gradients); at a snapshot step, save
-    the training state."""
+    the training state.
+    """
     cfg, problem, model = t.cfg, t.problem, t.problem.model
     if step in cfg.RECORD_STEPS:
         t.params_store.append(step, flatten_parameters(model))
