@@ -73,7 +73,9 @@ def plot_overlap(curves: dict[int, dict[str, np.ndarray]], split: str, dimension
         drawn_mean, drawn_std = c["empirical_mean"], c["empirical_std"]
         ax.errorbar(
             c["empirical_k"], drawn_mean,
-            yerr=[np.minimum(drawn_std, drawn_mean - floor), drawn_std], fmt="o", ms=3,
+            # A mean below the log axis' floor gets no lower bar (matplotlib refuses < 0).
+            yerr=[np.maximum(np.minimum(drawn_std, drawn_mean - floor), 0), drawn_std], fmt="o",
+            ms=3,
             color="tab:gray", label="drawn random masks, mean ± sd",
         )  # fmt: skip
         ax.set(xscale="log", yscale="log", xlabel="k (mask size = eigenspace dimension)")

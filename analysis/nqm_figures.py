@@ -1,4 +1,4 @@
-"""Figures of the noisy-quadratic-model study (``analysis.nqm``), one function per figure.
+"""Figures of the noisy-quadratic-model study (``hessov.analysis.nqm``), one function per figure.
 
 Why: the batch-size questions of Zhang et al. are answered by the shape of a few curves:
 steps to a target loss against batch size (perfect scaling is a line of slope -1 on log-log

@@ -8,7 +8,7 @@ flow over its seeds: the loss above, the top Hessian eigenvalues below with the 
 stable sharpness ``2 / eta`` and, for a scaled mode, ``2 / (alpha eta)`` (the edge of
 stability of Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at
 the Edge of Stability"). Every function draws from arrays only (:class:`ReplayCurves`,
-read from a run by :mod:`pipeline.replay_logs`), so notebooks can call them on anything
+read from a run by :mod:`hessov.replay_logs`), so notebooks can call them on anything
 read from a run.
 """
 

@@ -1,11 +1,11 @@
 """The numbers behind the replay report: per group of seeds, ranking, baseline, sharpening.
 
 ``hessov compare`` (README.md, "Spectral-filter replays") reads every finished replay of a
-run as :class:`~analysis.replay_figures.ReplayCurves` and, per snapshot, takes the seeds of
+run as :class:`~hessov.analysis.replay_figures.ReplayCurves` and, per snapshot, takes the seeds of
 one replay setting together (:func:`seed_groups`). :func:`snapshot_findings` gathers what
 the report states and the ``replay_compare`` summary records: each group's spread over its
-seeds (:func:`analysis.replay_groups.group_statistics`), the order to the loss target that
-holds across seeds (:data:`~analysis.replay_groups.RANKING_RULE`), the baseline's sharpness
+seeds (:func:`hessov.analysis.replay_groups.group_statistics`), the order to the loss target that
+holds across seeds (:data:`~hessov.analysis.replay_groups.RANKING_RULE`), the baseline's sharpness
 against the maximal stable sharpness ``2 / eta``, global scaling against the baseline, and
 whether flat_scaling_v1 sent its frozen top-N eigenvalues up (:func:`sharpening_under_v1`).
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis import replay_groups
-from analysis.replay_figures import ReplayCurves
-from pipeline.optim.spectral_filter import max_stable_sharpness
+from hessov.analysis import replay_groups
+from hessov.analysis.replay_figures import ReplayCurves
+from hessov.optim.spectral_filter import max_stable_sharpness
 
 
 def seed_groups(curves: list[ReplayCurves]) -> dict[str, list[ReplayCurves]]:
@@ -84,7 +84,10 @@ def sharpening_under_v1(curve: ReplayCurves) -> dict | None:
 
 
 def group_findings(members: list[ReplayCurves]) -> dict:
-    """One group's settings, replays, seeds and :func:`~analysis.replay_groups.group_statistics`."""
+    """One group's settings, replays, seeds and statistics.
+
+    The statistics are :func:`~hessov.analysis.replay_groups.group_statistics`.
+    """
     first = members[0]
     return {
         "mode": first.mode,
@@ -193,7 +196,7 @@ def _v1_findings(curves: list[ReplayCurves], members: dict[str, list]) -> dict:
 
 def snapshot_findings(curves: list[ReplayCurves]) -> dict:
     """Numbers behind the report for the replays of one snapshot, per group of seeds; an
-    order holds only across seeds (:data:`~analysis.replay_groups.RANKING_RULE`).
+    order holds only across seeds (:data:`~hessov.analysis.replay_groups.RANKING_RULE`).
 
     Args:
         curves: every finished replay of one snapshot.

@@ -1,21 +1,21 @@
 r"""``RUN/replays/report.md``: the spectral-filter replays of a run, as Markdown.
 
 Written by ``hessov compare`` (README.md, "Spectral-filter replays") from the findings of
-:func:`analysis.replay_findings.snapshot_findings`, one section per snapshot: the
+:func:`hessov.analysis.replay_findings.snapshot_findings`, one section per snapshot: the
 baseline's sharpness against ``2 / eta`` (the edge of stability of Cohen et al. 2021,
 "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability"), a table
 per group of seeds (median and min-max), the orders that hold across seeds
-(:data:`~analysis.replay_groups.RANKING_RULE`), whether flat_scaling_v1 resumed progressive
+(:data:`~hessov.analysis.replay_groups.RANKING_RULE`), whether flat_scaling_v1 resumed progressive
 sharpening, how many directions ``dynamic`` froze, a table of every replay, and the figures
-of :mod:`analysis.replay_figures`. Every function returns lines, joined by ``\n``.
+of :mod:`hessov.analysis.replay_figures`. Every function returns lines, joined by ``\n``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.replay_figures import ReplayCurves
-from analysis.replay_findings import seed_groups
+from hessov.analysis.replay_figures import ReplayCurves
+from hessov.analysis.replay_findings import seed_groups
 
 
 def report_header(run_name: str, cfg, unfinished: list[str]) -> list[str]:
@@ -23,7 +23,7 @@ def report_header(run_name: str, cfg, unfinished: list[str]) -> list[str]:
 
     Args:
         run_name: the run directory's name.
-        cfg: the run's :class:`~pipeline.config.RunConfig`.
+        cfg: the run's :class:`~hessov.config.RunConfig`.
         unfinished: replays with settings but no summary, named as not drawn.
 
     Returns:
@@ -51,7 +51,7 @@ def report_section(
     Args:
         snapshot: the snapshot's global step.
         curves: every finished replay of that snapshot.
-        findings: their :func:`~analysis.replay_findings.snapshot_findings`.
+        findings: their :func:`~hessov.analysis.replay_findings.snapshot_findings`.
         figures: label -> path of each figure, relative to the report.
 
     Returns:

@@ -1,6 +1,6 @@
 """``report.md`` of the analyze stage: the tables and figures of one run, readable alone.
 
-Built from ``analysis.h5`` only (see :func:`pipeline.stages.analyze.write_results` for its
+Built from ``analysis.h5`` only (see :func:`hessov.stages.analyze.write_results` for its
 layout), so a report can be rebuilt anywhere the file is. Ratios are ``overlap / (k / D)``;
 a ratio of 1 is chance. The paper's figures for the same problem are quoted next to ours
 where the paper (Fernandez et al. 2025) reports them.
@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from analysis.figures import read_crystallization, read_overlap_curves
-from analysis.subspaces import DISTANCE_NAMES
+from hessov.analysis.figures import read_crystallization, read_overlap_curves
+from hessov.analysis.subspaces import DISTANCE_NAMES
 
 #: The overlap/chance ratios of Fernandez et al. 2025: problem -> (split, step, {k: x}).
 PAPER_RATIOS = {"mnist_mini": ("test", 100, {10: 6.7, 355: 3.1})}
@@ -100,7 +100,7 @@ def _crystallization_table(data: dict, key, label: str) -> list[str]:
 
 def write_report(results: Path, figures: list[dict], path: Path) -> Path:
     """Write ``report.md`` for ``results`` (``analysis.h5``) and the drawn ``figures``
-    (``[{"name", "title", "path"}]`` from :func:`analysis.figures.draw_all`).
+    (``[{"name", "title", "path"}]`` from :func:`hessov.analysis.figures.draw_all`).
     """
     with h5py.File(results, "r") as handle:
         problem = str(handle.attrs["problem"])

@@ -13,7 +13,7 @@ taken in the same run:
    cluster, and the scheduling overhead of the whole sbatch chain;
 6. GPU: the same tables with ``--device cuda`` on a machine with one;
 7. :mod:`bench.kernel_paths`: one sketch's numbers across kernel paths, thread counts and
-   block widths, against the tolerances of ``skerch_ext.tolerances``.
+   block widths, against the tolerances of ``hessov.skerch_ext.tolerances``.
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs

@@ -7,7 +7,7 @@ points, float64, one thread): the wall time and the number of Hessian-vector pro
 from ``H @ I``, ``eigh``; cached in ``bench/_work``). Each method runs at the loosest of its
 settings, tried from the cheapest up, that reaches 1%; the table lists every setting tried.
 
-* our sketch in-core (:func:`skerch_ext.incore.sketched_eigh`, two-pass recovery with the
+* our sketch in-core (:func:`hessov.skerch_ext.incore.sketched_eigh`, two-pass recovery with the
   block-Krylov extension, the pipeline's default), k from small to large, ``2k`` HVPs in
   blocks of 64;
 * the same sketch through the HDF5 stages (``hessov layout``, two ``hessov measure``
@@ -60,12 +60,12 @@ from bench.common import (
     test_oracles,
     trained_run,
 )
-from pipeline.config import saved_run_config
-from pipeline.hessian import HessianAtStep, hessian_at_step
-from pipeline.rundir import RunDir
-from skerch_ext.incore import sketched_eigh
-from skerch_ext.measure import matmat_in_blocks
-from skerch_ext.operator import dense_matrix
+from hessov.config import saved_run_config
+from hessov.hessian import HessianAtStep, hessian_at_step
+from hessov.rundir import RunDir
+from hessov.skerch_ext.incore import sketched_eigh
+from hessov.skerch_ext.measure import matmat_in_blocks
+from hessov.skerch_ext.operator import dense_matrix
 
 TOLERANCE = 0.01
 TOPS = (20, 355)
@@ -372,7 +372,7 @@ def startup_seconds() -> float:
     """Wall seconds of a process that starts Python and imports the stages: the floor of
     every CLI call (median of 3).
     """
-    code = "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve"
+    code = "import hessov.cli, hessov.stages.measure, hessov.stages.solve"
     return statistics.median(run_child([PYTHON, "-c", code]).seconds for _ in range(3))
 
 

@@ -9,7 +9,7 @@ gradient of the mean loss over the same Hessian data, measured in the same round
   network (895,210 parameters) on synthetic 3x32x32 inputs in float32;
 * batched products for blocks of 1, 4, 16 and 64 columns (16 on cifar10_3c3d, where 64
   would take minutes and gigabytes per call) with two implementations: ours
-  (:class:`skerch_ext.operator.AutogradHessian`, what the sketch stages use) and curvlinops'
+  (:class:`hessov.skerch_ext.operator.AutogradHessian`, what the sketch stages use) and curvlinops'
   ``HessianLinearOperator`` (what the stages used before);
 * the one-vector-at-a-time double-backward product ``grad((grad L) . v)`` as the peers
   compute it: rebuilding the gradient graph for every vector (the edge-of-stability code of
@@ -54,10 +54,10 @@ from bench.common import (
     test_oracles,
     trained_run,
 )
-from pipeline.config import saved_run_config
-from pipeline.hessian import hessian_at_step
-from pipeline.rundir import RunDir
-from skerch_ext.operator import AutogradHessian
+from hessov.config import saved_run_config
+from hessov.hessian import hessian_at_step
+from hessov.rundir import RunDir
+from hessov.skerch_ext.operator import AutogradHessian
 
 MNIST_BLOCKS = (1, 4, 16, 64)
 CIFAR_BLOCKS = (1, 4, 16)
@@ -371,7 +371,7 @@ def mnist(settings: Settings) -> tuple[dict[str, Measured], dict, tuple[str, flo
 
 
 def cifar(settings: Settings) -> tuple[Measured, tuple[str, float]]:
-    from pipeline.problems.networks import deepobs_modules
+    from hessov.problems.networks import deepobs_modules
 
     log("Q1 cifar10_3c3d")
     torch.set_num_threads(1)

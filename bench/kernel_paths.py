@@ -1,5 +1,5 @@
 """Question 7: how far one sketch's numbers move across kernel paths, thread counts, block
-widths and Hessian batch chunks, against the tolerances of :mod:`skerch_ext.tolerances`.
+widths and Hessian batch chunks, against the tolerances of :mod:`hessov.skerch_ext.tolerances`.
 
 The demo's sketch (mnist_mini at step 1000, train Hessian, two-pass, k = 355, three array
 tasks per round) is measured again with every array task, or each task, on another setting:
@@ -23,7 +23,7 @@ import h5py
 import torch
 
 from bench.common import STEP, WORK, Settings, log, markdown_table, run_cli, trained_run
-from skerch_ext.tolerances import Agreement, compare_eigenpairs
+from hessov.skerch_ext.tolerances import Agreement, compare_eigenpairs
 
 ATEN_DEFAULT = {"ATEN_CPU_CAPABILITY": "default"}
 MKL_COMPATIBLE = {"MKL_CBWR": "COMPATIBLE"}
@@ -129,7 +129,7 @@ def section(settings: Settings) -> str:
         "The demo's sketch (mnist_mini, step 1000, train Hessian, two-pass, k=355, three "
         "array tasks per round) computed again, each row against a reference computed "
         "with every task on this machine's default kernel path. Tolerances from "
-        "`skerch_ext.tolerances`: resolved eigenvalues within 2 g(D) ||H|| (probabilistic "
+        "`hessov.skerch_ext.tolerances`: resolved eigenvalues within 2 g(D) ||H|| (probabilistic "
         "rounding, D = 7,030), all k within the two runs' a-posteriori errors, top-m spaces "
         "(m <= 10, where a gap defines them) within Davis-Kahan.\n\n" + "\n\n".join(tables)
     )

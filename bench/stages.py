@@ -123,7 +123,7 @@ def baseline() -> ChildRun:
     sympy), and does nothing else: the floor of every CLI call's time and memory.
     """
     code = (
-        "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve, h5py, torch\n"
+        "import hessov.cli, hessov.stages.measure, hessov.stages.solve, h5py, torch\n"
         "x = torch.ones(3, requires_grad=True)\n"
         "torch.autograd.grad((x * x).sum(), x, grad_outputs=torch.ones(()))"
     )
@@ -135,10 +135,10 @@ def problem_only(run: Path) -> ChildRun:
     stage does, and nothing else: how much of a stage's memory is the data loader's.
     """
     code = (
-        "import pipeline.cli, pipeline.stages.measure, pipeline.stages.solve, h5py, torch\n"
-        "from pipeline.config import saved_run_config\n"
-        "from pipeline.problems import build_problem\n"
-        "from pipeline.rundir import RunDir\n"
+        "import hessov.cli, hessov.stages.measure, hessov.stages.solve, h5py, torch\n"
+        "from hessov.config import saved_run_config\n"
+        "from hessov.problems import build_problem\n"
+        "from hessov.rundir import RunDir\n"
         "x = torch.ones(3, requires_grad=True)\n"
         "torch.autograd.grad((x * x).sum(), x, grad_outputs=torch.ones(()))\n"
         f"build_problem(saved_run_config(RunDir({str(run)!r})))"
@@ -231,16 +231,18 @@ def data_bytes(run: Path) -> tuple[int, int, int, int]:
     """``(D, bytes per entry, bytes of the data a stage loads, Hessian points)`` for a run:
     the problem is built in this process exactly as a stage builds it (float32 images).
     """
-    from pipeline.config import saved_run_config
-    from pipeline.hessian import recorded_subsets
-    from pipeline.problems import build_problem
-    from pipeline.rundir import RunDir
+    from hessov import batching
+    from hessov.config import saved_run_config
+    from hessov.hessian import recorded_subsets
+    from hessov.problems import build_problem
+    from hessov.rundir import RunDir
 
     cfg = saved_run_config(RunDir(run))
     problem = build_problem(cfg)
     loaded = sum(
-        split.images.nelement() * 4 + split.labels.nelement() * split.labels.element_size()
+        tensor.nelement() * tensor.element_size()
         for split in (problem.train, problem.test)
+        for tensor in (*batching.tensors(split.inputs), split.targets)
     )
     entry = 8 if cfg.dtype == "float64" else 4
     points = int(recorded_subsets(RunDir(run))["train"].numel())

@@ -1,7 +1,7 @@
 """The ``hessov`` command: one subcommand per stage, plus the launchers and the run's state.
 
 Parsing only. A stage's subcommand hands its arguments to the stage's entry point
-(:func:`pipeline.jobs.run_job`), the very call a local run, a submitit job and an sbatch
+(:func:`hessov.jobs.run_job`), the very call a local run, a submitit job and an sbatch
 script make. Flags and ``KEY=VALUE`` arguments may come in any order. Errors a user can fix
 (bad config, missing data, a run that would be overwritten) are printed as one clear line
 and exit with status 2 before any work starts.
@@ -14,11 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import load_run_config, override_run_config, problem_names, saved_run_config
-from pipeline.errors import ConfigError, HessovError, MissingInputError
-from pipeline.jobs import STAGES, open_run, run_job, split_arguments
-from pipeline.rundir import RunDir
-from pipeline.runlog import setup_terminal_logging
+from hessov.config import load_run_config, override_run_config, problem_names, saved_run_config
+from hessov.errors import ConfigError, HessovError, MissingInputError
+from hessov.jobs import STAGES, open_run, run_job, split_arguments
+from hessov.rundir import RunDir
+from hessov.runlog import setup_terminal_logging
 
 OVERRIDES_HELP = (
     "KEY=VALUE overrides (omegaconf dotlist), e.g. problem=mnist_mini MAX_STEPS=2000 "
@@ -47,7 +47,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     if args.list:
-        from pipeline.config import replay_jobs
+        from hessov.config import replay_jobs
 
         for job in replay_jobs(saved_run_config(open_run(args.run_dir)).replays):
             print(job.name)
@@ -56,33 +56,36 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.config and Path(args.config, "config.yaml").is_file():
+        # A run directory (a Recorder's, an import's, or an interrupted run): its stage graph.
+        return _cmd_resume(argparse.Namespace(**{**vars(args), "run_dir": args.config}))
     cfg = load_run_config(args.overrides, args.config)
     if cfg.backend == "slurm":
-        from pipeline.launch.slurm import submit_run
+        from hessov.launch.slurm import submit_run
 
         return submit_run(cfg, wait=args.wait)
-    from pipeline.launch.local import run_local
+    from hessov.launch.local import run_local
 
     return _print(str(run_local(cfg).root))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from pipeline.launch.graph import plan_run, prepare_run
+    from hessov.launch.graph import plan_run, prepare_run
 
     cfg = load_run_config(args.overrides, args.config)
     plan = plan_run(cfg)
     if args.prepare:
         prepare_run(cfg, plan)
     if args.jobs:
-        from pipeline.launch.resources import sbatch_lines
+        from hessov.launch.resources import sbatch_lines
 
         return _print(sbatch_lines(plan, cfg.slurm))
     return _print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.as_lines())
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.launch.jobstore import describe_jobs
-    from pipeline.launch.status import describe_status, run_status
+    from hessov.launch.jobstore import describe_jobs
+    from hessov.launch.status import describe_status, run_status
 
     run = open_run(args.run_dir)
     print(describe_status(run_status(run)))
@@ -99,16 +102,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     cfg = override_run_config(saved_run_config(run), overrides, ("device", "threads", "slurm"))
     compute = [item for item in overrides if item.split("=")[0] in ("device", "threads")]
     if backend == "slurm":
-        from pipeline.launch.slurm import submit_resume
+        from hessov.launch.slurm import submit_resume
 
         return submit_resume(run, cfg, compute, wait=args.wait)
-    from pipeline.launch.local import resume_local
+    from hessov.launch.local import resume_local
 
     return _print(str(resume_local(run, cfg, compute).root))
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from pipeline import summary
+    from hessov import summary
 
     run = RunDir(Path(args.run_dir))
     if not run.root.is_dir():
@@ -117,7 +120,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_nqm(args: argparse.Namespace) -> int:
-    from pipeline.stages.nqm import load_nqm_config, run_nqm
+    from hessov.stages.nqm import load_nqm_config, run_nqm
 
     cfg = load_nqm_config(args.overrides)
     result = run_nqm(cfg, Path(cfg.out_dir), progress=not args.json)
@@ -126,10 +129,29 @@ def _cmd_nqm(args: argparse.Namespace) -> int:
     return _print(str(Path(cfg.out_dir).resolve()))
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from hessov.recorder import import_checkpoints
+
+    checkpoints, overrides = {}, []
+    for item in args.items:
+        if "=" in item:
+            overrides.append(item)
+            continue
+        path, sep, step = item.rpartition("@")
+        if not sep or not step.isdigit():
+            raise ConfigError(f"checkpoint: expected PATH@STEP, got {item!r}")
+        checkpoints[int(step)] = Path(path)
+    if not checkpoints:
+        raise ConfigError("checkpoint: pass at least one PATH@STEP")
+    return _print(str(import_checkpoints(args.run_dir, args.problem, checkpoints, overrides).root))
+
+
 def _config_command(commands, name: str, func, summary: str, description: str):
     """A subcommand that takes an optional config file and ``KEY=VALUE`` overrides."""
     sub = commands.add_parser(name, help=summary, description=description)
-    sub.add_argument("config", nargs="?", help="optional YAML config file")
+    sub.add_argument(
+        "config", nargs="?", help="optional YAML config file (hessov run: or a run directory)"
+    )
     sub.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sub.set_defaults(func=func)
     return sub
@@ -146,7 +168,7 @@ def _run_dir_command(commands, name: str, func, summary: str, description: str, 
 
 
 def _add_pipeline_commands(commands) -> None:
-    """``train`` and every stage of :data:`pipeline.jobs.STAGES`."""
+    """``train`` and every stage of :data:`hessov.jobs.STAGES`."""
     _config_command(
         commands,
         "train",
@@ -185,7 +207,9 @@ def _add_launch_commands(commands) -> None:
         "the jobs one after another on this machine; backend=slurm submits them as Slurm jobs "
         "through submitit (resources: slurm.* keys), prints the job ids and returns. "
         "problem=NAME picks that problem's config; preset=tiny shrinks any problem to about a "
-        "minute. Prints the run directory last.",
+        "minute. Given a run directory instead of a config (one a hessov.Recorder or `hessov "
+        "import` wrote, or an interrupted run), runs what that run is missing, as `hessov "
+        "resume RUN` (backend=slurm submits it). Prints the run directory last.",
     )
     run.add_argument("--wait", action="store_true", help=WAIT_HELP)
     plan = _config_command(
@@ -235,7 +259,23 @@ def _add_launch_commands(commands) -> None:
 
 
 def _add_other_commands(commands) -> None:
-    """``summary`` and ``nqm``."""
+    """``import``, ``summary`` and ``nqm``."""
+    imported = commands.add_parser(
+        "import",
+        help="make a run from state_dict checkpoints saved by any training code",
+        description="Record the checkpoints CHECKPOINT@STEP (torch state dicts, read with "
+        "weights_only=True; a dict under 'model' or 'state_dict' is found too) into the new "
+        "run directory RUN, as the parameters of those steps, with --problem the factory that "
+        "rebuilds the model and the data (README, 'Your own model'). Then `hessov run RUN` "
+        "measures, solves and analyses them. KEY=VALUE settings of the run may follow (e.g. "
+        "NUM_HESSIAN_DATAPOINTS=500 k=100). Prints the run directory.",
+    )
+    imported.add_argument("run_dir", help="the run directory to create")
+    imported.add_argument("items", nargs="+", help="CHECKPOINT@STEP ... and KEY=VALUE ...")
+    imported.add_argument(
+        "--problem", required=True, help="path/to/file.py:FACTORY or module:FACTORY"
+    )
+    imported.set_defaults(func=_cmd_import)
     _run_dir_command(
         commands,
         "summary",

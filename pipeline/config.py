@@ -3,12 +3,15 @@
 A run's configuration is assembled in one fixed order, later layers winning:
 
 1. the schema defaults below (:class:`RunConfig`);
-2. the problem's file ``config/problems/<problem>.yaml``;
+2. the problem's file ``config/problems/<problem>.yaml`` (none for a plug-in,
+   ``problem=FILE.py:FACTORY`` or ``PACKAGE.MODULE:FACTORY``);
 3. the tuning defaults for that problem and optimizer (``config/tuning.yaml``,
    like the paper's ``basic_config``);
 4. a preset (``config/presets/<preset>.yaml``), when ``preset=`` is given;
 5. ``KEY=VALUE`` overrides from the command line (omegaconf dotlist).
 
+A plug-in's location is then made canonical and its source file's sha256 recorded
+(:func:`hessov.problems.plugins.resolve`); building the problem later refuses a changed file.
 The result is validated (:func:`validate`) before any work starts: an unknown key,
 a wrong type or an impossible value raises :class:`ConfigError` naming the key.
 The resolved configuration is saved in the run directory, and every later stage
@@ -27,10 +30,10 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from pipeline.errors import ConfigError
-from pipeline.fileio import config_error, config_errors, merge_config
-from pipeline.rundir import RunDir
-from skerch_ext.options import NOISE_TYPES, RECOVERIES
+from hessov.errors import ConfigError
+from hessov.fileio import config_error, config_errors, merge_config
+from hessov.rundir import RunDir
+from hessov.skerch_ext.options import NOISE_TYPES, RECOVERIES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 
@@ -142,7 +145,7 @@ class SlurmConfig:
 class ReplayConfig:
     """One spectral-filter replay (stage replay; README.md, "Spectral-filter replays"):
     training continued from the snapshot at step ``snapshot`` with the gradient filtered in the
-    Hessian's top eigenbasis (:mod:`pipeline.optim.spectral_filter`), written to
+    Hessian's top eigenbasis (:mod:`hessov.optim.spectral_filter`), written to
     ``RUN/replays/<name>/``.
 
     ``mode``: none | global_scaling | flat_scaling_v1 | flat_scaling_v2 | dynamic, with
@@ -200,7 +203,11 @@ class RunConfig:
     lower-case keys are the per-run switches named in the docs (``problem``, ``device``).
     """
 
-    problem: str = MISSING
+    problem: str = MISSING  # a name in config/problems, or a plug-in FILE.py:FACTORY
+    # A plug-in (problem=FILE.py:FACTORY or PACKAGE.MODULE:FACTORY): its source file, absolute,
+    # and that file's sha256, recorded when the run is configured and checked by every stage.
+    problem_file: str = ""
+    problem_sha256: str = ""
     data: str = ""  # problem-specific data source; "" = the problem's default
     loss: str = ""  # "ce" | "mse"; "" = the problem's default
     nqm_dim: int = 1000  # dimensions K of the trainable noisy quadratic model
@@ -300,8 +307,54 @@ def load_run_config(overrides: list[str], config_file: str | Path | None = None)
         source=[source for source, _ in layers],
         adjust=lambda merged: _drop_default_steps_beyond_max(merged, explicit=[user_file, cli]),
     )
+    problem_source = COMMAND_LINE if cli.get("problem") else str(config_file)
+    _record_problem_source(cfg, problem_source)
     validate(cfg)
     return cfg
+
+
+def _record_problem_source(cfg: RunConfig, source: str) -> None:
+    """Make a plug-in's location canonical and record its file and sha256 in ``cfg``.
+
+    A ``problem_sha256`` given by the user (a saved ``config.yaml`` used as a config file)
+    must match the file; for a built-in problem both fields must stay empty.
+
+    Args:
+        cfg: the merged configuration, changed in place.
+        source: where ``problem`` came from, for error messages.
+    """
+    if not is_plugin_problem(cfg.problem):
+        for key in ("problem_file", "problem_sha256"):
+            require(not getattr(cfg, key), key, "is recorded only for a plug-in problem")
+        return
+    from hessov.problems.plugins import resolve
+
+    given = cfg.problem_sha256
+    cfg.problem, cfg.problem_file, cfg.problem_sha256 = resolve(cfg.problem, source)
+    require(
+        not given or given == cfg.problem_sha256,
+        "problem_sha256",
+        f"{cfg.problem_file} has sha256 {cfg.problem_sha256}, not the {given} given; "
+        "restore the file or start a new run without problem_sha256",
+    )
+    for key in ("data", "loss"):
+        require(not getattr(cfg, key), key, f"{cfg.problem} brings its own; remove {key}=")
+
+
+def is_plugin_problem(problem: str) -> bool:
+    """Whether ``problem`` names a plug-in (``FILE.py:FACTORY``, ``PACKAGE.MODULE:FACTORY``)."""
+    return ":" in problem or problem.endswith(".py")
+
+
+def problem_label(problem: str) -> str:
+    """A short name of ``problem`` for directory names: the built-in name, or a plug-in's
+    file stem (or module) and factory, e.g. ``my_model.make_problem``.
+    """
+    if not is_plugin_problem(problem):
+        return problem
+    target, _, factory = problem.rpartition(":")
+    stem = Path(target).stem if target.endswith(".py") or "/" in target else target
+    return re.sub(r"[^0-9A-Za-z_.-]", "_", f"{stem}.{factory}" if factory else stem)
 
 
 def _config_layers(
@@ -311,12 +364,17 @@ def _config_layers(
     problem = cli.get("problem") or user_file.get("problem")
     if not problem:
         raise ConfigError("problem: missing; choose one of " + ", ".join(problem_names()))
-    if problem not in problem_names():
+    if is_plugin_problem(str(problem)):
+        defaults, layers = OmegaConf.create(), []  # a plug-in starts from the schema defaults
+    elif problem not in problem_names():
         raise ConfigError(
-            f"problem: unknown problem {problem!r}; choose one of " + ", ".join(problem_names())
+            f"problem: unknown problem {problem!r}; choose one of "
+            + ", ".join(problem_names())
+            + ", or your own as path/to/file.py:FACTORY or package.module:FACTORY"
         )
-    defaults = _load_yaml(CONFIG_DIR / "problems" / f"{problem}.yaml", "problem")
-    layers = [(f"config/problems/{problem}.yaml", defaults)]
+    else:
+        defaults = _load_yaml(CONFIG_DIR / "problems" / f"{problem}.yaml", "problem")
+        layers = [(f"config/problems/{problem}.yaml", defaults)]
     optimizer = cli.get("optimizer", {}).get("name") or user_file.get("optimizer", {}).get("name")
     optimizer = optimizer or defaults.get("optimizer", {}).get("name", "SGD")
     with config_errors("config/tuning.yaml"):
@@ -552,7 +610,7 @@ def _validate_replay_filter(replay: ReplayConfig, check) -> None:
     """The filter's mode, scaling and size, and how its eigenpairs are recomputed;
     ``check`` is :func:`require` with the replay's key prefix.
     """
-    from pipeline.optim.spectral_filter import FILTERING_MODES, MODES
+    from hessov.optim.spectral_filter import FILTERING_MODES, MODES
 
     mode = replay.mode
     check(mode in MODES, "mode", f"must be one of {MODES}, got {mode!r}")

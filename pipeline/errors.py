@@ -22,3 +22,7 @@ class DatasetNotFoundError(HessovError, FileNotFoundError):
 
 class MissingInputError(HessovError, FileNotFoundError):
     """A file another stage should have produced is missing or incomplete."""
+
+
+class UnsafeFileError(HessovError):
+    """A file holds pickled objects that are not plain data; it is refused, never executed."""

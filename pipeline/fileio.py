@@ -14,7 +14,7 @@ rules keep that safe, and this module is the one place that implements each:
   lock behind; the non-blocking form tells a worker that another live process is busy.
 - **Configurations are merged with one error format.** :func:`merge_config` layers
   omegaconf configs over a structured schema and turns omegaconf's exceptions into
-  :class:`~pipeline.errors.ConfigError` as ``"KEY: what is wrong (in SOURCE)"``, the format
+  :class:`~hessov.errors.ConfigError` as ``"KEY: what is wrong (in SOURCE)"``, the format
   of every configuration error hessov reports (:func:`config_error`).
 """
 
@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.errors import ConfigError
+from hessov.errors import ConfigError
 
 
 @contextmanager

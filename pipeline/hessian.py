@@ -1,11 +1,13 @@
 """The loss Hessian of a recorded training step, built from a run directory alone.
 
 Every Hessian stage (check-operator, measure, solve, exhaustive) needs the same object:
-the problem's network with the parameters recorded at step ``T`` (read from
-``params.h5``), the deterministic Hessian subset of the train or test split recorded by
-the train stage, the model in eval mode, as a batched Hessian-vector product
-(:class:`skerch_ext.operator.AutogradHessian`) on the requested device and dtype. This
-module builds it in one place so the stages cannot drift apart.
+the problem's network with the trainable parameters and the buffers (BatchNorm's running
+statistics, any ``register_buffer``) recorded at step ``T`` (read from ``params.h5`` by
+:func:`hessov.paramstore.load_recorded_state`), the deterministic Hessian subset of the
+train or test split recorded by the train stage, the model in eval mode, as a batched
+Hessian-vector product (:class:`hessov.skerch_ext.operator.AutogradHessian`) on the
+requested device and dtype. This module builds it in one place so the stages cannot drift
+apart.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, MissingInputError
-from pipeline.paramstore import ColumnStore, load_flat_parameters
-from pipeline.problems import Problem, build_problem
-from pipeline.rundir import SPLITS, RunDir
-from pipeline.runlog import read_events
-from pipeline.training import TORCH_DTYPES, set_cpu_threads, to_device
-from skerch_ext.operator import AutogradHessian, MatMat
+from hessov import batching
+from hessov.config import RunConfig
+from hessov.errors import ConfigError, MissingInputError
+from hessov.paramstore import ColumnStore, load_recorded_state
+from hessov.problems import Problem, build_problem
+from hessov.rundir import SPLITS, RunDir
+from hessov.runlog import read_events
+from hessov.skerch_ext.operator import AutogradHessian, MatMat
+from hessov.training import TORCH_DTYPES, set_cpu_threads, to_device
 
 
 @dataclass
@@ -31,15 +34,16 @@ class HessianAtStep:
     Attributes:
         matmat: ``M (D, b) -> H @ M (D, b)`` on ``device`` in ``dtype``.
         dim: D.
-        problem: the problem, its model holding the recorded parameters.
-        inputs, targets: the Hessian subset ``(N, ...)``, ``(N,)``.
+        problem: the problem, its model holding the recorded parameters and buffers.
+        inputs, targets: the Hessian subset, ``N`` examples: the model's inputs (a tensor,
+            tuple or dict, :mod:`hessov.batching`) and ``(N, ...)``.
         dtype, device: of the operator.
     """
 
     matmat: MatMat
     dim: int
     problem: Problem
-    inputs: torch.Tensor
+    inputs: batching.Inputs
     targets: torch.Tensor
     dtype: torch.dtype
     device: torch.device
@@ -70,21 +74,32 @@ def hessian_at_step(
     *,
     check_deterministic: bool = True,
 ) -> HessianAtStep:
-    """Build the Hessian of ``split``'s subset at recorded ``step`` (see module doc)."""
+    """Build the Hessian of ``split``'s subset at recorded ``step`` (see module doc).
+
+    Raises:
+        ConfigError: a split or step that was not recorded, or (with
+            ``check_deterministic``) a Hessian that two passes over the data do not agree on,
+            with the likely cause.
+    """
     check_step_and_split(run, step, split)
     set_cpu_threads(cfg.threads)
     problem = build_problem(cfg)
     to_device(problem, cfg.device, cfg.dtype)
-    flat = torch.from_numpy(ColumnStore(run.params).read(step))
-    load_flat_parameters(problem.model, flat)
+    load_recorded_state(problem.model, ColumnStore(run.params), step)
     indices = recorded_subsets(run)[split].to(cfg.device)
     data = getattr(problem, split)
-    inputs, targets = data.images[indices], data.labels[indices]
+    inputs, targets = batching.take(data.inputs, indices), batching.take(data.targets, indices)
     operator = AutogradHessian(
         problem.model, problem.loss, inputs, targets, batch_size=cfg.HESSIAN_BATCH_SIZE
     )
     if check_deterministic:
-        operator.check_deterministic(seed=cfg.RANDOM_SEED)
+        try:
+            operator.check_deterministic(seed=cfg.RANDOM_SEED)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"problem: the Hessian of {cfg.problem} at step {step} ({split}) is not "
+                f"deterministic, so it cannot be sketched: {err}"
+            ) from None
     return HessianAtStep(
         operator.matmat,
         operator.dim,

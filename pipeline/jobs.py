@@ -1,6 +1,6 @@
 """What a job runs: every stage's entry point, called with the job's arguments.
 
-A job of the stage graph (:mod:`pipeline.launch.graph`) is an argument list
+A job of the stage graph (:mod:`hessov.launch.graph`) is an argument list
 ``[STAGE, RUN_DIR, KEY=VALUE ...]`` (``train`` takes a config file instead of a run
 directory). :func:`run_job` turns it into the stage function's call: it opens the run, reads
 the run's saved config, applies the few overrides a later stage may take (device, threads and
@@ -19,15 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import (
+from hessov.config import (
     load_run_config,
     override_run_config,
     replay_from_overrides,
     replay_jobs,
     saved_run_config,
 )
-from pipeline.errors import ConfigError, MissingInputError
-from pipeline.rundir import RunDir
+from hessov.errors import ConfigError, MissingInputError
+from hessov.rundir import RunDir
 
 #: Run-config keys every stage after training may still change: where and how it computes.
 COMPUTE_KEYS = ("device", "threads", "HESSIAN_BATCH_SIZE")
@@ -97,7 +97,7 @@ def sketch_inputs(run: RunDir, overrides: list[str]):
     """What every stage after the layout starts from: the run's config (only
     :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec.
     """
-    from pipeline.sketchspec import load_spec
+    from hessov.sketchspec import load_spec
 
     cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
     spec = load_spec(run)
@@ -114,14 +114,14 @@ def steps_and_splits(arguments: dict[str, str], spec) -> list[tuple[int, str]]:
 
 def train_job(config_file: str | None, overrides: list[str]) -> RunDir:
     """Stage 1 from a config file (optional) and overrides; returns the run."""
-    from pipeline.stages.train import train
+    from hessov.stages.train import train
 
     return train(load_run_config(overrides, config_file))
 
 
 def _layout(run: RunDir, arguments: dict, overrides: list[str]) -> None:
-    from pipeline.sketchspec import load_spec
-    from pipeline.stages.layout import complete_layout, layout
+    from hessov.sketchspec import load_spec
+    from hessov.stages.layout import complete_layout, layout
 
     if run.sketch_spec.is_file() and not overrides:
         # A layout on disk is finished as it is, whatever the config's defaults say: it may
@@ -149,7 +149,7 @@ def measured_indices(arguments: dict[str, str], spec) -> tuple[range, str]:
 
 
 def _measure(run: RunDir, arguments: dict, overrides: list[str]) -> None:
-    from pipeline.stages.measure import measure
+    from hessov.stages.measure import measure
 
     cfg, spec = sketch_inputs(run, overrides)
     indices, task_name = measured_indices(arguments, spec)
@@ -158,7 +158,7 @@ def _measure(run: RunDir, arguments: dict, overrides: list[str]) -> None:
 
 
 def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
-    from pipeline.stages.basis import basis
+    from hessov.stages.basis import basis
 
     cfg, spec = sketch_inputs(run, overrides)
     if spec.recovery != "two_pass":
@@ -170,7 +170,7 @@ def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
 
 
 def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
-    from pipeline.stages.solve import solve
+    from hessov.stages.solve import solve
 
     cfg, spec = sketch_inputs(run, overrides)
     for step, split in steps_and_splits(arguments, spec):
@@ -178,7 +178,7 @@ def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
 
 
 def _exhaustive(run: RunDir, arguments: dict, overrides: list[str]) -> None:
-    from pipeline.stages.exhaustive import exhaustive
+    from hessov.stages.exhaustive import exhaustive
 
     cfg, spec = sketch_inputs(run, overrides)
     for step, split in steps_and_splits(arguments, spec):
@@ -186,8 +186,8 @@ def _exhaustive(run: RunDir, arguments: dict, overrides: list[str]) -> None:
 
 
 def _analyze(run: RunDir, arguments: dict, overrides: list[str]) -> str | None:
-    from pipeline.sketchspec import load_spec
-    from pipeline.stages.analyze import analyze
+    from hessov.sketchspec import load_spec
+    from hessov.stages.analyze import analyze
 
     refuse_overrides("analyze", overrides, "step= split= report=")
     report = arguments.get("report", "true").lower()
@@ -202,7 +202,7 @@ def _analyze(run: RunDir, arguments: dict, overrides: list[str]) -> str | None:
 def _check_operator(run: RunDir, arguments: dict, overrides: list[str]) -> str:
     import json
 
-    from pipeline.stages.check_operator import check_operator
+    from hessov.stages.check_operator import check_operator
 
     cfg = override_run_config(saved_run_config(run), overrides, (*COMPUTE_KEYS, "dtype"))
     step = int_argument(arguments, "step")
@@ -244,7 +244,7 @@ def replays_to_run(run: RunDir, cfg, settings: list[str]):
 
 
 def _replay(run: RunDir, arguments: dict, overrides: list[str]) -> str:
-    from pipeline.stages.replay import finished_replay, run_replay
+    from hessov.stages.replay import finished_replay, run_replay
 
     compute = [item for item in overrides if item.partition("=")[0] in REPLAY_COMPUTE_KEYS]
     settings = [item for item in overrides if item not in compute]
@@ -258,7 +258,7 @@ def _replay(run: RunDir, arguments: dict, overrides: list[str]) -> str:
 
 
 def _compare(run: RunDir, arguments: dict, overrides: list[str]) -> str:
-    from pipeline.stages.compare import compare
+    from hessov.stages.compare import compare
 
     refuse_overrides("compare", overrides, "zoom=")
     return str(compare(run, int_argument(arguments, "zoom") if "zoom" in arguments else 0))
@@ -372,7 +372,7 @@ STAGES: dict[str, StageEntry] = {
 
 def run_job(argv: list[str]) -> str | None:
     """Run one job, ``[STAGE, RUN_DIR or CONFIG, KEY=VALUE ...]``; returns what the command
-    line prints. Raises :class:`pipeline.errors.HessovError` for what a user can fix.
+    line prints. Raises :class:`hessov.errors.HessovError` for what a user can fix.
     """
     stage, *rest = argv
     if stage == "train":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import MissingInputError
-from pipeline.rundir import RunDir
-from pipeline.sketchspec import SketchSpec
-from skerch_ext.storage import IncompleteMeasurements
+from hessov.errors import MissingInputError
+from hessov.rundir import RunDir
+from hessov.skerch_ext.storage import IncompleteMeasurements
+from hessov.sketchspec import SketchSpec
 
 
 def merged_round(

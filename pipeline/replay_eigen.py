@@ -10,9 +10,9 @@ Edge of Stability") it is the curvature that decides whether the accelerated dir
 stay stable.
 
 Two solvers, both on the Hessian-vector products of the sketch stages
-(:class:`skerch_ext.operator.AutogradHessian`): Lanczos (:mod:`skerch_ext.lanczos`),
+(:class:`hessov.skerch_ext.operator.AutogradHessian`): Lanczos (:mod:`hessov.skerch_ext.lanczos`),
 warm-started from the previous eigenvectors, or the in-core two-pass sketch
-(:mod:`skerch_ext.incore`), which also estimates its relative error a posteriori.
+(:mod:`hessov.skerch_ext.incore`), which also estimates its relative error a posteriori.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config import ReplayConfig, RunConfig
-from skerch_ext.incore import sketched_eigh
-from skerch_ext.lanczos import top_eigenpairs
-from skerch_ext.operator import AutogradHessian
+from hessov import batching
+from hessov.config import ReplayConfig, RunConfig
+from hessov.skerch_ext.incore import sketched_eigh
+from hessov.skerch_ext.lanczos import top_eigenpairs
+from hessov.skerch_ext.operator import AutogradHessian
 
 #: Columns per batched HVP of the in-core sketch when the run's ``block_size`` is automatic.
 SKETCH_BLOCK_SIZE = 32
@@ -67,7 +68,7 @@ class Eigenpairs:
 def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only settings)
     model: torch.nn.Module,
     loss_fn,
-    inputs: torch.Tensor,
+    inputs: batching.Inputs,
     targets: torch.Tensor,
     *,
     cfg: RunConfig,
@@ -83,8 +84,8 @@ def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only
     Args:
         model: the live model; its parameters define the Hessian's ``D`` dimensions.
         loss_fn: the problem's loss.
-        inputs: ``(n, ...)`` the train Hessian subset.
-        targets: ``(n, ...)`` its labels.
+        inputs: the train Hessian subset, ``n`` examples (:mod:`hessov.batching`).
+        targets: ``(n, ...)`` its targets.
         cfg: the run's settings (HVP batch size, seeds, sketch noise and block size).
         replay: the replay's settings (``eigensolver``, ``eig_tol``).
         k: eigenpairs wanted, ``< D``.
@@ -99,15 +100,14 @@ def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only
     operator = AutogradHessian(model, loss_fn, inputs, targets, batch_size=cfg.HESSIAN_BATCH_SIZE)
     try:
         if replay.eigensolver == "lanczos":
-            return _lanczos(operator, inputs, cfg, replay, k, step, previous)
-        return _sketch(operator, inputs, cfg, k, step)
+            return _lanczos(operator, cfg, replay, k, step, previous)
+        return _sketch(operator, cfg, k, step)
     finally:
         model.train()
 
 
 def _lanczos(
     operator: AutogradHessian,
-    inputs: torch.Tensor,
     cfg: RunConfig,
     replay: ReplayConfig,
     k: int,
@@ -120,8 +120,8 @@ def _lanczos(
         operator.matmat,
         operator.dim,
         k,
-        dtype=inputs.dtype,
-        device=inputs.device,
+        dtype=operator.dtype,
+        device=operator.device,
         tol=replay.eig_tol,
         start=start,
         seed=cfg.RANDOM_SEED + step,
@@ -129,9 +129,7 @@ def _lanczos(
     return Eigenpairs(result.eigenvalues, result.eigenvectors, result.hvps, None)
 
 
-def _sketch(
-    operator: AutogradHessian, inputs: torch.Tensor, cfg: RunConfig, k: int, step: int
-) -> Eigenpairs:
+def _sketch(operator: AutogradHessian, cfg: RunConfig, k: int, step: int) -> Eigenpairs:
     """The in-core two-pass sketch with the run's sketch settings."""
     dim = operator.dim
     # Oversampled basis (the top k of 2k + 10 are accurate), at most D/2 so that the
@@ -145,8 +143,8 @@ def _sketch(
         noise=cfg.noise,
         recovery="two_pass",
         block_size=cfg.block_size or SKETCH_BLOCK_SIZE,
-        dtype=inputs.dtype,
-        device=inputs.device,
+        dtype=operator.dtype,
+        device=operator.device,
         num_apost=cfg.NUM_A_POSTERIORI,
         num_eigenpairs=k,
     )

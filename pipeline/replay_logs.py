@@ -5,7 +5,7 @@ A replay (README.md, "Spectral-filter replays") leaves ``RUN/replays/NAME/replay
 events) and ``summary.json``; the train stage's ``RUN/log.jsonl`` holds the baseline's
 losses before the snapshot. The replay stage reads the settings to tell a finished replay
 from a new one, and ``hessov compare`` reads everything as arrays
-(:class:`~analysis.replay_figures.ReplayCurves`) to draw and rank the replays.
+(:class:`~hessov.analysis.replay_figures.ReplayCurves`) to draw and rank the replays.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import json
 import numpy as np
 from omegaconf import OmegaConf
 
-from analysis.replay_figures import ReplayCurves
-from pipeline.config import ReplayConfig
-from pipeline.fileio import merge_config
-from pipeline.rundir import RunDir
-from pipeline.runlog import read_events
+from hessov.analysis.replay_figures import ReplayCurves
+from hessov.config import ReplayConfig
+from hessov.fileio import merge_config
+from hessov.rundir import RunDir
+from hessov.runlog import read_events
 
 
 def saved_replay_settings(run: RunDir, name: str) -> ReplayConfig:
     """Replay ``name``'s saved settings.
 
-    Keys added to :class:`~pipeline.config.ReplayConfig` since it was written (``seeds``,
+    Keys added to :class:`~hessov.config.ReplayConfig` since it was written (``seeds``,
     ...) take their defaults, so older replays still match.
 
     Args:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import MissingInputError
+from hessov.errors import MissingInputError
 
 SPLITS = ("train", "test")
 
@@ -69,6 +69,16 @@ class RunDir:
     def snapshot(self, step: int) -> Path:
         """Model, optimizer, schedule and RNG state after ``step``, for replay and resume."""
         return self.snapshots / f"step_{step}.pt"
+
+    @property
+    def latest_snapshot(self) -> Path:
+        """The rolling snapshot training writes every ``SNAPSHOT_EVERY`` steps, for resume."""
+        return self.snapshots / "latest.pt"
+
+    @property
+    def latest_snapshot_step(self) -> Path:
+        """``{"step": T}``: the step of :attr:`latest_snapshot`, read without unpickling it."""
+        return self.snapshots / "latest.json"
 
     def snapshot_steps(self) -> list[int]:
         """Steps that have a snapshot on disk, ascending."""

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, MissingInputError
-from pipeline.fileio import atomic_write_json
-from pipeline.rundir import RunDir
-from skerch_ext.random_matrices import SketchMatrices
-from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
-from skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
+from hessov.config import RunConfig
+from hessov.errors import ConfigError, MissingInputError
+from hessov.fileio import atomic_write_json
+from hessov.rundir import RunDir
+from hessov.skerch_ext.random_matrices import SketchMatrices
+from hessov.skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
+from hessov.skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
 
 #: Automatic block sizes, from bench/RESULTS.md (HVP seconds per column against one
 #: gradient): on the 7,030-parameter mnist_mini MLP the cost per column keeps falling up to
@@ -57,7 +57,7 @@ class SketchSpec:
 
     def seeds(self) -> SeedRegistry:
         """Omega's and Psi's ranges cover every first-round measurement (s, or k for two-pass,
-        as in :func:`skerch_ext.incore.sketched_eigh`), then the a-posteriori probes.
+        as in :func:`hessov.skerch_ext.incore.sketched_eigh`), then the a-posteriori probes.
         """
         return sketch_seed_ranges(self.layout.seed, self.layout.num_measurements, self.num_apost)
 

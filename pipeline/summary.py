@@ -4,7 +4,7 @@ A stage with one result per run writes ``summary/<stage>.json``. Stages with one
 per step and split (solve, exhaustive, analyze) or per name (replay) write one file per
 result, ``summary/<stage>/<step>/<split>.json``, so that parallel Slurm jobs never write
 the same file and no read-modify-write can lose another job's entry. Every file is
-written to a temporary name and renamed (:func:`pipeline.fileio.atomic_write_json`), so a
+written to a temporary name and renamed (:func:`hessov.fileio.atomic_write_json`), so a
 reader never sees half a file.
 ``hessov summary`` prints one JSON object with one key per finished stage, nesting the
 per-result files as ``{stage: {step: {split: {...}}}}``.
@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.fileio import atomic_write_json
-from pipeline.rundir import RunDir
+from hessov.fileio import atomic_write_json
+from hessov.rundir import RunDir
 
 
 def record(run: RunDir, stage: str, fields: dict, *keys: str | int) -> Path:

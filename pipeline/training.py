@@ -13,15 +13,18 @@
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
-from pipeline.fileio import atomic_write
-from pipeline.problems import Problem
+from hessov import batching
+from hessov.errors import ConfigError, UnsafeFileError
+from hessov.fileio import atomic_write
+from hessov.paramstore import trainable_parameters
+from hessov.problems import Problem
 
 TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -75,23 +78,29 @@ class BatchSchedule:
 def loss_and_gradient(
     model: nn.Module,
     loss_fn: nn.Module,
-    inputs: torch.Tensor,
+    inputs: batching.Inputs,
     targets: torch.Tensor,
     chunk_size: int = 0,
 ) -> torch.Tensor:
-    """Mean loss over ``inputs`` ``(B, ...)``; gradients accumulated into ``.grad``.
+    """Mean loss over ``inputs`` (``B`` examples, :mod:`hessov.batching`); gradients
+    accumulated into ``.grad``.
 
     With ``chunk_size > 0`` the batch is processed in chunks of that many examples, each
     chunk's mean loss weighted by its share of the batch, so the result equals one pass.
+
+    Returns:
+        The mean loss, a 0-d tensor in the loss's dtype.
     """
-    total = inputs.shape[0]
+    total = batching.num_examples(inputs)
     chunk = chunk_size if 0 < chunk_size < total else total
-    loss_sum = torch.zeros((), dtype=inputs.dtype, device=inputs.device)
+    loss_sum = None
     for start in range(0, total, chunk):
-        x, y = inputs[start : start + chunk], targets[start : start + chunk]
-        loss = loss_fn(model(x), y) * (x.shape[0] / total)
+        x = batching.chunk(inputs, start, start + chunk)
+        y = batching.chunk(targets, start, start + chunk)
+        loss = loss_fn(batching.call_model(model, x), y) * (batching.num_examples(x) / total)
         loss.backward()
-        loss_sum += loss.detach()
+        # The first chunk's loss itself: the same bits as adding it to a zero.
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     return loss_sum
 
 
@@ -99,19 +108,29 @@ def loss_and_gradient(
 def evaluate(
     model: nn.Module,
     loss_fn: nn.Module,
-    inputs: torch.Tensor,
+    inputs: batching.Inputs,
     targets: torch.Tensor,
     num_classes: int,
     chunk_size: int = 2000,
 ) -> tuple[float, float | None]:
-    """Mean loss and accuracy (None for unlabelled problems) over a split, in eval mode."""
+    """Mean loss and accuracy (None for unlabelled problems) over a split, in eval mode.
+
+    Args:
+        model: the network; put back in its mode afterwards.
+        loss_fn: the problem's loss.
+        inputs: the split's inputs, ``N`` examples (:mod:`hessov.batching`).
+        targets: ``(N, ...)``, int64 labels ``(N,)`` for classification.
+        num_classes: 0 for unlabelled problems (no accuracy).
+        chunk_size: examples per forward pass.
+    """
     was_training = model.training
     model.eval()
-    loss_sum, correct, total = 0.0, 0, inputs.shape[0]
+    loss_sum, correct, total = 0.0, 0, batching.num_examples(inputs)
     for start in range(0, total, chunk_size):
-        x, y = inputs[start : start + chunk_size], targets[start : start + chunk_size]
-        output = model(x)
-        loss_sum += float(loss_fn(output, y)) * x.shape[0]
+        x = batching.chunk(inputs, start, start + chunk_size)
+        y = batching.chunk(targets, start, start + chunk_size)
+        output = batching.call_model(model, x)
+        loss_sum += float(loss_fn(output, y)) * batching.num_examples(x)
         if num_classes:
             correct += int((output.argmax(dim=1) == y).sum())
     model.train(was_training)
@@ -119,16 +138,20 @@ def evaluate(
 
 
 def flat_gradient(
-    model: nn.Module, loss_fn: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, chunk: int
+    model: nn.Module, loss_fn: nn.Module, inputs: batching.Inputs, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """Full gradient ``(D,)`` of the mean loss over ``inputs``, model in eval mode
-    (the same function whose Hessian the sketch stages measure).
+    """Full gradient ``(D,)`` of the mean loss over ``inputs`` w.r.t. the trainable
+    parameters, model in eval mode (the same function whose Hessian the sketch stages
+    measure).
     """
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
     loss_and_gradient(model, loss_fn, inputs, targets, chunk)
-    grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    params = trainable_parameters(model)
+    grad = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+    )
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return grad
@@ -146,18 +169,25 @@ def set_cpu_threads(threads: int) -> int:
 
 
 def to_device(problem: Problem, device: str, dtype: str) -> None:
-    """Move the problem's model and data to ``device`` in ``dtype``, in place."""
+    """Move the problem's model and data to ``device`` in ``dtype``, in place: the model's
+    floating parameters and buffers and the data's floating tensors take ``dtype``, integer
+    tensors (token ids, labels) keep theirs.
+    """
     torch_dtype = TORCH_DTYPES[dtype]
     problem.model.to(device=device, dtype=torch_dtype)
     for split in (problem.train, problem.test):
-        split.images = split.images.to(device=device, dtype=torch_dtype)
-        split.labels = split.labels.to(device=device)
+        split.inputs = batching.to_device(split.inputs, device, torch_dtype)
+        split.targets = batching.to_device(split.targets, device, torch_dtype)
     if problem.exact_hessian is not None:
         problem.exact_hessian = problem.exact_hessian.to(dtype=torch.float64)
 
 
 def save_snapshot(path: Path, step: int, model, optimizer, schedule) -> None:
-    """Write model, optimizer, schedule and RNG state at ``step`` (before its update)."""
+    """Write model, optimizer, schedule and RNG state at ``step`` (before its update).
+
+    Only tensors and plain values, so that :func:`load_snapshot` reads it with
+    ``weights_only=True``.
+    """
     state = {
         "step": step,
         "model": model.state_dict(),
@@ -169,6 +199,20 @@ def save_snapshot(path: Path, step: int, model, optimizer, schedule) -> None:
         torch.save(state, tmp)
 
 
-def load_snapshot(path: Path, device: str) -> dict:
-    """Read a snapshot written by :func:`save_snapshot`."""
-    return torch.load(path, map_location=device, weights_only=False)
+def load_snapshot(path: Path, device: str = "cpu") -> dict:
+    """Read a snapshot written by :func:`save_snapshot`, unpickling tensors and plain values
+    only: run directories often sit on shared file systems, and a pickle can run any code.
+
+    Raises:
+        UnsafeFileError: the file holds other objects (not a hessov snapshot, or tampered
+            with); nothing of it is executed.
+    """
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0]
+        raise UnsafeFileError(
+            f"{path}: refused to load; it holds objects other than tensors and plain values "
+            f"({reason}). hessov's snapshots never do: it was written by something else or "
+            "changed since."
+        ) from None

@@ -15,8 +15,9 @@ Magnitudes and Hessian Eigenspaces at Scale using Sketched Methods"):
   with ``res_r = sqrt(sum_{j >= r} L_j^2)``, ``lo_r = (res_r / ||H||_F)^2`` and
   ``hi_r = ((res_r + err) / ||H||_F)^2``.
 
-The probes need their own seed range (``"apost"`` of :func:`skerch_ext.seeds.sketch_seed_ranges`):
-probes correlated with Omega or Psi would make the estimate optimistic.
+The probes need their own seed range (``"apost"`` of
+:func:`hessov.skerch_ext.seeds.sketch_seed_ranges`): probes correlated with Omega or Psi would make
+the estimate optimistic.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from skerch.utils import gaussian_noise
 
-from skerch_ext.measure import matmat_in_blocks
-from skerch_ext.operator import MatMat
-from skerch_ext.seeds import SeedRange
+from hessov.skerch_ext.measure import matmat_in_blocks
+from hessov.skerch_ext.operator import MatMat
+from hessov.skerch_ext.seeds import SeedRange
 
 DEFAULT_NUM_PROBES = 30
 

@@ -1,17 +1,16 @@
 """In-core sketched eigendecomposition of a small operator: measure, solve, check, in RAM.
 
 For small ``D`` (e.g. the 7,030-parameter mnist_mini MLP) the whole SEIGH pipeline of
-Fernandez et al. ("Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
-Sketched Methods") fits in memory. :func:`sketched_eigh` runs it with exactly the functions
-the distributed pipeline uses (:mod:`skerch_ext.measure` blocks, :mod:`skerch_ext.solve`,
-:mod:`skerch_ext.aposteriori`), so it computes what the pipeline computes and serves as its
-reference. Recoveries (Tropp et al. 2017, "Practical sketching algorithms for
-low-rank matrix approximation"; Halko, Martinsson and Tropp 2011, "Finding structure with
-randomness"):
+Fernandez et al. ("Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using Sketched
+Methods") fits in memory. :func:`sketched_eigh` runs it with exactly the functions the distributed
+pipeline uses (:mod:`hessov.skerch_ext.measure` blocks, :mod:`hessov.skerch_ext.solve`,
+:mod:`hessov.skerch_ext.aposteriori`), so it computes what the pipeline computes and serves as its
+reference. Recoveries (Tropp et al. 2017, "Practical sketching algorithms for low-rank matrix
+approximation"; Halko, Martinsson and Tropp 2011, "Finding structure with randomness"):
 
 * ``"single_pass"``: ``s`` HVPs (``k`` of them recycled as outer sketch), SEIGH core.
 * ``"two_pass"``: ``k`` HVPs for ``Q``, ``k`` more for ``H Q``, Rayleigh-Ritz on the block
-  Krylov space ``span(Q, H Q)`` (:func:`skerch_ext.solve.seigh_two_pass`); the most
+  Krylov space ``span(Q, H Q)`` (:func:`hessov.skerch_ext.solve.seigh_two_pass`); the most
   accurate per HVP.
 
 Then ``num_apost`` Gaussian probes give the a-posteriori error and scree bounds.
@@ -24,13 +23,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
-from skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
-from skerch_ext.operator import MatMat
-from skerch_ext.options import RECOVERIES
-from skerch_ext.random_matrices import SketchMatrices
-from skerch_ext.seeds import sketch_seed_ranges
-from skerch_ext.solve import (
+from hessov.skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
+from hessov.skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
+from hessov.skerch_ext.operator import MatMat
+from hessov.skerch_ext.options import RECOVERIES
+from hessov.skerch_ext.random_matrices import SketchMatrices
+from hessov.skerch_ext.seeds import sketch_seed_ranges
+from hessov.skerch_ext.solve import (
     orthonormal_basis,
     seigh_single_pass,
     seigh_two_pass,
@@ -45,7 +44,7 @@ class SketchedEighResult:
         eigenvalues: ``(r,)``, sorted by ``|lambda|`` descending.
         eigenvectors: ``(D, r)``, orthonormal columns.
         apost: Estimates of ``||H - W diag(L) W^T||_F^2`` and ``||H||_F^2``.
-        scree_lower: ``(r,)``, see :func:`skerch_ext.aposteriori.scree_bounds`.
+        scree_lower: ``(r,)``, see :func:`hessov.skerch_ext.aposteriori.scree_bounds`.
         scree_upper: ``(r,)``.
         hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
         seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
@@ -94,9 +93,9 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
         num_inner: ``s > k``, inner measurements (single pass only; must be None otherwise, the
             two-pass recoveries spend ``2k`` HVPs).
         seed: Base seed; Omega, Psi and the probes get disjoint ranges from it
-            (:func:`skerch_ext.seeds.sketch_seed_ranges`).
-        noise: Test-matrix type, see :data:`skerch_ext.options.NOISE_TYPES`.
-        recovery: One of :data:`skerch_ext.options.RECOVERIES`.
+            (:func:`hessov.skerch_ext.seeds.sketch_seed_ranges`).
+        noise: Test-matrix type, see :data:`hessov.skerch_ext.options.NOISE_TYPES`.
+        recovery: One of :data:`hessov.skerch_ext.options.RECOVERIES`.
         block_size: Columns per batched HVP (bounds the operator's memory).
         dtype: The dtype of the test matrices and the probes, that ``matmat`` takes.
         device: The device of the test matrices and the probes, that ``matmat`` takes.

@@ -11,7 +11,7 @@ restarts. Cohen et al. 2021 compute their sharpness the same way.
 ARPACK works in float64 on numpy arrays; the products run in the operator's own dtype and
 device, so the accuracy is bounded by the operator's precision: ``tol`` (relative residual
 ``||H v - lambda v|| <= tol * |lambda|``) should not go below its rounding (~1e-6 in float32).
-The in-core sketch (:mod:`skerch_ext.incore`) is the alternative for many eigenpairs.
+The in-core sketch (:mod:`hessov.skerch_ext.incore`) is the alternative for many eigenpairs.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from skerch_ext.operator import MatMat
+from hessov.skerch_ext.operator import MatMat
 
 
 @dataclass(frozen=True)

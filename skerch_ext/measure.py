@@ -9,8 +9,8 @@ from the same ``s`` Hessian-vector products (HVPs): for inner index ``m``,
 column ``Y[:, m] = b_m`` ("recycled outer"), so the sketch costs exactly ``s`` HVPs.
 
 The operator is any callable ``matmat(M) -> H M`` taking and returning ``(D, b)`` tensors
-(:data:`skerch_ext.operator.MatMat`): a dense symmetric matrix's ``__matmul__``, or
-:meth:`skerch_ext.operator.AutogradHessian.matmat` (batched over the columns, so memory grows
+(:data:`hessov.skerch_ext.operator.MatMat`): a dense symmetric matrix's ``__matmul__``, or
+:meth:`hessov.skerch_ext.operator.AutogradHessian.matmat` (batched over the columns, so memory grows
 with ``b``: ``block_size`` bounds it). A block's
 results are returned, not stored, so a caller can write them wherever it likes (RAM, one
 HDF5 file per index, ...) and merge them with :func:`assemble_sketch`.
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from skerch_ext.operator import MatMat
-from skerch_ext.random_matrices import SketchMatrices
+from hessov.skerch_ext.operator import MatMat
+from hessov.skerch_ext.random_matrices import SketchMatrices
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def measure_indices(
     """:func:`measure_block` over consecutive blocks of at most ``block_size`` indices.
 
     ``indices`` is typically one worker's share (in the pipeline, one array task's range,
-    :meth:`pipeline.sketchspec.SketchSpec.task_indices`).
+    :meth:`hessov.sketchspec.SketchSpec.task_indices`).
     """
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")

@@ -32,27 +32,40 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from hessov import batching
+
 #: ``matmat(M) = H M`` for ``M`` of shape ``(D, b)``: how every part of skerch_ext takes an
 #: operator (:meth:`AutogradHessian.matmat`, a dense matrix's ``__matmul__``, ...).
 MatMat = Callable[[torch.Tensor], torch.Tensor]
 
+#: What makes an eval-mode forward pass random, and the fix: in every determinism error.
+RANDOM_IN_EVAL_HINT = (
+    "the model's forward pass is random in eval mode. Likely cause: a random operation that "
+    "ignores model.eval(), e.g. torch.nn.functional.dropout(x, training=True) or torch.rand "
+    "in forward(); use nn.Dropout modules or pass training=self.training"
+)
+
 
 def data_batches(
-    inputs: torch.Tensor, targets: torch.Tensor, batch_size: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Split ``inputs`` ``(N, ...)`` and ``targets`` ``(N, ...)`` into physical batches of at
-    most ``batch_size`` examples (0 = one batch), in order.
+    inputs: batching.Inputs, targets: torch.Tensor, batch_size: int
+) -> list[tuple[batching.Inputs, torch.Tensor]]:
+    """Split ``inputs`` (``N`` examples: a tensor, tuple or dict, :mod:`hessov.batching`) and
+    ``targets`` ``(N, ...)`` into physical batches of at most ``batch_size`` examples
+    (0 = one batch), in order.
     """
-    size = batch_size if 0 < batch_size < inputs.shape[0] else inputs.shape[0]
-    return list(zip(inputs.split(size), targets.split(size), strict=True))
+    total = batching.num_examples(inputs)
+    size = batch_size if 0 < batch_size < total else total
+    return list(zip(batching.chunks(inputs, size), batching.chunks(targets, size), strict=True))
 
 
 class AutogradHessian:
     """``H @ M`` for the Hessian ``(D, D)`` of the mean of ``loss_fn`` over ``inputs`` w.r.t.
-    all of ``model``'s trainable parameters (``model.parameters()`` order), by batched
-    reverse-over-reverse differentiation (see the module docstring).
+    all of ``model``'s trainable parameters (``requires_grad``, in ``model.parameters()``
+    order), by batched reverse-over-reverse differentiation (see the module docstring).
 
-    The model is put in eval mode: the Hessian of a fixed function. ``batch_size`` bounds
+    ``inputs`` are what the model is called with (a tensor, tuple or dict of tensors,
+    examples first: :mod:`hessov.batching`). The model is put in eval mode: the Hessian of a
+    fixed function (dropout off, BatchNorm with its running statistics). ``batch_size`` bounds
     the examples per forward pass (0 = all at once). With a single batch the gradient's
     graph is kept for the operator's lifetime, holding the activations and the first
     backward pass's intermediates; with several batches each batch's graph is rebuilt for
@@ -65,7 +78,7 @@ class AutogradHessian:
         self,
         model: nn.Module,
         loss_fn: nn.Module,
-        inputs: torch.Tensor,
+        inputs: batching.Inputs,
         targets: torch.Tensor,
         *,
         batch_size: int = 0,
@@ -76,20 +89,22 @@ class AutogradHessian:
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.dim = sum(self.sizes)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.batches = data_batches(inputs, targets, batch_size)
         # The mean loss over all data is the batch means weighted by the batch shares.
-        self.weights = [x.shape[0] / inputs.shape[0] for x, _ in self.batches]
+        total = batching.num_examples(inputs)
+        self.weights = [batching.num_examples(x) / total for x, _ in self.batches]
         self.kept_graph = self.gradient_graph(*self.batches[0]) if len(self.batches) == 1 else None
 
     def gradient_graph(
-        self, inputs: torch.Tensor, targets: torch.Tensor
+        self, inputs: batching.Inputs, targets: torch.Tensor
     ) -> list[tuple[int, torch.Tensor]]:
         """``(parameter index, gradient)`` of the batch's mean loss for every gradient that
         depends on the parameters (the others have a zero Hessian block), each with its graph
         for the second backward pass.
         """
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(inputs), targets)
+            loss = self.loss_fn(batching.call_model(self.model, inputs), targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 
@@ -144,16 +159,21 @@ class AutogradHessian:
     def check_deterministic(self, *, seed: int = 0, rtol: float = 1e-5, atol: float = 1e-8):
         """Raise ``RuntimeError`` unless two independent passes over the data (forward,
         gradient and one Hessian-vector product each) agree with each other and with the
-        kept graph, to curvlinops' tolerances: what random augmentation, train-mode dropout
-        or a nondeterministic kernel would break.
+        kept graph, to curvlinops' tolerances: what random augmentation, random operations
+        in eval mode (functional dropout with ``training=True``) or a nondeterministic kernel
+        would break. The message names the likely cause.
         """
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        dtype = self.params[0].dtype
         probe = torch.randn(self.dim, 1, generator=generator, dtype=torch.float64)
-        probe = probe.to(self.params[0].device, dtype)
+        probe = probe.to(self.device, self.dtype)
         first, second = self.matmat(probe, fresh=True), self.matmat(probe, fresh=True)
         if not torch.allclose(first, second, rtol=rtol, atol=atol):
-            raise RuntimeError("two passes over the data gave different Hessian-vector products")
+            raise RuntimeError(
+                "two passes over the data gave different Hessian-vector products: "
+                f"{RANDOM_IN_EVAL_HINT}, and augment the data once, not in forward(); on a GPU "
+                "a nondeterministic kernel can also cause it "
+                "(torch.use_deterministic_algorithms(True))"
+            )
         if not torch.allclose(self.matmat(probe), first, rtol=rtol, atol=atol):
             raise RuntimeError("the kept gradient graph no longer matches a fresh pass")
 

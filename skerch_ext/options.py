@@ -1,8 +1,8 @@
 """The choices the sketch library accepts, importable without torch.
 
-The recoveries of :func:`skerch_ext.incore.sketched_eigh` and the test-matrix types of
-:mod:`skerch_ext.random_matrices` are defined here, once, so that configuration validation
-(``pipeline.config``, imported by every command) can check them without importing torch.
+The recoveries of :func:`hessov.skerch_ext.incore.sketched_eigh` and the test-matrix types of
+:mod:`hessov.skerch_ext.random_matrices` are defined here, once, so that configuration validation
+(``hessov.config``, imported by every command) can check them without importing torch.
 """
 
 #: How eigenpairs are recovered from the sketch: SEIGH's single pass (``s`` HVPs) or the

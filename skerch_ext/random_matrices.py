@@ -27,7 +27,7 @@ column, because BLAS matrix-matrix products round a column differently depending
 many columns travel with it). So on one machine and kernel path each output column is a
 function of its own input column only, and results merged from any partition are
 bit-identical. Across kernel paths (CPU instruction sets, devices, thread counts) products
-agree only within rounding: :mod:`skerch_ext.tolerances`.
+agree only within rounding: :mod:`hessov.skerch_ext.tolerances`.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import torch
 from skerch.measurements import SSRFT
 from skerch.utils import gaussian_noise, rademacher_noise
 
-from skerch_ext.options import NOISE_TYPES
-from skerch_ext.seeds import MIN_OPERATOR_SEEDS, SeedRange, SeedRegistry
+from hessov.skerch_ext.options import NOISE_TYPES
+from hessov.skerch_ext.seeds import MIN_OPERATOR_SEEDS, SeedRange, SeedRegistry
 
 #: i.i.d. columns are generated at most this many entries at a time (256 MiB in float64).
 _IID_CHUNK_ENTRIES = 2**25
@@ -162,7 +162,7 @@ class SketchMatrices:
             dim: ``D``.
             num_inner: ``s``.
             seeds: A registry holding ``"omega"`` and ``"psi"`` ranges, e.g. from
-                :func:`skerch_ext.seeds.sketch_seed_ranges`.
+                :func:`hessov.skerch_ext.seeds.sketch_seed_ranges`.
             noise: One of ``NOISE_TYPES``, for both.
             dtype: The dtype of the columns both produce (products run in their input's).
             device: Where both produce their columns.

@@ -131,17 +131,39 @@ def block_krylov_extension(
     ``(1 + O(x / mu))`` of that. (Nystrom's ``(H Q)(Q^T H Q)^+(H Q)^T`` is the same form with
     the block estimated as ``E C^+ E^T``, which needs a residual filter for indefinite ``H``.)
     ``P`` is orthogonalised against ``Q`` twice, for numerical orthogonality.
+
+    When ``2k > D`` the complement of ``span(Q)`` has only ``D - k < k`` dimensions: a thin
+    QR would fill ``P``'s surplus columns with directions not orthogonal to ``Q``.
+    :func:`complement_basis` keeps the residual's directions that are there, so ``P`` has
+    ``r <= D - k`` columns and the core is ``(k + r, k + r)``.
     """
     num = basis.shape[1]
     residual = h_basis - basis @ (basis.T @ h_basis)
-    extension = orthonormal_basis(residual)
-    extension = orthonormal_basis(extension - basis @ (basis.T @ extension))
-    coupling = extension.T @ h_basis  # E, (k, k)
-    core = torch.zeros(2 * num, 2 * num, dtype=basis.dtype, device=basis.device)
+    if 2 * num > basis.shape[0]:
+        extension = complement_basis(basis, residual)
+    else:
+        extension = orthonormal_basis(residual)
+        extension = orthonormal_basis(extension - basis @ (basis.T @ extension))
+    coupling = extension.T @ h_basis  # E, (r, k)
+    size = num + extension.shape[1]
+    core = torch.zeros(size, size, dtype=basis.dtype, device=basis.device)
     core[:num, :num] = symmetrized(basis.T @ h_basis)
     core[num:, :num] = coupling
     core[:num, num:] = coupling.T
     return torch.cat([basis, extension], dim=1), core
+
+
+def complement_basis(basis: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis ``(D, r)`` of the part of ``residual`` ``(D, k)`` outside
+    ``span(basis)`` ``(D, k)``: its left singular vectors, after projecting ``basis`` out
+    twice, whose singular values exceed ``D`` roundings of the largest (at most ``D - k``).
+    """
+    projected = residual - basis @ (basis.T @ residual)
+    projected = projected - basis @ (basis.T @ projected)
+    left, values, _ = torch.linalg.svd(projected, full_matrices=False)
+    tolerance = values[0] * projected.shape[0] * torch.finfo(projected.dtype).eps
+    rank = min(int((values > tolerance).sum()), basis.shape[0] - basis.shape[1])
+    return left[:, :rank]
 
 
 def seigh_two_pass(

@@ -40,7 +40,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from pipeline.fileio import atomic_write, exclusive_lock
+from hessov.fileio import atomic_write, exclusive_lock
 
 FLAG_INITIALIZED = 0
 FLAG_MEASURED = 2

@@ -4,7 +4,7 @@ A sketch's products are computed by BLAS and torch kernels whose last bits depen
 kernel path: the CPU's instruction set (AVX-512, AVX2, none: ``ATEN_CPU_CAPABILITY``,
 ``MKL_CBWR``, ``MKL_ENABLE_INSTRUCTIONS``), the device, the thread count and even the number
 of columns multiplied together. Columns of the random test matrices are the same bits
-everywhere by construction (:mod:`skerch_ext.random_matrices`), and so is anything computed
+everywhere by construction (:mod:`hessov.skerch_ext.random_matrices`), and so is anything computed
 again on the same machine with the same kernel path and block widths: a rerun, a resumed
 worker, any partition of the layout's blocks into tasks. Everything else is compared with
 the tolerances below, derived once here.

@@ -19,7 +19,7 @@ def run_hessov(*args: str, check: bool = True, env: dict | None = None, timeout:
     """Run ``hessov ARGS`` as a user would; returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "hessov.cli", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,
@@ -80,7 +80,7 @@ def kill_while_measuring(args: list[str], parts: Path, after: int, timeout: floa
     ``parts`` are measured; returns how many were measured when it died.
     """
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "hessov.cli", *args],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

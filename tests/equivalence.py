@@ -1,11 +1,11 @@
-"""Two runs of one sketch, compared within the tolerances of :mod:`skerch_ext.tolerances`.
+"""Two runs of one sketch, compared within the tolerances of :mod:`hessov.skerch_ext.tolerances`.
 
 Used wherever the two runs' products may round differently: another backend (Slurm tasks
 run with other thread counts), another kernel path (the heterogeneous-cluster tests), or
 another CPU (CI's reruns under ``ATEN_CPU_CAPABILITY`` and ``MKL_*``). Where the bits are
 the same by construction the tests compare with ``np.array_equal`` instead.
 
-- :func:`skerch_ext.tolerances.compare_eigenpairs`: eigenvalues the sketch resolves (the top
+- :func:`hessov.skerch_ext.tolerances.compare_eigenpairs`: eigenvalues the sketch resolves (the top
   ``m`` for the largest gapped size ``m``) within ``2 g(D) ||H||``, all ``k`` within the two
   runs' own a-posteriori errors (doubled for the estimate's chance of reading low), and the
   top-``m`` spaces, for ``m <= 10`` with a gap that defines them, by Davis-Kahan; at least
@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import torch
 
-from skerch_ext.tolerances import Agreement, compare_eigenpairs
+from hessov.skerch_ext.tolerances import Agreement, compare_eigenpairs
 
 
 def _read(path: Path) -> dict:

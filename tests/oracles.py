@@ -5,7 +5,7 @@ Not product code: nothing in ``pipeline`` or ``skerch_ext`` uses them.
 - :func:`hessian_operator`: curvlinops' ``HessianLinearOperator`` (Dangel et al., curvlinops
   3.0.1): forward-over-reverse ``torch.func.jvp`` of the gradient, vmapped over the columns,
   redoing the forward and backward pass of every data batch for every block. The sketch
-  stages' :class:`skerch_ext.operator.AutogradHessian` must agree with it to rounding
+  stages' :class:`hessov.skerch_ext.operator.AutogradHessian` must agree with it to rounding
   (tests/test_operator.py), and bench/ times both (bench/RESULTS.md, questions 1 and 2).
 - :func:`as_matmat`: any ``H @ M`` operator as the ``MatMat`` function skerch_ext takes.
 """
@@ -16,7 +16,7 @@ import torch
 from curvlinops import HessianLinearOperator
 from torch import nn
 
-from skerch_ext.operator import MatMat, data_batches
+from hessov.skerch_ext.operator import MatMat, data_batches
 
 
 def hessian_operator(

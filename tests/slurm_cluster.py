@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.launch.slurm_client import TERMINAL_STATES  # the states the pipeline waits on too
+from hessov.launch.slurm_client import TERMINAL_STATES  # the states the pipeline waits on too
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "slurm" / "local-cluster.sh"

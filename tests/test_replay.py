@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.replay_figures import ReplayCurves
-from analysis.replay_findings import seed_groups, sharpening_under_v1, snapshot_findings
-from analysis.replay_groups import (
+from hessov import summary
+from hessov.analysis.replay_figures import ReplayCurves
+from hessov.analysis.replay_findings import seed_groups, sharpening_under_v1, snapshot_findings
+from hessov.analysis.replay_groups import (
     RANKING_RULE,
     ahead,
     first_to_target,
@@ -25,18 +26,17 @@ from analysis.replay_groups import (
     ranking,
     verdict,
 )
-from analysis.replay_report import report_section
-from pipeline import summary
-from pipeline.cli import main
-from pipeline.config import (
+from hessov.analysis.replay_report import report_section
+from hessov.cli import main
+from hessov.config import (
     load_run_config,
     read_config,
     replay_from_overrides,
     replay_jobs,
 )
-from pipeline.errors import ConfigError
-from pipeline.launch.graph import plan_run
-from pipeline.optim.spectral_filter import (
+from hessov.errors import ConfigError
+from hessov.launch.graph import plan_run
+from hessov.optim.spectral_filter import (
     FilteredOptimizer,
     SpectralFilter,
     dynamic_scaling,
@@ -45,11 +45,11 @@ from pipeline.optim.spectral_filter import (
     global_scaling,
     warmup_scaling,
 )
-from pipeline.problems import build_problem
-from pipeline.rundir import RunDir
-from pipeline.runlog import read_events
-from pipeline.stages.replay import run_replay
-from pipeline.stages.train import train
+from hessov.problems import build_problem
+from hessov.rundir import RunDir
+from hessov.runlog import read_events
+from hessov.stages.replay import run_replay
+from hessov.stages.train import train
 
 K = 20  # nqm dimensions: curvatures 1, 1/2, ..., 1/20
 SNAPSHOT = 4
@@ -98,9 +98,9 @@ def snapshot_and_minimum(run: RunDir, cfg) -> tuple[np.ndarray, np.ndarray, np.n
     """Parameters at the snapshot, the minimiser ``m`` (mean of the train points) and the
     curvatures ``h`` the model holds (``sqrt(h)`` is stored in float32, so not exactly 1/i).
     """
-    state = torch.load(run.snapshot(SNAPSHOT), weights_only=False)["model"]
+    state = torch.load(run.snapshot(SNAPSHOT), weights_only=True)["model"]
     problem = build_problem(cfg)
-    minimum = problem.train.images.double().mean(dim=0).numpy()
+    minimum = problem.train.inputs.double().mean(dim=0).numpy()
     return state["x"].numpy(), minimum, state["sqrt_curvatures"].double().numpy() ** 2
 
 

@@ -32,10 +32,10 @@ from skerch.measurements import (
 from skerch.recovery import oversampled_h
 from skerch.utils import BadSeedError
 
-from skerch_ext.aposteriori import apost_error, gaussian_probes, scree_bounds
-from skerch_ext.random_matrices import RandomMatrix, SketchMatrices
-from skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
-from skerch_ext.solve import orthonormal_basis, single_pass_core
+from hessov.skerch_ext.aposteriori import apost_error, gaussian_probes, scree_bounds
+from hessov.skerch_ext.random_matrices import RandomMatrix, SketchMatrices
+from hessov.skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
+from hessov.skerch_ext.solve import orthonormal_basis, single_pass_core
 
 DIM, NUM_INNER, SEED = 200, 24, 1234
 

@@ -88,8 +88,8 @@ def part_times(run: Path) -> dict[str, int]:
     ],
 )
 def test_bad_slurm_settings_are_refused_naming_the_key(override, key):
-    from pipeline.config import load_run_config
-    from pipeline.errors import ConfigError
+    from hessov.config import load_run_config
+    from hessov.errors import ConfigError
 
     with pytest.raises(ConfigError, match=rf"^{key}:"):
         load_run_config([*TINY, override])
@@ -186,7 +186,7 @@ def test_cancelled_task_is_reported_and_resumed_on_slurm(
     out = tmp_path / "runs"
     command = ["run", *ONE_STEP, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait"]
     follower = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *command],
+        [sys.executable, "-m", "hessov.cli", *command],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,

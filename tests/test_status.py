@@ -3,7 +3,7 @@
 ``hessov status`` and the stage graph of ``hessov resume`` trust only the run directory, so
 a wrong reading there re-measures finished work or skips missing work. Until now this was
 checked only through slow CLI runs; here run directories are built by hand in ``tmp_path``:
-a sketch spec laid out with :func:`pipeline.stages.layout.complete_layout` (no training
+a sketch spec laid out with :func:`hessov.stages.layout.complete_layout` (no training
 needed), some blocks written through the store API, and empty files standing for the
 basis, eigenpairs, exhaustive checks and analyses. Then :func:`run_status`,
 :func:`missing_work` and :func:`describe_status` must report exactly that state.
@@ -14,13 +14,13 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import summary
-from pipeline.launch.status import describe_status, missing_work, run_status
-from pipeline.rundir import RunDir
-from pipeline.runlog import read_events
-from pipeline.sketchspec import SketchSpec, load_spec
-from pipeline.stages.layout import complete_layout
-from skerch_ext.storage import SketchLayout
+from hessov import summary
+from hessov.launch.status import describe_status, missing_work, run_status
+from hessov.rundir import RunDir
+from hessov.runlog import read_events
+from hessov.skerch_ext.storage import SketchLayout
+from hessov.sketchspec import SketchSpec, load_spec
+from hessov.stages.layout import complete_layout
 
 DIM = 12
 

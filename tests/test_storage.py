@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from skerch_ext.storage import (
+from hessov.skerch_ext.storage import (
     FLAG_MEASURED,
     IncompleteMeasurements,
     MeasurementStore,

@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from analysis.subspaces import (
+from hessov.analysis.subspaces import (
     DISTANCE_NAMES,
     GRASSMANNIAN_MAXIMA,
     best_mask_overlap,

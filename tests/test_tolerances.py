@@ -1,4 +1,4 @@
-"""The tolerances of ``skerch_ext.tolerances`` on synthetic matrices with known spectra: each
+"""The tolerances of ``hessov.skerch_ext.tolerances`` on synthetic matrices with known spectra: each
 bound holds where its derivation says it must, and is tight enough to catch a real error.
 """
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from skerch_ext.tolerances import (
+from hessov.skerch_ext.tolerances import (
     compare_eigenpairs,
     eigenvalue_tolerance,
     largest_angle_sine,

@@ -55,7 +55,7 @@ def test_train_prints_run_dir_and_records_one_column_per_step(trained):
 def test_recorded_parameters_are_the_model_parameters_at_the_snapshot(trained):
     _, result = trained
     run_dir = last_line(result.stdout)
-    snapshot = torch.load(f"{run_dir}/snapshots/step_30.pt", weights_only=False)
+    snapshot = torch.load(f"{run_dir}/snapshots/step_30.pt", weights_only=True)
     flat = torch.cat([v.flatten() for k, v in snapshot["model"].items()])
     with h5py.File(f"{run_dir}/params.h5", "r") as handle:
         assert np.array_equal(handle["data"][:, 1], flat.numpy())
@@ -146,7 +146,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, hessov):
     reference = last_line(hessov("train", *config, f"OUTPUT_DIR={tmp_path / 'a'}").stdout)
     run_dir = tmp_path / "b"
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", *config, f"RUN_DIR={run_dir}"],
+        [sys.executable, "-m", "hessov.cli", "train", *config, f"RUN_DIR={run_dir}"],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -175,13 +175,13 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, hessov):
 
 
 def test_full_batch_gd_in_chunks_equals_one_pass():
-    from pipeline.config import load_run_config
-    from pipeline.problems import build_problem
-    from pipeline.training import loss_and_gradient
+    from hessov.config import load_run_config
+    from hessov.problems import build_problem
+    from hessov.training import loss_and_gradient
 
     problem = build_problem(load_run_config(["problem=fc-tanh", "dtype=float64"]))
     model = problem.model.double()
-    inputs, targets = problem.train.images[:600].double(), problem.train.labels[:600]
+    inputs, targets = problem.train.inputs[:600].double(), problem.train.targets[:600]
     grads = []
     for chunk in (0, 250):  # one pass, then chunks of 250, 250 and 100
         model.zero_grad()
@@ -213,8 +213,8 @@ def test_training_stops_at_the_accuracy_goal(tmp_path, hessov, summary_of):
 def test_edge_of_stability_problem_on_a_cifar10_subset(tmp_path):
     import pickle
 
-    from pipeline.config import load_run_config
-    from pipeline.problems import build_problem
+    from hessov.config import load_run_config
+    from hessov.problems import build_problem
 
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
@@ -229,7 +229,40 @@ def test_edge_of_stability_problem_on_a_cifar10_subset(tmp_path):
     cfg = load_run_config(["problem=cnn-relu", "data=cifar10-1k", f"OBS_DATASETS={tmp_path}"])
     problem = build_problem(cfg)
     assert len(problem.train) == 1000 and problem.num_params == 30_634
-    flat = problem.train.images.flatten(1)
+    flat = problem.train.inputs.flatten(1)
     assert torch.allclose(flat.mean(0), torch.zeros(3072), atol=1e-5)
     assert torch.allclose(flat.std(0), torch.ones(3072), atol=1e-4)
-    assert problem.model(problem.train.images[:4]).shape == (4, 10)
+    assert problem.model(problem.train.inputs[:4]).shape == (4, 10)
+
+
+class Foreign:
+    """An object a snapshot never holds: unpickling it could run any code."""
+
+
+def test_a_snapshot_holding_a_foreign_object_is_refused(tmp_path, trained):
+    from hessov.errors import UnsafeFileError
+    from hessov.training import load_snapshot
+
+    out, result = trained
+    genuine = load_snapshot(f"{last_line(result.stdout)}/snapshots/step_30.pt")
+    assert genuine["step"] == 30
+    tampered = tmp_path / "step_30.pt"
+    torch.save({**genuine, "extra": Foreign()}, tampered)
+    with pytest.raises(UnsafeFileError, match=rf"{tampered}: refused to load"):
+        load_snapshot(tampered)
+
+
+def test_resume_picks_the_newest_snapshot_without_unpickling_any(tmp_path):
+    from hessov.config import load_run_config, save_config
+    from hessov.stages.train import prepare_run_dir
+
+    cfg = load_run_config(["problem=mnist_mini", f"RUN_DIR={tmp_path}", "resume=true"])
+    save_config(cfg, tmp_path / "config.yaml")
+    snapshots = tmp_path / "snapshots"
+    snapshots.mkdir()
+    for name in ("step_30.pt", "latest.pt"):  # not loadable at all: never loaded here
+        (snapshots / name).write_bytes(b"not a pickle")
+    (snapshots / "latest.json").write_text(json.dumps({"step": 50}))
+    assert prepare_run_dir(cfg)[1] == snapshots / "latest.pt"
+    (snapshots / "latest.json").write_text(json.dumps({"step": 10}))
+    assert prepare_run_dir(cfg)[1] == snapshots / "step_30.pt"

@@ -4,15 +4,15 @@ A run's work is a list of jobs in dependency order: train; the replays (one job 
 and their comparison; the layout; for every step and split the first round of measurement
 tasks, then (two-pass) the basis and the second round, then the solve, the exhaustive check
 (``EXHAUSTIVE=true``) and the step's analysis; finally the figures and report. Each
-:class:`Job` carries the ``hessov`` arguments of its stage (:func:`pipeline.jobs.run_job`
-runs them), the files it reads and writes (named by :class:`~pipeline.rundir.RunDir`), the
+:class:`Job` carries the ``hessov`` arguments of its stage (:func:`hessov.jobs.run_job`
+runs them), the files it reads and writes (named by :class:`~hessov.rundir.RunDir`), the
 jobs it waits for and its resources key (``slurm.stages.STAGE``).
 
 :func:`build_graph` makes the list from the config and from what the run's files say is
-done (:func:`pipeline.launch.status.run_status`): a new run gets every job, a resumed one
+done (:func:`hessov.launch.status.run_status`): a new run gets every job, a resumed one
 only the array tasks with missing indices and the stages whose outputs are missing. Every
-launcher walks this one list: ``hessov run`` locally (:mod:`pipeline.launch.local`) or
-through submitit (:mod:`pipeline.launch.slurm`), ``slurm/submit_chain.sh`` and
+launcher walks this one list: ``hessov run`` locally (:mod:`hessov.launch.local`) or
+through submitit (:mod:`hessov.launch.slurm`), ``slurm/submit_chain.sh`` and
 ``slurm/run_sequential.sh`` (through ``hessov plan --jobs``), and ``hessov resume``.
 """
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import RunConfig, replay_jobs, save_config
-from pipeline.errors import RunExistsError
-from pipeline.launch.status import SketchStatus, run_status
-from pipeline.rundir import RunDir
-from pipeline.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
+from hessov.config import RunConfig, replay_jobs, save_config
+from hessov.errors import RunExistsError
+from hessov.launch.status import SketchStatus, run_status
+from hessov.rundir import RunDir
+from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class Job:
 
     Attributes:
         name: unique in the graph, e.g. ``"measure first step=100 split=train"``.
-        stage: the entry point in :data:`pipeline.jobs.STAGES` (or ``train``) and the
+        stage: the entry point in :data:`hessov.jobs.STAGES` (or ``train``) and the
             resources key ``slurm.stages.STAGE``.
         args: the ``hessov`` arguments after the stage: the run directory (``train``: its
             config file) and ``KEY=VALUE`` pairs.
@@ -181,7 +181,7 @@ def build_graph(
     Args:
         run: the run directory.
         spec: the sketch settings (the layout's on disk, or the config's resolved).
-        status: :func:`~pipeline.launch.status.run_status` of the run; ``None`` when
+        status: :func:`~hessov.launch.status.run_status` of the run; ``None`` when
             nothing exists yet (every job).
         cfg: the run's config (replays, ``EXHAUSTIVE``).
         compute_args: ``device=``, ``threads=`` passed on to every job after training.
@@ -256,10 +256,13 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     one, whose files then say what is done. A layout on disk that differs from the config's
     is refused (``hessov resume`` finishes a layout made by hand).
     """
-    from pipeline.problems import build_problem
-    from pipeline.stages.train import new_run_dir
+    from hessov.problems import build_problem
+    from hessov.recording import hessian_subsets
+    from hessov.stages.train import new_run_dir
 
-    dim = build_problem(cfg).num_params
+    problem = build_problem(cfg)
+    hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)  # refused here, not in the train job
+    dim = problem.num_params
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
     spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
     status = run_status(run) if run.config.is_file() else None
@@ -276,7 +279,7 @@ def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     if status["layout"]:
         spec = load_spec(run)
     else:
-        from pipeline.problems import build_problem
+        from hessov.problems import build_problem
 
         spec = resolve_spec(cfg, build_problem(cfg).num_params, list(cfg.RECORD_STEPS))
     return RunPlan(run, spec, build_graph(run, spec, status, cfg, compute_args))
@@ -287,7 +290,7 @@ def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:
     finished run, and save the resolved config the train job reads (its presence marks a run
     whose training is pending; training with ``resume=true`` starts it from scratch).
     """
-    from pipeline.stages.train import prepare_run_dir
+    from hessov.stages.train import prepare_run_dir
 
     run = plan.run
     if cfg.RUN_DIR:

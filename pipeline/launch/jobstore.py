@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 
-from pipeline.errors import ConfigError, HessovError
-from pipeline.launch.slurm_client import SlurmUnreachable, query_states
-from pipeline.rundir import RunDir
+from hessov.errors import ConfigError, HessovError
+from hessov.launch.slurm_client import SlurmUnreachable, query_states
+from hessov.rundir import RunDir
 
 #: How many of the active jobs the refusal names.
 LISTED_ACTIVE_JOBS = 5

@@ -1,7 +1,7 @@
 """The local launcher: the stage graph's jobs one after another, in this process.
 
-The same jobs Slurm runs (:func:`pipeline.launch.graph.build_graph`), each array task in
-turn, called through the same entry point (:func:`pipeline.jobs.run_job`) with the same
+The same jobs Slurm runs (:func:`hessov.launch.graph.build_graph`), each array task in
+turn, called through the same entry point (:func:`hessov.jobs.run_job`) with the same
 files, and therefore the same numbers. Every stage skips what its files say is done (a
 finished training, measured blocks, a solved step), and the graph of an existing run holds
 only what its files say is missing: running it on an interrupted run finishes it, which is
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import time
 
-from pipeline.config import RunConfig
-from pipeline.jobs import run_job
-from pipeline.launch.graph import Job, RunPlan, plan_resume, plan_run, prepare_run
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger
+from hessov.config import RunConfig
+from hessov.jobs import run_job
+from hessov.launch.graph import Job, RunPlan, plan_resume, plan_run, prepare_run
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger
 
 
 def run_jobs(jobs: list[Job]) -> None:

@@ -7,7 +7,7 @@ which ``hessov plan --jobs`` prints for ``slurm/submit_chain.sh``.
 
 from __future__ import annotations
 
-from pipeline.config import SlurmConfig
+from hessov.config import SlurmConfig
 
 
 def stage_section(slurm: SlurmConfig, stage: str) -> str:

@@ -1,16 +1,16 @@
 """Submit a run's stage graph to Slurm through submitit, and follow the jobs safely.
 
-``hessov run backend=slurm`` submits the jobs of :func:`pipeline.launch.graph.build_graph`,
+``hessov run backend=slurm`` submits the jobs of :func:`hessov.launch.graph.build_graph`,
 the same list ``slurm/submit_chain.sh`` submits as plain sbatch: each job (or job array)
 with ``--dependency=afterok`` on the jobs it waits for and ``--kill-on-invalid-dep=yes``, so
 that a failed job cancels what depends on it instead of leaving it pending forever. Each job
-runs :func:`run_stage`, the stage's entry point :func:`pipeline.jobs.run_job` with the job's
+runs :func:`run_stage`, the stage's entry point :func:`hessov.jobs.run_job` with the job's
 arguments: a Slurm job computes exactly what ``hessov STAGE ...`` computes.
 
 ``hessov resume RUN backend=slurm`` submits the graph of what the run's files say is missing
 (only the array tasks with missing indices, the basis and solves not yet written, and so on);
 everything measured is reused. The job ids go to the job store
-(:mod:`pipeline.launch.jobstore`).
+(:mod:`hessov.launch.jobstore`).
 
 Waiting never trusts a job to report back: a job killed by a signal writes no result, and
 without accounting submitit's ``result()`` would wait forever. ``--wait`` polls squeue and
@@ -25,14 +25,14 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.errors import HessovError
-from pipeline.fileio import atomic_write_json
-from pipeline.jobs import run_job
-from pipeline.launch.graph import Job, RunPlan, plan_resume, plan_run, prepare_run
-from pipeline.launch.jobstore import load_store, refuse_while_queued
-from pipeline.launch.resources import stage_resources
-from pipeline.launch.slurm_client import (
+from hessov.config import RunConfig
+from hessov.errors import HessovError
+from hessov.fileio import atomic_write_json
+from hessov.jobs import run_job
+from hessov.launch.graph import Job, RunPlan, plan_resume, plan_run, prepare_run
+from hessov.launch.jobstore import load_store, refuse_while_queued
+from hessov.launch.resources import stage_resources
+from hessov.launch.slurm_client import (
     JobState,
     SlurmUnreachable,
     check_cluster,
@@ -40,9 +40,9 @@ from pipeline.launch.slurm_client import (
     require_clients,
     slurm_client,
 )
-from pipeline.launch.status import missing_work, run_status
-from pipeline.rundir import RunDir
-from pipeline.runlog import setup_terminal_logging
+from hessov.launch.status import missing_work, run_status
+from hessov.rundir import RunDir
+from hessov.runlog import setup_terminal_logging
 
 #: After the last job left the queue, how long to let accounting catch up with final states.
 SETTLE_S = 30

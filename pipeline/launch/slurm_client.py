@@ -12,9 +12,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from pipeline.config import SlurmConfig
-from pipeline.errors import ConfigError
-from pipeline.launch.resources import sbatch_options, stage_resources, stage_section
+from hessov.config import SlurmConfig
+from hessov.errors import ConfigError
+from hessov.launch.resources import sbatch_options, stage_resources, stage_section
 
 QUERY_TIMEOUT_S = 10
 

@@ -2,7 +2,7 @@
 
 :func:`run_status` reads every flag and output file to say which stages are done and which
 measurement indices (and array tasks) are missing, so that ``hessov status`` and the stage
-graph of ``hessov resume`` (:func:`pipeline.launch.graph.build_graph`) never trust a
+graph of ``hessov resume`` (:func:`hessov.launch.graph.build_graph`) never trust a
 scheduler's memory of a job.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.rundir import RunDir
-from pipeline.sketchspec import SketchSpec, load_spec
-from skerch_ext.storage import describe_indices
+from hessov.rundir import RunDir
+from hessov.skerch_ext.storage import describe_indices
+from hessov.sketchspec import SketchSpec, load_spec
 
 
 @dataclass

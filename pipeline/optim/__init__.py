@@ -1,17 +1,17 @@
 """Optimizers and learning-rate schedules, built from the run configuration.
 
-:func:`build_optimizer` turns an :class:`~pipeline.config.OptimizerConfig` into a torch
+:func:`build_optimizer` turns an :class:`~hessov.config.OptimizerConfig` into a torch
 optimizer: torch's own SGD, Adam, AdamW, RMSprop, Adagrad, NAdam and RAdam, or this package's
-:class:`~pipeline.optim.eve.Eve` and :class:`~pipeline.optim.scaled_adam.ScaledAdam`; with
-``lookahead_k > 0`` the result is wrapped in :class:`~pipeline.optim.lookahead.Lookahead`.
+:class:`~hessov.optim.eve.Eve` and :class:`~hessov.optim.scaled_adam.ScaledAdam`; with
+``lookahead_k > 0`` the result is wrapped in :class:`~hessov.optim.lookahead.Lookahead`.
 Each optimizer receives only the configuration fields it accepts, so a configuration may carry
 fields for other optimizers. :func:`build_schedule` turns a
-:class:`~pipeline.config.ScheduleConfig` into a per-step learning-rate schedule
-(:mod:`pipeline.optim.schedules`).
+:class:`~hessov.config.ScheduleConfig` into a per-step learning-rate schedule
+(:mod:`hessov.optim.schedules`).
 
 Everything built here is checkpointable with ``state_dict()`` / ``load_state_dict()``: a run
 resumed from a snapshot takes bit-identical steps to one that was never interrupted. Invalid
-names or values raise :class:`~pipeline.errors.ConfigError` (a ``ValueError``) naming the
+names or values raise :class:`~hessov.errors.ConfigError` (a ``ValueError``) naming the
 configuration key (``optimizer.name``, ``schedule.warmup_steps``, ...). Definitions and sources:
 the module docstrings; README.md, "Configuration", lists the choices.
 """
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch.optim.lr_scheduler import LRScheduler
 
-from pipeline.config import OptimizerConfig, ScheduleConfig
-from pipeline.errors import ConfigError
-from pipeline.optim.eve import Eve
-from pipeline.optim.lookahead import Lookahead
-from pipeline.optim.scaled_adam import ScaledAdam
-from pipeline.optim.schedules import ClosedFormSchedule, Constant, CosineDecay, Eden, StepDecay
+from hessov.config import OptimizerConfig, ScheduleConfig
+from hessov.errors import ConfigError
+from hessov.optim.eve import Eve
+from hessov.optim.lookahead import Lookahead
+from hessov.optim.scaled_adam import ScaledAdam
+from hessov.optim.schedules import ClosedFormSchedule, Constant, CosineDecay, Eden, StepDecay
 
 # Optimizer class and the OptimizerConfig fields passed to it as keyword arguments.
 _OPTIMIZERS: dict[str, tuple[type[torch.optim.Optimizer], tuple[str, ...]]] = {

@@ -174,8 +174,9 @@ class FilteredOptimizer:
     """Filter the gradient in the Hessian's eigenbasis, then step any torch optimizer.
 
     :meth:`step` flattens ``p.grad`` of ``params`` into ``g`` ``(D,)`` (in the order of the
-    eigenvectors' rows: ``model.parameters()``, as the Hessian operator), writes ``F(g)``
-    back into ``p.grad`` and calls ``optimizer.step()``. The optimizer's state is left alone.
+    eigenvectors' rows: the trainable parameters in ``model.parameters()`` order, as the
+    Hessian operator), writes ``F(g)`` back into ``p.grad`` and calls ``optimizer.step()``.
+    The optimizer's state is left alone.
 
     Args:
         optimizer: any torch optimizer (or wrapper, e.g. Lookahead) over ``params``.

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.problems import data as datasets
-from pipeline.problems.losses import HalfSquaredLoss, HalfSquaredNorm, MeanOfOutput, cross_entropy
-from pipeline.problems.networks import (
+from hessov.config import RunConfig
+from hessov.errors import ConfigError
+from hessov.problems import checks
+from hessov.problems import data as datasets
+from hessov.problems.losses import HalfSquaredLoss, HalfSquaredNorm, MeanOfOutput, cross_entropy
+from hessov.problems.networks import (
     MnistMiniMLP,
     QuadraticDeep,
     ScaledDifference,
@@ -34,31 +35,51 @@ from pipeline.problems.networks import (
 
 @dataclass
 class Problem:
-    """A trainable problem with its data in memory.
+    """A trainable problem with its data in memory: what a problem factory returns.
+
+    Built-in problems and a user's own (``problem=path/to/file.py:FACTORY``) alike, e.g.
+    ``hessov.Problem(model=net, loss=nn.CrossEntropyLoss(), train=(x, y), test=(x_test,
+    y_test), num_classes=10)``.
 
     Attributes:
-        name: the problem's registry name.
         model: the network (float32 on CPU until the stage moves it).
-        loss: loss module with ``reduction='mean'`` (usable by curvlinops).
-        train, test: the splits; ``images`` ``(N, ...)``, ``labels`` ``(N,)``.
-        num_classes: classes for class-balanced subsets and accuracy; 0 = unlabelled.
+        loss: loss module with ``reduction='mean'``.
+        train, test: the splits, each a :class:`~hessov.problems.data.Split`, an
+            ``(inputs, targets)`` pair or a map-style ``Dataset`` of ``(input, target)``
+            items (:func:`~hessov.problems.data.as_split`). ``inputs``: a tensor ``(N, ...)``
+            (``model(inputs)``), a tuple (``model(*inputs)``) or a dict (``model(**inputs)``)
+            of tensors, examples first; ``targets``: a tensor ``(N, ...)``.
+        num_classes: classes for class-balanced Hessian subsets and accuracy; 0 or ``None``:
+            unlabelled (random fixed subsets, no accuracy).
+        name: the problem's name (the registry name, or the factory's location).
         data_note: where the data came from, for logs and reports.
         exact_hessian: the known Hessian ``(D, D)`` where the problem defines one.
     """
 
-    name: str
     model: nn.Module
     loss: nn.Module
     train: datasets.Split
     test: datasets.Split
-    num_classes: int
-    data_note: str
+    num_classes: int | None = 0
+    name: str = "custom"
+    data_note: str = ""
     exact_hessian: torch.Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        """Turn the splits into :class:`~hessov.problems.data.Split` objects and refuse a
+        loss without mean reduction and data holding NaN or inf (:mod:`.checks`).
+        """
+        self.train, self.test = datasets.as_split(self.train), datasets.as_split(self.test)
+        self.num_classes = self.num_classes or 0
+        checks.check_loss(self.loss)
+        for split in ("train", "test"):
+            data = getattr(self, split)
+            checks.check_finite(split, data.inputs, data.targets)
 
     @property
     def num_params(self) -> int:
-        """``D``, the number of the model's parameters."""
-        return sum(p.numel() for p in self.model.parameters())
+        """``D``, the number of the model's trainable parameters (``requires_grad``)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
 def _classification_loss(cfg: RunConfig, default: str) -> nn.Module:
@@ -84,7 +105,7 @@ def _mnist_splits(cfg: RunConfig, size: int | None = None) -> tuple[dict, str]:
         raise ConfigError(f"data: must be 'embedded' or 'full' for {cfg.problem}, got {source!r}")
     if size is not None:
         for split in splits.values():
-            split.images = datasets.resize_images(split.images, size)
+            split.inputs = datasets.resize_images(split.inputs, size)
         note += f", resized to {size}x{size}"
     return splits, note
 
@@ -102,7 +123,7 @@ def _deepobs_classifier(net_name: str, splits_fn: Callable, classes: int = 10):
         net_class = getattr(deepobs_modules(), net_name)
         model = net_class() if net_name == "net_cifar100_allcnnc" else net_class(classes)
         return Problem(
-            cfg.problem, model, cross_entropy(), splits["train"], splits["test"], classes, note
+            model, cross_entropy(), splits["train"], splits["test"], classes, cfg.problem, note
         )
 
     return build
@@ -121,7 +142,7 @@ def build_mnist_mini(cfg: RunConfig) -> Problem:
     """The paper's default problem: :class:`MnistMiniMLP` on 16x16 MNIST digits."""
     splits, note = _mnist_splits(cfg, size=16)
     return Problem(
-        cfg.problem, MnistMiniMLP(), cross_entropy(), splits["train"], splits["test"], 10, note
+        MnistMiniMLP(), cross_entropy(), splits["train"], splits["test"], 10, cfg.problem, note
     )
 
 
@@ -131,7 +152,7 @@ def standardize_features(train: torch.Tensor, *others: torch.Tensor) -> list[tor
     Features that are constant in the training split (MNIST's border pixels) keep a
     scale of 1 instead of dividing by zero. Computed in float64 and rounded once to each
     input's dtype, so that the data are the same bits on every CPU kernel path (see
-    :func:`pipeline.problems.data.resize_images`).
+    :func:`hessov.problems.data.resize_images`).
     """
     wide = train.double()
     mean = wide.mean(dim=0, keepdim=True)
@@ -154,30 +175,30 @@ def _eos_splits(cfg: RunConfig) -> tuple[dict, str]:
         if not 0 < count <= len(full["train"]):
             raise ConfigError(f"data: {source} asks for {count} of {len(full['train'])} examples")
         splits = {
-            "train": datasets.Split(full["train"].images[:count], full["train"].labels[:count]),
+            "train": datasets.Split(full["train"].inputs[:count], full["train"].targets[:count]),
             "test": full["test"],
         }
         note = f"the first {count} CIFAR-10 training examples"
     else:
         raise ConfigError(f"data: must be 'mnist_embedded' or 'cifar10-Nk', got {source!r}")
-    train, test = standardize_features(splits["train"].images, splits["test"].images)
-    splits["train"].images, splits["test"].images = train, test
+    train, test = standardize_features(splits["train"].inputs, splits["test"].inputs)
+    splits["train"].inputs, splits["test"].inputs = train, test
     return splits, note + ", standardized per feature"
 
 
 def _eos_builder(kind: str, activation: str):
     def build(cfg: RunConfig) -> Problem:
         splits, note = _eos_splits(cfg)
-        in_shape = tuple(splits["train"].images.shape[1:])
+        in_shape = tuple(splits["train"].inputs.shape[1:])
         factory = eos_fully_connected if kind == "fc" else eos_convolutional
         model = factory(activation, in_shape)
         return Problem(
-            cfg.problem,
             model,
             _classification_loss(cfg, "mse"),
             splits["train"],
             splits["test"],
             10,
+            cfg.problem,
             note,
         )
 
@@ -200,12 +221,12 @@ def build_quadratic_deep(cfg: RunConfig) -> Problem:
     test = torch.from_numpy(data_rng.normal(0.0, 0.6, (1000, 100))).float()
     zeros = torch.zeros(1000, dtype=torch.int64)
     return Problem(
-        cfg.problem,
         QuadraticDeep(hessian),
         MeanOfOutput(),
         datasets.Split(train, zeros),
         datasets.Split(test, zeros.clone()),
         0,
+        cfg.problem,
         "synthetic quadratic data",
         exact_hessian=hessian,
     )
@@ -215,7 +236,7 @@ def build_nqm(cfg: RunConfig) -> Problem:
     """The noisy quadratic model: Hessian ``diag(h)``, ``h_i = 1/i``; data points
     ``c ~ N(0, diag(1/h))`` so a batch of B has gradient noise variance ``h_i / B``.
     """
-    from analysis.nqm import nqm_curvatures
+    from hessov.analysis.nqm import nqm_curvatures
 
     curvatures = torch.from_numpy(np.asarray(nqm_curvatures(cfg.nqm_dim))).float()
     generator = torch.Generator().manual_seed(cfg.RANDOM_SEED)
@@ -224,12 +245,12 @@ def build_nqm(cfg: RunConfig) -> Problem:
     test = torch.randn(2000, cfg.nqm_dim, generator=generator) * scale
     model = ScaledDifference(curvatures)
     return Problem(
-        cfg.problem,
         model,
         HalfSquaredNorm(),
         datasets.Split(train, torch.zeros(10000, dtype=torch.int64)),
         datasets.Split(test, torch.zeros(2000, dtype=torch.int64)),
         0,
+        cfg.problem,
         "synthetic noisy-quadratic data",
         exact_hessian=torch.diag(curvatures),
     )
@@ -254,9 +275,21 @@ BUILDERS: dict[str, Callable[[RunConfig], Problem]] = {
 def build_problem(cfg: RunConfig) -> Problem:
     """Build ``cfg.problem`` with its model initialised from ``cfg.RANDOM_SEED``.
 
-    The seed is set immediately before the model is constructed so that the same seed
-    gives the same initial parameters whatever data loading did before.
+    The seed is set immediately before the builder (or a plug-in's factory) is called, so
+    that the same seed gives the same initial parameters whatever happened before. A
+    plug-in (``FILE.py:FACTORY`` or ``PACKAGE.MODULE:FACTORY``, :mod:`hessov.problems.plugins`)
+    is refused if its file changed since the run was configured (``cfg.problem_sha256``),
+    imported, called as ``FACTORY(cfg.RANDOM_SEED)`` and its result validated.
+
+    Raises:
+        ConfigError: ``"problem: ..."``, an unknown problem or an unusable plug-in.
     """
+    from hessov.problems import plugins
+
+    if plugins.is_plugin(cfg.problem):
+        factory = plugins.load_factory(cfg.problem, cfg.problem_file, cfg.problem_sha256)
+        torch.manual_seed(cfg.RANDOM_SEED)
+        return plugins.checked_problem(factory(cfg.RANDOM_SEED), cfg.problem)
     if cfg.problem not in BUILDERS:
         raise ConfigError(f"problem: unknown {cfg.problem!r}; known: {', '.join(sorted(BUILDERS))}")
     torch.manual_seed(cfg.RANDOM_SEED)

@@ -11,7 +11,7 @@ Nothing here downloads. Data comes from three places:
   (Krizhevsky 2009).
 
 Every reader returns a :class:`Split` of float32 images in ``[0, 1]`` with shape
-``(N, C, H, W)`` and int64 labels ``(N,)``. A missing file raises
+``(N, C, H, W)`` as inputs and int64 labels ``(N,)`` as targets. A missing file raises
 :class:`DatasetNotFoundError` naming every file it looked for and the variable to set.
 """
 
@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError, DatasetNotFoundError
+from hessov import batching
+from hessov.errors import ConfigError, DatasetNotFoundError
 
 FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 #: The IDX format's type code of unsigned bytes, the only one these datasets use.
@@ -42,19 +43,85 @@ IDX_FILES = {
 
 @dataclass
 class Split:
-    """One split of a classification dataset held in memory.
+    """One split of a dataset held in memory: what the model is called with, and its targets.
 
     Attributes:
-        images: float32 tensor ``(N, C, H, W)`` with values in ``[0, 1]``
-            (or already preprocessed, see the problem).
-        labels: int64 tensor ``(N,)``.
+        inputs: the model's inputs (:data:`hessov.batching.Inputs`): a tensor ``(N, ...)``
+            (``model(inputs)``), a tuple of tensors (``model(*inputs)``) or a dict of tensors
+            (``model(**inputs)``), every tensor with the example dimension first. The
+            readers here return float32 images ``(N, C, H, W)`` with values in ``[0, 1]``.
+        targets: tensor ``(N, ...)``: int64 labels ``(N,)`` for classification.
     """
 
-    images: torch.Tensor
-    labels: torch.Tensor
+    inputs: batching.Inputs
+    targets: torch.Tensor
 
     def __len__(self) -> int:
-        return self.labels.shape[0]
+        return self.targets.shape[0]
+
+
+def as_split(data) -> Split:
+    """A :class:`Split` from a split, an ``(inputs, targets)`` pair or a map-style dataset.
+
+    Args:
+        data: a :class:`Split`; a pair ``(inputs, targets)`` with ``inputs`` a tensor, a tuple
+            or a dict of tensors and ``targets`` a tensor, one row per example in each; or a
+            map-style ``torch.utils.data.Dataset`` of ``(input, target)`` items, materialised
+            in memory with torch's default collate.
+
+    Raises:
+        ConfigError: another type, or tensors that disagree on the number of examples.
+    """
+    if isinstance(data, Split):
+        return data
+    if isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        data = _collate(data)
+    if isinstance(data, tuple | list) and len(data) == 2:  # noqa: PLR2004 (a pair)
+        inputs, targets = data
+        if isinstance(inputs, list):
+            inputs = tuple(inputs)
+        if _is_inputs(inputs) and isinstance(targets, torch.Tensor):
+            _check_examples(inputs, targets)
+            return Split(inputs, targets)
+    raise ConfigError(
+        "problem: a split must be an (inputs, targets) pair (inputs a tensor, a tuple or a "
+        "dict of tensors, targets a tensor), a map-style Dataset of (input, target) items or "
+        f"a Split, got {type(data).__name__}"
+    )
+
+
+def _collate(dataset: torch.utils.data.Dataset) -> tuple:
+    """All items of a map-style dataset stacked by torch's default collate."""
+    items = [dataset[index] for index in range(len(dataset))]
+    if not items:
+        raise ConfigError("problem: a split's dataset is empty")
+    if not isinstance(items[0], tuple | list) or len(items[0]) != 2:  # noqa: PLR2004
+        raise ConfigError(
+            "problem: a split's dataset must yield (input, target) items, got "
+            f"{type(items[0]).__name__}"
+        )
+    return tuple(torch.utils.data.default_collate(items))
+
+
+def _is_inputs(inputs) -> bool:
+    """Whether ``inputs`` is a tensor, or a non-empty tuple or dict of tensors."""
+    if isinstance(inputs, torch.Tensor):
+        return True
+    if isinstance(inputs, tuple | dict) and inputs:
+        return all(isinstance(t, torch.Tensor) for t in batching.tensors(inputs))
+    return False
+
+
+def _check_examples(inputs: batching.Inputs, targets: torch.Tensor) -> None:
+    """Refuse tensors without an example dimension or with another number of examples."""
+    count = targets.shape[0] if targets.ndim else None
+    for tensor in batching.tensors(inputs):
+        if tensor.ndim == 0 or tensor.shape[0] != count:
+            raise ConfigError(
+                f"problem: inputs hold a tensor of shape {tuple(tensor.shape)} and the targets "
+                f"{tuple(targets.shape)}; every tensor needs the example dimension first, one "
+                "target per example"
+            )
 
 
 def obs_datasets_dir(configured: str | None) -> Path | None:

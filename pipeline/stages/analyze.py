@@ -12,11 +12,11 @@ eigenspace:
 - the best any ``k``-sparse mask can reach (the ``k`` rows of ``W[:, :k]`` of largest norm).
 
 Across recorded steps ("crystallization") it tracks the Grassmannian metrics of
-:mod:`analysis.subspaces`, raw and as similarities ``1 - d / max``, between the eigenspaces of
-consecutive steps and against the last step, at the sizes ``ratio * D`` of the paper's
-sparsity ratios that fit in ``K`` and at ``K``; and the same between the magnitude masks of
-the recorded parameters at those ratios. Random baselines come from Haar-random subspaces and
-uniformly random masks.
+:mod:`hessov.analysis.subspaces`, raw and as similarities ``1 - d / max``, between the eigenspaces
+of consecutive steps and against the last step, at the sizes ``ratio * D`` of the paper's sparsity
+ratios that fit in ``K`` and at ``K``; and the same between the magnitude masks of the recorded
+parameters at those ratios. Random baselines come from Haar-random subspaces and uniformly random
+masks.
 
 Files: each step's curves go to their own ``analysis/steps/step_T_SPLIT.h5``, so the
 per-step analyze jobs of a Slurm chain run in parallel and a re-run only computes steps not
@@ -35,9 +35,10 @@ import h5py
 import numpy as np
 import torch
 
-from analysis import figures
-from analysis.report import write_report
-from analysis.subspaces import (
+from hessov import summary
+from hessov.analysis import figures
+from hessov.analysis.report import write_report
+from hessov.analysis.subspaces import (
     DISTANCE_NAMES,
     GRASSMANNIAN_MAXIMA,
     best_mask_overlap_curve,
@@ -50,15 +51,14 @@ from analysis.subspaces import (
     random_mask_similarities,
     random_subspace_similarities,
 )
-from pipeline import summary
-from pipeline.config import saved_run_config
-from pipeline.errors import MissingInputError
-from pipeline.fileio import atomic_write, exclusive_lock
-from pipeline.paramstore import ColumnStore
-from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
-from pipeline.sketchspec import load_spec
-from pipeline.training import set_cpu_threads
+from hessov.config import saved_run_config
+from hessov.errors import MissingInputError
+from hessov.fileio import atomic_write, exclusive_lock
+from hessov.paramstore import ColumnStore
+from hessov.rundir import RunDir
+from hessov.runlog import EventLog, get_logger
+from hessov.sketchspec import load_spec
+from hessov.training import set_cpu_threads
 
 #: Mask sizes reported in the summary and the tables (plus K, the number of eigenpairs).
 REPORTED_KS = (1, 5, 10, 20, 50, 100)

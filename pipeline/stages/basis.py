@@ -1,7 +1,7 @@
 """Stage 4a, basis: the orthonormal basis of a two-pass sketch's first round.
 
 Two-pass recovery (Halko, Martinsson and Tropp 2011: a range finder, then Rayleigh-Ritz in
-:mod:`pipeline.stages.solve`) measures ``Y = H Omega`` in a
+:mod:`hessov.stages.solve`) measures ``Y = H Omega`` in a
 first round, orthonormalises it here, ``Q = qr(Y)`` of shape ``(D, k)``, and measures ``H Q``
 in a second round. Every part's flags and checksums are verified in the same read that merges
 it into the split's monolithic arrays; a missing or corrupt measurement stops the stage and
@@ -18,14 +18,14 @@ import time
 import h5py
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.fileio import atomic_write
-from pipeline.merge import merged_round
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger
-from pipeline.sketchspec import SketchSpec
-from pipeline.training import set_cpu_threads
-from skerch_ext.solve import orthonormal_basis
+from hessov.config import RunConfig
+from hessov.fileio import atomic_write
+from hessov.merge import merged_round
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger
+from hessov.skerch_ext.solve import orthonormal_basis
+from hessov.sketchspec import SketchSpec
+from hessov.training import set_cpu_threads
 
 
 def basis(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:

@@ -9,27 +9,23 @@ free apart from its log line and summary entry.
 
 from __future__ import annotations
 
-from pipeline import summary
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.hessian import hessian_at_step
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger, log_event
-from skerch_ext.operator import operator_checks
+from hessov import batching, summary
+from hessov.config import RunConfig
+from hessov.errors import ConfigError
+from hessov.hessian import hessian_at_step
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger, log_event
+from hessov.skerch_ext.operator import operator_checks
 
 #: Relative asymmetry above which the operator is reported as not symmetric.
 SYMMETRY_TOLERANCE = {"float32": 1e-3, "float64": 1e-8}
 
 
 def check_operator(run: RunDir, cfg: RunConfig, step: int, split: str) -> dict:
-    """Run the checks; raises :class:`ConfigError` if the operator is unusable."""
-    try:
-        hessian = hessian_at_step(run, cfg, step, split, check_deterministic=True)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"problem: the Hessian of {cfg.problem} at step {step} ({split}) is not "
-            f"deterministic, so it cannot be sketched: {err}"
-        ) from None
+    """Run the checks; raises :class:`ConfigError` if the operator is unusable (not
+    deterministic, with the likely cause; or not finite).
+    """
+    hessian = hessian_at_step(run, cfg, step, split, check_deterministic=True)
     report = operator_checks(
         hessian.matmat,
         hessian.dim,
@@ -39,7 +35,7 @@ def check_operator(run: RunDir, cfg: RunConfig, step: int, split: str) -> dict:
     )
     fields = report.as_dict()
     fields["symmetric"] = report.symmetry_rel_diff <= SYMMETRY_TOLERANCE[cfg.dtype]
-    fields["num_data"] = int(hessian.inputs.shape[0])
+    fields["num_data"] = batching.num_examples(hessian.inputs)
     fields["device"] = str(hessian.device)
     summary.record(run, "check_operator", fields, step, split)
     log_event(run.log, "check-operator", "operator_checks", step=step, split=split, **fields)

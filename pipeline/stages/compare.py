@@ -1,16 +1,16 @@
 """Stage compare: draw and rank every finished spectral-filter replay of a run.
 
 ``hessov compare RUN`` (README.md, "Spectral-filter replays") reads every finished replay
-(:mod:`pipeline.replay_logs`), takes the seeds of one replay together
-(:func:`analysis.replay_findings.seed_groups`), and per snapshot draws the loss curves with
+(:mod:`hessov.replay_logs`), takes the seeds of one replay together
+(:func:`hessov.analysis.replay_findings.seed_groups`), and per snapshot draws the loss curves with
 the baseline's pre-snapshot history, a zoom on the first steps after the switch, and one
-sharpness flow per replay over its seeds (:mod:`analysis.replay_figures`). It writes
-``RUN/replays/report.md`` (:mod:`analysis.replay_report`): medians and min-max over the
+sharpness flow per replay over its seeds (:mod:`hessov.analysis.replay_figures`). It writes
+``RUN/replays/report.md`` (:mod:`hessov.analysis.replay_report`): medians and min-max over the
 seeds, and an order between replays only where every seed agrees, because at the edge of
 stability (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the
 Edge of Stability") a single trajectory follows the last bits of the floating-point
 arithmetic. The numbers go to the ``replay_compare`` summary
-(:func:`analysis.replay_findings.snapshot_findings`).
+(:func:`hessov.analysis.replay_findings.snapshot_findings`).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from analysis import replay_figures, replay_findings, replay_report
-from analysis.replay_figures import ReplayCurves
-from pipeline import summary
-from pipeline.config import saved_run_config
-from pipeline.errors import MissingInputError
-from pipeline.replay_logs import baseline_history, load_replay_curves
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger
+from hessov import summary
+from hessov.analysis import replay_figures, replay_findings, replay_report
+from hessov.analysis.replay_figures import ReplayCurves
+from hessov.config import saved_run_config
+from hessov.errors import MissingInputError
+from hessov.replay_logs import baseline_history, load_replay_curves
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger
 
 
 def compare(run: RunDir, zoom: int = 0) -> Path:

@@ -4,7 +4,7 @@ For D up to about 10,000 the whole Hessian fits in memory: ``H @ I`` a block of 
 a time gives the dense matrix (in float64), ``eigh`` its exact eigenpairs, sorted by
 ``|lambda|``. Next to it the sketched result at the run's settings: the solve stage's
 eigenpairs when they exist, otherwise the in-core sketch with the layout's settings and
-seeds (the same math, :func:`skerch_ext.incore.sketched_eigh`). Reported, as in the paper's
+seeds (the same math, :func:`hessov.skerch_ext.incore.sketched_eigh`). Reported, as in the paper's
 script 12a but comparing against the top-|lambda| eigenvectors and sign-invariantly (the
 paper compared with eigh's ascending order, so every residual it logged was about
 sqrt(2)): relative errors of the top eigenvalues, eigenvector residuals
@@ -20,16 +20,16 @@ import h5py
 import numpy as np
 import torch
 
-from analysis.subspaces import sign_invariant_residuals
-from pipeline import summary
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.hessian import hessian_at_step
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger, log_event
-from pipeline.sketchspec import SketchSpec
-from skerch_ext.incore import sketched_eigh
-from skerch_ext.operator import dense_matrix
+from hessov import summary
+from hessov.analysis.subspaces import sign_invariant_residuals
+from hessov.config import RunConfig
+from hessov.errors import ConfigError
+from hessov.hessian import hessian_at_step
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger, log_event
+from hessov.skerch_ext.incore import sketched_eigh
+from hessov.skerch_ext.operator import dense_matrix
+from hessov.sketchspec import SketchSpec
 
 #: Largest D the exhaustive check accepts: a dense float64 D x D Hessian and its
 #: eigenvectors take 16 D^2 bytes (1.6 GB at 10,000).

@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import time
 
-from pipeline import summary
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.paramstore import ColumnStore
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger, log_event
-from pipeline.sketchspec import (
+from hessov import summary
+from hessov.config import RunConfig
+from hessov.errors import ConfigError
+from hessov.paramstore import ColumnStore
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger, log_event
+from hessov.skerch_ext.storage import check_part_count
+from hessov.sketchspec import (
     SketchSpec,
     check_same_layout,
     load_spec,
     resolve_spec,
     save_spec,
 )
-from skerch_ext.storage import check_part_count
 
 
 def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:

@@ -31,14 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError, MissingInputError
-from pipeline.hessian import hessian_at_step
-from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
-from pipeline.sketchspec import SketchSpec
-from skerch_ext.measure import measure_block, synchronized
-from skerch_ext.storage import MeasurementStore, SketchLayout
+from hessov.config import RunConfig
+from hessov.errors import ConfigError, MissingInputError
+from hessov.hessian import hessian_at_step
+from hessov.rundir import RunDir
+from hessov.runlog import EventLog, get_logger
+from hessov.skerch_ext.measure import measure_block, synchronized
+from hessov.skerch_ext.storage import MeasurementStore, SketchLayout
+from hessov.sketchspec import SketchSpec
 
 
 def blocks_in_range(layout: SketchLayout, indices: range) -> list[int]:

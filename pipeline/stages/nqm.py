@@ -5,7 +5,7 @@ an EMA of the iterates) and every batch size, the fewest steps to a target expec
 the best learning rate (and momentum) from log-spaced grids; the same for each
 preconditioner power in ``p_values``; optimal piecewise-constant schedules at a few batch
 sizes; and each algorithm's critical batch size. Everything comes from the closed-form
-dynamics of ``analysis.nqm`` (no simulation), so the answers are exact up to the grids.
+dynamics of ``hessov.analysis.nqm`` (no simulation), so the answers are exact up to the grids.
 
 Why: this reproduces the batch-size claims of G. Zhang et al., "Which Algorithmic Choices
 Matter at Which Batch Sizes? Insights From a Noisy Quadratic Model" (NeurIPS 2019): perfect
@@ -15,7 +15,7 @@ momentum and preconditioning raise.
 Outputs in ``out_dir``: ``nqm.json`` (the object ``run_nqm`` returns: one key per algorithm,
 then per batch size ``{"steps", "lr"[, "momentum"]}`` with ``steps`` null when unreachable,
 plus ``critical_batch_size``, ``preconditioner_powers``, ``schedules`` and ``settings``),
-``critical_batch_size.md`` and the PNG figures of ``analysis.nqm_figures``.
+``critical_batch_size.md`` and the PNG figures of ``hessov.analysis.nqm_figures``.
 
 The critical batch size is the smallest swept ``B`` at which doubling the batch reduces the
 fewest steps by less than ``critical_speedup`` (default 1.5): ``steps(B) / steps(2B) < 1.5``.
@@ -31,8 +31,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from analysis import nqm_figures
-from analysis.nqm import (
+from hessov.analysis import nqm_figures
+from hessov.analysis.nqm import (
     Optimizer,
     Optimum,
     SearchGrid,
@@ -41,10 +41,10 @@ from analysis.nqm import (
     nqm_curvatures,
     sweep_batch_sizes,
 )
-from pipeline.config import COMMAND_LINE, CONFIG_DIR, require
-from pipeline.errors import ConfigError
-from pipeline.fileio import atomic_write_json, config_errors, merge_config
-from pipeline.runlog import get_logger
+from hessov.config import COMMAND_LINE, CONFIG_DIR, require
+from hessov.errors import ConfigError
+from hessov.fileio import atomic_write_json, config_errors, merge_config
+from hessov.runlog import get_logger
 
 # Name -> (preconditioned, momentum). Sweeps run in this order so that SGD's optimum seeds
 # momentum's search (b = 0 is on its grid), and preconditioned SGD's seeds its momentum twin.
@@ -387,7 +387,7 @@ def _write_critical_tables(study: _Study, out_dir: Path) -> None:
 
 
 def _draw_figures(study: _Study, out_dir: Path) -> list[Path]:
-    """The figures of :mod:`analysis.nqm_figures`, in ``out_dir``."""
+    """The figures of :mod:`hessov.analysis.nqm_figures`, in ``out_dir``."""
     cfg, batch_sizes, sweeps, by_power = study.cfg, study.batch_sizes, study.sweeps, study.by_power
     label, power_label = study.label, study.power_label
     return [

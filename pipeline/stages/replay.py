@@ -4,14 +4,14 @@ README.md, "Spectral-filter replays": the baseline run saved its full training s
 step ``T`` (before that step's update); each replay loads it and trains on with its own
 step counter ``s = 0, 1, ...`` (global step ``T + s``, with the batches the baseline would
 have seen), the gradient filtered in the Hessian's top eigenbasis by
-:class:`~pipeline.optim.spectral_filter.FilteredOptimizer` before the run's optimizer
+:class:`~hessov.optim.spectral_filter.FilteredOptimizer` before the run's optimizer
 steps. Replays of one snapshot differ only in the filter, so their curves compare
 directly; ``mode=none`` is the baseline continued unchanged.
 
 Every ``eig_freq`` steps the top ``max(neigs, nfilter + 1)`` eigenpairs of the Hessian of
 the run's train Hessian subset (the class-balanced ``NUM_HESSIAN_DATAPOINTS`` examples the
 sketch stages use; set it to the train size for the full-batch Hessian) are recomputed on
-the live model (:mod:`pipeline.replay_eigen`). Only the current eigenvectors are kept.
+the live model (:mod:`hessov.replay_eigen`). Only the current eigenvectors are kept.
 ``nfilter + 1`` makes ``lambda_{N+1}`` visible: under flat_scaling_v1 the frozen top-N
 eigenvalues may keep rising (progressive sharpening, Cohen et al. 2021, "Gradient Descent
 on Neural Networks Typically Occurs at the Edge of Stability") until ``lambda_{N+1}``
@@ -26,11 +26,11 @@ eigenvalues, largest magnitude first (the sharpness flow). The replay stops at i
 ``MAX_STEPS``, at ``TARGET_TRAIN_ACCURACY``, at ``TARGET_TRAIN_LOSS`` with
 ``STOP_AT_TARGET``, or when the loss is no longer finite, and records the ``replay`` summary.
 
-A replay with ``seeds`` is one job per seed (:func:`~pipeline.config.replay_jobs`), each
+A replay with ``seeds`` is one job per seed (:func:`~hessov.config.replay_jobs`), each
 with its own ``RUN/replays/NAME.seedS/`` and summary: seed 0 continues the snapshot itself,
 seed ``S > 0`` a copy perturbed by :func:`perturb_parameters`, because at the edge of
 stability a single trajectory follows the last bits of the floating-point arithmetic.
-``hessov compare`` (:mod:`pipeline.stages.compare`) draws and ranks the finished replays.
+``hessov compare`` (:mod:`hessov.stages.compare`) draws and ranks the finished replays.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from pipeline import summary
-from pipeline.config import (
+from hessov import batching, summary
+from hessov.config import (
     OptimizerConfig,
     ReplayConfig,
     RunConfig,
@@ -56,20 +56,21 @@ from pipeline.config import (
     save_config,
     validate_replay,
 )
-from pipeline.errors import ConfigError, MissingInputError, RunExistsError
-from pipeline.hessian import recorded_subsets
-from pipeline.optim import build_optimizer, build_schedule
-from pipeline.optim.spectral_filter import (
+from hessov.errors import ConfigError, MissingInputError, RunExistsError
+from hessov.hessian import recorded_subsets
+from hessov.optim import build_optimizer, build_schedule
+from hessov.optim.spectral_filter import (
     FilteredOptimizer,
     SpectralFilter,
     max_stable_sharpness,
 )
-from pipeline.problems import Problem, build_problem
-from pipeline.replay_eigen import Eigenpairs, hessian_eigenpairs, num_eigenpairs
-from pipeline.replay_logs import saved_replay_settings
-from pipeline.rundir import RunDir
-from pipeline.runlog import EventLog, get_logger
-from pipeline.training import (
+from hessov.paramstore import trainable_parameters
+from hessov.problems import Problem, build_problem
+from hessov.replay_eigen import Eigenpairs, hessian_eigenpairs, num_eigenpairs
+from hessov.replay_logs import saved_replay_settings
+from hessov.rundir import RunDir
+from hessov.runlog import EventLog, get_logger
+from hessov.training import (
     BatchSchedule,
     evaluate,
     load_snapshot,
@@ -179,8 +180,9 @@ def _create_directory(run: RunDir, replay: ReplayConfig) -> None:
 
 def _loss_accuracy_and_gradient(model, loss_fn, inputs, targets, chunk, num_classes):
     """Mean loss (gradients accumulated into ``.grad``) and accuracy (None if unlabelled)
-    of one batch ``inputs`` ``(B, ...)``, ``targets`` ``(B,)``, in chunks of ``chunk``, from
-    the same forward passes (a hook collects the predictions).
+    of one batch of ``B`` examples, ``inputs`` (:mod:`hessov.batching`) and ``targets``
+    ``(B,)``, in chunks of ``chunk``, from the same forward passes (a hook collects the
+    predictions).
     """
     if not num_classes:  # a regression output has no classes to take the argmax over
         return loss_and_gradient(model, loss_fn, inputs, targets, chunk), None
@@ -196,10 +198,10 @@ def _loss_accuracy_and_gradient(model, loss_fn, inputs, targets, chunk, num_clas
 
 
 def perturb_parameters(model: torch.nn.Module, seed: int, perturbation: float) -> float:
-    """Move the model to seed ``seed``'s starting point: every parameter
+    """Move the model to seed ``seed``'s starting point: every trainable parameter
     ``p <- p (1 + perturbation z)``, ``z ~ N(0, 1)`` drawn on the CPU by a generator seeded
     with ``seed``, parameter after parameter (the same point on every device). Seed 0 leaves
-    the parameters untouched. Why and how large: :class:`~pipeline.config.ReplayConfig`.
+    the parameters untouched. Why and how large: :class:`~hessov.config.ReplayConfig`.
 
     Args:
         model: its parameters are moved in place.
@@ -207,14 +209,14 @@ def perturb_parameters(model: torch.nn.Module, seed: int, perturbation: float) -
         perturbation: the relative size of the noise.
 
     Returns:
-        The relative change ``||delta|| / ||p||`` over all parameters.
+        The relative change ``||delta|| / ||p||`` over the trainable parameters.
     """
     if seed == 0:
         return 0.0
     generator = torch.Generator().manual_seed(seed)
     moved = size = 0.0
     with torch.no_grad():
-        for param in model.parameters():
+        for param in trainable_parameters(model):
             noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
             delta = param * noise.to(param.device) * perturbation
             size += float(param.double().pow(2).sum())
@@ -225,7 +227,7 @@ def perturb_parameters(model: torch.nn.Module, seed: int, perturbation: float) -
 
 def run_replay(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> dict:
     """Run one replay job of ``run`` (see the module docstring). A replay with ``seeds`` is
-    several jobs: run each of :func:`~pipeline.config.replay_jobs`.
+    several jobs: run each of :func:`~hessov.config.replay_jobs`.
 
     A replay that already finished with the same settings is not run again: its recorded
     summary is returned.
@@ -254,9 +256,12 @@ def run_replay(run: RunDir, cfg: RunConfig, replay: ReplayConfig) -> dict:
     )
     _create_directory(run, replay)
     subset = recorded_subsets(run)["train"].to(cfg.device)
-    hessian_data = (problem.train.images[subset], problem.train.labels[subset])
+    hessian_data = (
+        batching.take(problem.train.inputs, subset),
+        batching.take(problem.train.targets, subset),
+    )
     spectral_filter = SpectralFilter(replay.mode, replay.scaling, replay.warmup)
-    stepper = FilteredOptimizer(optimizer, list(problem.model.parameters()), spectral_filter)
+    stepper = FilteredOptimizer(optimizer, trainable_parameters(problem.model), spectral_filter)
     lr = optimizer.param_groups[0]["lr"]
     start_fields = dict(
         name=replay.name,
@@ -349,7 +354,7 @@ def _restore_training(
         The optimizer, the batch schedule, the learning-rate schedule, and whether the
         optimizer's state was continued.
     """
-    optimizer = build_optimizer(problem.model.parameters(), optimizer_cfg)
+    optimizer = build_optimizer(trainable_parameters(problem.model), optimizer_cfg)
     batches = BatchSchedule(len(problem.train), cfg.BATCH_SIZE, cfg.RANDOM_SEED)
     schedule = build_schedule(
         optimizer, cfg.schedule, max_steps=cfg.MAX_STEPS, steps_per_epoch=batches.steps_per_epoch
@@ -414,8 +419,8 @@ class _ReplayJob:
         schedule: the learning-rate schedule, at the snapshot's clock.
         eigenpairs: eigenpairs per recomputation ``k`` (0: never recomputed).
         events: the job's ``log.jsonl``.
-        hessian_data: inputs ``(n, ...)`` and targets ``(n, ...)`` of the train Hessian
-            subset.
+        hessian_data: inputs (``n`` examples, :mod:`hessov.batching`) and targets
+            ``(n, ...)`` of the train Hessian subset.
     """
 
     cfg: RunConfig
@@ -426,7 +431,7 @@ class _ReplayJob:
     schedule: object
     eigenpairs: int
     events: EventLog
-    hessian_data: tuple[torch.Tensor, torch.Tensor]
+    hessian_data: tuple[batching.Inputs, torch.Tensor]
 
 
 @dataclass
@@ -528,7 +533,7 @@ def _evaluate_test(job: _ReplayJob, state: _LoopState, step: int) -> None:
     """The loss and accuracy on the test split, logged."""
     problem = job.problem
     state.test_loss, state.test_acc = evaluate(
-        problem.model, problem.loss, problem.test.images, problem.test.labels, problem.num_classes
+        problem.model, problem.loss, problem.test.inputs, problem.test.targets, problem.num_classes
     )
     job.events.write("eval", step=step, test_loss=state.test_loss, test_accuracy=state.test_acc)
 
@@ -537,7 +542,11 @@ def _evaluate_train(job: _ReplayJob, state: _LoopState, step: int) -> None:
     """The loss and accuracy on the whole train split after the last step, logged."""
     problem = job.problem
     state.train_loss, state.train_acc = evaluate(
-        problem.model, problem.loss, problem.train.images, problem.train.labels, problem.num_classes
+        problem.model,
+        problem.loss,
+        problem.train.inputs,
+        problem.train.targets,
+        problem.num_classes,
     )
     _write_step(job, state, step)
 
@@ -553,14 +562,14 @@ def _train_step(job: _ReplayJob, state: _LoopState, step: int) -> bool:
     filtered optimizer step; returns whether it stopped (``state.stopped_by`` says why).
     """
     problem, replay = job.problem, job.replay
-    train_x, train_y = problem.train.images, problem.train.labels
-    idx = job.batches.indices(replay.snapshot + step).to(train_x.device)
+    train_x, train_y = problem.train.inputs, problem.train.targets
+    idx = job.batches.indices(replay.snapshot + step).to(train_y.device)
     job.stepper.zero_grad(set_to_none=True)
     loss, state.train_acc = _loss_accuracy_and_gradient(
         problem.model,
         problem.loss,
-        train_x[idx],
-        train_y[idx],
+        batching.take(train_x, idx),
+        batching.take(train_y, idx),
         job.cfg.PHYSICAL_BATCH_SIZE,
         problem.num_classes,
     )

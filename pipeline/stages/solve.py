@@ -24,28 +24,28 @@ import h5py
 import numpy as np
 import torch
 
-from pipeline import summary
-from pipeline.config import RunConfig
-from pipeline.errors import MissingInputError
-from pipeline.fileio import atomic_write
-from pipeline.hessian import hessian_at_step
-from pipeline.merge import merged_round
-from pipeline.rundir import RunDir
-from pipeline.runlog import get_logger, log_event
-from pipeline.sketchspec import SketchSpec
-from pipeline.training import set_cpu_threads
-from skerch_ext.aposteriori import (
+from hessov import summary
+from hessov.config import RunConfig
+from hessov.errors import MissingInputError
+from hessov.fileio import atomic_write
+from hessov.hessian import hessian_at_step
+from hessov.merge import merged_round
+from hessov.rundir import RunDir
+from hessov.runlog import get_logger, log_event
+from hessov.skerch_ext.aposteriori import (
     apost_error,
     apost_failure_probabilities,
     gaussian_probes,
     scree_bounds,
 )
-from skerch_ext.solve import (
+from hessov.skerch_ext.solve import (
     eigenpairs_from_core,
     orthonormal_basis,
     seigh_two_pass,
     single_pass_core,
 )
+from hessov.sketchspec import SketchSpec
+from hessov.training import set_cpu_threads
 
 
 def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dict) -> None:

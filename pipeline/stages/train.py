@@ -3,8 +3,9 @@
 Trains ``cfg.problem`` with ``cfg.optimizer`` and ``cfg.schedule`` to ``MAX_STEPS`` or a
 goal (``TARGET_TEST_ACCURACY`` at an evaluation, ``TARGET_TRAIN_LOSS`` on the evaluated
 train loss). Step ``t`` means the parameters after ``t`` updates: at every step in
-``RECORD_STEPS`` the flattened float32 parameter vector is appended to ``params.h5``
-(and, with ``RECORD_GRADIENTS``, the full gradient on each Hessian subset to
+``RECORD_STEPS`` the flattened float32 vector of the trainable parameters and the model's
+buffers (BatchNorm statistics, registered buffers) are appended to ``params.h5`` (and,
+with ``RECORD_GRADIENTS``, the full gradient on each Hessian subset to
 ``grads_{split}.h5``); at every step in ``SNAPSHOT_STEPS`` the full training state is
 saved before that step's update, for the replay stage. A rolling ``latest`` snapshot at
 every evaluation lets a killed run resume (``resume=true``) and reproduce the
@@ -13,6 +14,7 @@ uninterrupted run exactly on CPU.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,16 +24,22 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from pipeline import summary
-from pipeline.config import RunConfig, save_config
-from pipeline.errors import ConfigError, RunExistsError
-from pipeline.optim import build_optimizer, build_schedule
-from pipeline.paramstore import ColumnStore, flatten_parameters, parameter_layout
-from pipeline.problems import Problem, build_problem
-from pipeline.problems.data import class_balanced_subset
-from pipeline.rundir import SPLITS, RunDir
-from pipeline.runlog import EventLog, get_logger
-from pipeline.training import (
+from hessov import batching, summary
+from hessov.config import RunConfig, problem_label
+from hessov.errors import RunExistsError
+from hessov.fileio import atomic_write_json
+from hessov.optim import build_optimizer, build_schedule
+from hessov.paramstore import (
+    ColumnStore,
+    parameter_layout,
+    trainable_parameters,
+)
+from hessov.problems import Problem, build_problem
+from hessov.problems.checks import check_eval_deterministic
+from hessov.recording import begin_record, hessian_subsets, record_state
+from hessov.rundir import SPLITS, RunDir
+from hessov.runlog import EventLog, get_logger
+from hessov.training import (
     BatchSchedule,
     evaluate,
     flat_gradient,
@@ -42,13 +50,11 @@ from pipeline.training import (
     to_device,
 )
 
-LATEST_SNAPSHOT = "latest"
-
 
 def new_run_dir(cfg: RunConfig) -> RunDir:
     """A fresh directory ``OUTPUT_DIR/<time>__<problem>__<seed>`` (never an existing one)."""
     stamp = datetime.now().strftime("%Y_%m_%d_%H_%M_%S.%f")[:-3]
-    base = Path(cfg.OUTPUT_DIR) / f"{stamp}__{cfg.problem}__{cfg.RANDOM_SEED}"
+    base = Path(cfg.OUTPUT_DIR) / f"{stamp}__{problem_label(cfg.problem)}__{cfg.RANDOM_SEED}"
     path, suffix = base, 1
     while path.exists():
         path, suffix = base.with_name(f"{base.name}_{suffix}"), suffix + 1
@@ -80,28 +86,14 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunDir, Path | None]:
             f"{run.root} holds an unfinished training run. Pass resume=true to continue it "
             "from its last snapshot, or choose another RUN_DIR."
         )
-    candidates = [run.snapshot(s) for s in run.snapshot_steps()]
-    latest = run.snapshots / f"{LATEST_SNAPSHOT}.pt"
-    if latest.is_file():
-        candidates.append(latest)
+    # The steps come from the names and the latest snapshot's index, never from unpickling
+    # every snapshot; the resumed step is the one the chosen file holds.
+    candidates = {run.snapshot(step): step for step in run.snapshot_steps()}
+    if run.latest_snapshot.is_file() and run.latest_snapshot_step.is_file():
+        candidates[run.latest_snapshot] = json.loads(run.latest_snapshot_step.read_text())["step"]
     if not candidates:
         return run, None
-    best = max(candidates, key=lambda p: torch.load(p, weights_only=False)["step"])
-    return run, best
-
-
-def hessian_subsets(problem: Problem, size: int) -> dict[str, torch.Tensor]:
-    """The deterministic class-balanced Hessian subsets of both splits."""
-    subsets = {}
-    for split in SPLITS:
-        labels = getattr(problem, split).labels.cpu()
-        if size > labels.shape[0]:
-            raise ConfigError(
-                f"NUM_HESSIAN_DATAPOINTS={size} is larger than the {split} split "
-                f"({labels.shape[0]} examples)"
-            )
-        subsets[split] = class_balanced_subset(labels, size, problem.num_classes)
-    return subsets
+    return run, max(candidates, key=candidates.get)
 
 
 @dataclass
@@ -139,9 +131,10 @@ def train(cfg: RunConfig) -> RunDir:
     set_cpu_threads(cfg.threads)
     problem = build_problem(cfg)
     to_device(problem, cfg.device, cfg.dtype)
+    check_eval_deterministic(problem.model, problem.train.inputs)
     subsets = hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
     batches = BatchSchedule(len(problem.train), cfg.BATCH_SIZE, cfg.RANDOM_SEED)
-    optimizer = build_optimizer(problem.model.parameters(), cfg.optimizer)
+    optimizer = build_optimizer(trainable_parameters(problem.model), cfg.optimizer)
     schedule = build_schedule(
         optimizer, cfg.schedule, max_steps=cfg.MAX_STEPS, steps_per_epoch=batches.steps_per_epoch
     )
@@ -184,31 +177,13 @@ def train(cfg: RunConfig) -> RunDir:
 
 
 def _start_new_run(t: _Training) -> int:
-    """Save the config, log the run's globals and create the parameter (and gradient)
-    stores of a new run; returns the first step, 0.
+    """Begin the record of a new run (:func:`hessov.recording.begin_record`) and create the
+    gradient stores; returns the first step, 0.
     """
     cfg, run, problem = t.cfg, t.run, t.problem
-    run.root.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run.config)
-    layout = parameter_layout(problem.model)
-    t.events.write("config", config=_config_dict(cfg))
-    t.events.write(
-        "globals",
-        problem=cfg.problem,
-        num_params=problem.num_params,
-        data=problem.data_note,
-        train_size=len(problem.train),
-        test_size=len(problem.test),
-        parameters=layout,
-        record_steps=cfg.RECORD_STEPS,
-        snapshot_steps=cfg.SNAPSHOT_STEPS,
-    )
-    t.events.write("hessian_subsets", **{s: idx for s, idx in t.subsets.items()})
-    description = f"{cfg.problem} parameters, one float32 column per recorded step"
-    if run.params.exists():
-        run.params.unlink()  # a run without config holds no finished result
-    t.params_store.create(problem.num_params, layout, description)
+    t.params_store = begin_record(run, cfg, problem, t.subsets, t.events)
     if cfg.RECORD_GRADIENTS:
+        layout = parameter_layout(problem.model)
         for split, store in t.grad_stores.items():
             if store.path.exists():
                 store.path.unlink()
@@ -229,12 +204,6 @@ def _resume(t: _Training, snapshot: Path) -> int:
     return start_step
 
 
-def _config_dict(cfg: RunConfig) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(OmegaConf.structured(cfg))
-
-
 def _training_loop(t: _Training, start_step: int) -> dict:
     """Train from ``start_step`` to ``MAX_STEPS`` or a goal, recording, snapshotting and
     evaluating on the way; returns the train summary.
@@ -244,7 +213,7 @@ def _training_loop(t: _Training, start_step: int) -> dict:
     nan = float("nan")
     metrics = {"train_loss": nan, "train_accuracy": None, "test_loss": nan, "test_accuracy": None}
     stopped_by, step = "MAX_STEPS", start_step
-    latest = t.run.snapshots / f"{LATEST_SNAPSHOT}.pt"
+    latest = t.run.latest_snapshot
     problem.model.train()
     progress = tqdm(
         range(start_step, cfg.MAX_STEPS + 1),
@@ -262,6 +231,7 @@ def _training_loop(t: _Training, start_step: int) -> dict:
                 train_loss=f"{metrics['train_loss']:.4f}", test_acc=metrics["test_accuracy"]
             )
             save_snapshot(latest, step, problem.model, t.optimizer, t.schedule)
+            atomic_write_json(t.run.latest_snapshot_step, {"step": step})
             goal = _goal_reached(cfg, metrics)
             if goal is not None:
                 stopped_by = goal
@@ -294,16 +264,16 @@ def _record(t: _Training, step: int) -> None:
     """
     cfg, problem, model = t.cfg, t.problem, t.problem.model
     if step in cfg.RECORD_STEPS:
-        t.params_store.append(step, flatten_parameters(model))
+        record_state(t.params_store, step, model)
         if cfg.RECORD_GRADIENTS:
             for split, store in t.grad_stores.items():
-                idx = t.subsets[split].to(problem.train.images.device)
                 data = getattr(problem, split)
+                idx = t.subsets[split].to(data.targets.device)
                 grad = flat_gradient(
                     model,
                     problem.loss,
-                    data.images[idx],
-                    data.labels[idx],
+                    batching.take(data.inputs, idx),
+                    batching.take(data.targets, idx),
                     cfg.PHYSICAL_BATCH_SIZE,
                 )
                 store.append(step, grad)
@@ -317,10 +287,14 @@ def _evaluate(t: _Training, step: int) -> dict:
     """Loss and accuracy on both splits, logged as an ``eval`` event."""
     problem = t.problem
     train_loss, train_acc = evaluate(
-        problem.model, problem.loss, problem.train.images, problem.train.labels, problem.num_classes
+        problem.model,
+        problem.loss,
+        problem.train.inputs,
+        problem.train.targets,
+        problem.num_classes,
     )
     test_loss, test_acc = evaluate(
-        problem.model, problem.loss, problem.test.images, problem.test.labels, problem.num_classes
+        problem.model, problem.loss, problem.test.inputs, problem.test.targets, problem.num_classes
     )
     metrics = {
         "train_loss": train_loss,
@@ -346,13 +320,13 @@ def _goal_reached(cfg: RunConfig, metrics: dict) -> str | None:
 def _train_step(t: _Training, step: int) -> torch.Tensor:
     """One update on step ``step``'s batch; returns the batch loss (logged as ``batch``)."""
     train = t.problem.train
-    idx = t.batches.indices(step).to(train.images.device)
+    idx = t.batches.indices(step).to(train.targets.device)
     t.optimizer.zero_grad(set_to_none=True)
     batch_loss = loss_and_gradient(
         t.problem.model,
         t.problem.loss,
-        train.images[idx],
-        train.labels[idx],
+        batching.take(train.inputs, idx),
+        batching.take(train.targets, idx),
         t.cfg.PHYSICAL_BATCH_SIZE,
     )
     t.optimizer.step()

@@ -1,0 +1,95 @@
+"""Model inputs of any structure: a tensor, a tuple of tensors or a dict of tensors.
+
+A problem's inputs are what its model is called with: ``model(inputs)`` for a tensor,
+``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict. Every tensor in them holds
+one row per example (the example dimension first), so taking examples, slicing a chunk and
+moving to a device act on every tensor alike. Only floating tensors take the run's dtype:
+integer tensors (token ids, masks, labels) keep theirs. Targets go through the same
+functions (they are usually one tensor). Every stage that touches data goes through this
+module: the training loop, the chunked gradient, evaluation, the Hessian operator, the
+Hessian subsets and the replays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+#: A model's inputs: one tensor, a tuple of tensors or a dict of tensors, examples first.
+Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
+
+def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:
+    """``inputs`` with ``fn`` applied to every tensor, keeping the structure (a list becomes a
+    tuple).
+    """
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {key: fn(value) for key, value in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return tuple(fn(value) for value in inputs)
+    raise TypeError(
+        f"inputs must be a tensor, a tuple or a dict of tensors, got {type(inputs).__name__}"
+    )
+
+
+def tensors(inputs: Inputs) -> list[torch.Tensor]:
+    """The tensors of ``inputs``, in order (a dict's in its key order)."""
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, Mapping) else inputs
+    return list(values)
+
+
+def num_examples(inputs: Inputs) -> int:
+    """``N``, the length of the first tensor's first dimension."""
+    return tensors(inputs)[0].shape[0]
+
+
+def take(inputs: Inputs, index: torch.Tensor) -> Inputs:
+    """The examples ``index`` ``(n,)`` (int64, on the tensors' device), in that order."""
+    return map_tensors(lambda tensor: tensor[index], inputs)
+
+
+def chunk(inputs: Inputs, start: int, stop: int) -> Inputs:
+    """The examples ``start:stop``, as views."""
+    return map_tensors(lambda tensor: tensor[start:stop], inputs)
+
+
+def chunks(inputs: Inputs, size: int) -> list[Inputs]:
+    """Consecutive chunks of at most ``size`` examples (the last may be shorter), as views."""
+    total = num_examples(inputs)
+    return [chunk(inputs, start, start + size) for start in range(0, total, size)]
+
+
+def to_device(inputs: Inputs, device: str | torch.device, dtype: torch.dtype) -> Inputs:
+    """``inputs`` on ``device``, floating tensors cast to ``dtype``, the others unchanged."""
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_floating_point():
+            return tensor.to(device=device, dtype=dtype)
+        return tensor.to(device=device)
+
+    return map_tensors(move, inputs)
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """``model(inputs)``, ``model(*inputs)`` for a tuple, ``model(**inputs)`` for a dict."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def non_finite_count(inputs: Inputs) -> int:
+    """How many values of the floating tensors of ``inputs`` are NaN or infinite."""
+    return sum(
+        int((~torch.isfinite(tensor)).sum())
+        for tensor in tensors(inputs)
+        if tensor.is_floating_point() or tensor.is_complex()
+    )
