@@ -460,7 +460,9 @@ def test_a_loss_without_mean_reduction_is_refused():
 
 def test_a_model_random_in_eval_mode_is_refused_naming_the_cause(tmp_path, monkeypatch):
     monkeypatch.setattr(RandomInEval, "random", True)
-    with pytest.raises(ConfigError, match=r"^problem: .*random in eval mode.*functional\.dropout"):
+    # The check names where the two calls part: in the model's forward, before fc2.
+    where = r"the model \(RandomInEval\), before it calls 'fc2' \(Linear\)"
+    with pytest.raises(ConfigError, match=rf"^problem: .*{where}.*functional\.dropout"):
         trained(tmp_path / "refused", monkeypatch, RandomInEval)
     problem = factory(RandomInEval)(RunConfig(problem="random"))
     train = problem.train
