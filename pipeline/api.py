@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 
 from hessov import summary
-from hessov.errors import MissingInputError
+from hessov.errors import ConfigError, MissingInputError
 from hessov.paramstore import ColumnStore
 from hessov.problems.data import as_split
 from hessov.rundir import RunDir
@@ -85,30 +85,30 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
     """Top-``k`` eigenpairs of the Hessian of the mean ``loss`` over ``data``.
 
     The Hessian is taken w.r.t. the model's trainable parameters in eval mode (the model is
-    put back in its mode afterwards), in the parameters' dtype and on their device.
+    put back in its mode afterwards), in the parameters' dtype and on their device, where the
+    data's floating tensors are moved too. The loss must use mean reduction and the data be
+    finite, as for a :class:`hessov.Problem`.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` with trainable parameters.
         loss: a loss with mean reduction, ``loss(model(inputs), targets)``.
-        data: ``(inputs, targets)`` tensors ``(N, ...)``, ``(N, ...)`` (or a
-            :class:`~hessov.problems.data.Split`).
-        k: eigenpairs wanted, at most D; two-pass spends ``2k`` HVPs, single pass ``4k``.
-        recovery: ``"two_pass"`` (the pipeline's default, most accurate per HVP) or
-            ``"single_pass"`` (one round of ``s = 2k`` measurements).
+        data: ``(inputs, targets)``: ``inputs`` a tensor, tuple or dict of tensors ``(N, ...)``
+            (README, "Your own model"), ``targets`` ``(N, ...)``; or a
+            :class:`~hessov.problems.data.Split` or a ``Dataset``.
+        k: eigenpairs wanted, at most D; both recoveries spend ``2k`` HVPs.
+        recovery: ``"two_pass"`` (the pipeline's default, most accurate per HVP: ``k`` HVPs,
+            then ``k`` on the basis) or ``"single_pass"`` (one round of ``s = 2k``).
         seed: the seed of the random test matrices and probes.
         batch_size: examples per forward pass (0: all at once).
         block_size: columns per batched HVP (default: the pipeline's automatic choice).
         num_apost: Gaussian probes of the a-posteriori check.
     """
     from hessov.skerch_ext.incore import sketched_eigh
-    from hessov.skerch_ext.operator import AutogradHessian
     from hessov.sketchspec import automatic_block_size
 
-    split = as_split(data)
-    parameter = next(p for p in model.parameters() if p.requires_grad)
     was_training = model.training
     try:
-        operator = AutogradHessian(model, loss, split.inputs, split.targets, batch_size=batch_size)
+        operator = _operator(model, loss, data, batch_size)
         block = block_size or automatic_block_size(operator.dim)
         result = sketched_eigh(
             operator.matmat,
@@ -118,8 +118,8 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
             seed=seed,
             recovery=recovery,
             block_size=min(block, k),
-            dtype=parameter.dtype,
-            device=parameter.device,
+            dtype=operator.dtype,
+            device=operator.device,
             num_apost=num_apost,
         )
     finally:
@@ -135,6 +135,26 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
         recovery,
         result.hvps["sketch"] + result.hvps.get("second_pass", 0),
     )
+
+
+def _operator(model: nn.Module, loss: nn.Module, data, batch_size: int):
+    """The checked Hessian operator of ``model`` on ``data``, the data moved to the trainable
+    parameters' device and floating dtype.
+    """
+    from hessov import batching
+    from hessov.problems.checks import check_finite, check_loss
+    from hessov.skerch_ext.operator import AutogradHessian
+
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise ConfigError("model: it has no trainable parameters (requires_grad): D would be 0")
+    check_loss(loss)
+    split = as_split(data)
+    check_finite("data", split.inputs, split.targets)
+    device, dtype = parameters[0].device, parameters[0].dtype
+    inputs = batching.to_device(split.inputs, device, dtype)
+    targets = batching.to_device(split.targets, device, dtype)
+    return AutogradHessian(model, loss, inputs, targets, batch_size=batch_size)
 
 
 class RunResults:

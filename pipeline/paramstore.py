@@ -7,14 +7,16 @@ paper's ``*_params.h5``: dataset ``data`` of shape ``(D, n)`` with chunks ``(D, 
 compression, and dataset ``steps`` ``(n,)`` with the step of each column (the paper called
 it ``metadata``). Attribute ``parameter_layout`` (JSON) gives the name, shape and offset of
 each trainable parameter in a column, ``frozen_parameters`` the name and shape of each
-frozen one (not in ``D``: they keep the values the problem builds them with).
+frozen one (not in ``D``).
 
-Next to the parameters, ``params.h5`` records the model's buffers (BatchNorm's
-``running_mean``, ``running_var`` and ``num_batches_tracked``, any ``register_buffer``) of
-the same steps: dataset ``buffers`` ``(B, n)`` in float64 (exact for float32, float64 and
-integer buffers), column ``j`` of the same step as ``data``'s, with attribute
-``buffer_layout`` (name, shape, dtype, offset of each buffer). It exists only for a model
-with buffers. :func:`load_recorded_state` loads both into a model. Columns are appended
+Next to the parameters, ``params.h5`` records the state outside ``D`` that the Hessian
+depends on (:func:`fixed_state`): the model's buffers (BatchNorm's ``running_mean``,
+``running_var`` and ``num_batches_tracked``, any ``register_buffer``), then its frozen
+parameters (a pretrained backbone keeps the values it was trained or loaded with), of the
+same steps: dataset ``buffers`` ``(B, n)`` in float64 (exact for float32, float64 and
+integer tensors), column ``j`` of the same step as ``data``'s, with attribute
+``buffer_layout`` (name, shape, dtype, offset of each). It exists only for a model with
+such state. :func:`load_recorded_state` loads both into a model. Columns are appended
 with a resize and flushed, so a killed job leaves every completed column readable.
 """
 
@@ -52,10 +54,20 @@ def frozen_layout(model: torch.nn.Module) -> list[dict]:
     ]
 
 
+def fixed_state(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The state outside ``D`` that the Hessian depends on: every buffer (``named_buffers()``
+    order), then every frozen parameter; recorded with the parameters at each step.
+    """
+    frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+    return [*model.named_buffers(), *frozen]
+
+
 def buffer_layout(model: torch.nn.Module) -> list[dict]:
-    """Name, shape, dtype and offset of every buffer in the flattened buffer vector."""
+    """Name, shape, dtype and offset of every tensor of :func:`fixed_state` in the flattened
+    buffer vector.
+    """
     layout, offset = [], 0
-    for name, buffer in model.named_buffers():
+    for name, buffer in fixed_state(model):
         dtype = str(buffer.dtype).removeprefix("torch.")
         layout.append({"name": name, "shape": list(buffer.shape), "dtype": dtype, "offset": offset})
         offset += buffer.numel()
@@ -74,18 +86,20 @@ def load_flat_parameters(model: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def flatten_buffers(model: torch.nn.Module) -> torch.Tensor:
-    """Every buffer as one float64 vector ``(B,)`` on the CPU, in ``named_buffers()`` order."""
-    buffers = [b.detach().reshape(-1).to("cpu", torch.float64) for b in model.buffers()]
+    """Every tensor of :func:`fixed_state` (buffers, then frozen parameters) as one float64
+    vector ``(B,)`` on the CPU.
+    """
+    buffers = [b.detach().reshape(-1).to("cpu", torch.float64) for _, b in fixed_state(model)]
     return torch.cat(buffers) if buffers else torch.zeros(0, dtype=torch.float64)
 
 
 @torch.no_grad()
 def load_flat_buffers(model: torch.nn.Module, flat: torch.Tensor) -> None:
-    """Copy a vector ``(B,)`` of :func:`flatten_buffers` into the model's buffers, in place,
-    each cast back to its own dtype and device.
+    """Copy a vector ``(B,)`` of :func:`flatten_buffers` into the model's buffers and frozen
+    parameters, in place, each cast back to its own dtype and device.
     """
     offset = 0
-    for buffer in model.buffers():
+    for _, buffer in fixed_state(model):
         count = buffer.numel()
         buffer.copy_(flat[offset : offset + count].view_as(buffer))
         offset += count

@@ -26,7 +26,7 @@ from hessov.paramstore import (
 from hessov.problems import Problem
 from hessov.problems.data import class_balanced_subset
 from hessov.rundir import SPLITS, RunDir
-from hessov.runlog import EventLog
+from hessov.runlog import EventLog, read_events
 
 
 def hessian_subsets(problem: Problem, size: int) -> dict[str, torch.Tensor]:
@@ -87,3 +87,16 @@ def record_state(store: ColumnStore, step: int, model: torch.nn.Module) -> bool:
     when that step is recorded already.
     """
     return store.append(step, flatten_parameters(model), flatten_buffers(model))
+
+
+def refuse_unfinished_record(run: RunDir) -> None:
+    """Refuse to go on with a run a :class:`hessov.Recorder` began and never finished: the
+    train stage would otherwise train the factory's model over the user's record.
+    """
+    if run.summary("train").is_file() or not run.log.is_file():
+        return
+    if any(event["stage"] == "record" for event in read_events(run.log, "globals")):
+        raise ConfigError(
+            f"RUN_DIR: {run.root} holds a record a hessov.Recorder began and never finished "
+            "(its loop failed, or finish() was not called); record again into a new directory"
+        )

@@ -182,8 +182,9 @@ def to_device(problem: Problem, device: str, dtype: str) -> None:
         problem.exact_hessian = problem.exact_hessian.to(dtype=torch.float64)
 
 
-def save_snapshot(path: Path, step: int, model, optimizer, schedule) -> None:
-    """Write model, optimizer, schedule and RNG state at ``step`` (before its update).
+def save_snapshot(path: Path, step: int, model, optimizer, schedule=None) -> None:
+    """Write model, optimizer (and its class name), schedule (``{}`` without one) and RNG
+    state at ``step`` (before its update).
 
     Only tensors and plain values, so that :func:`load_snapshot` reads it with
     ``weights_only=True``.
@@ -192,7 +193,8 @@ def save_snapshot(path: Path, step: int, model, optimizer, schedule) -> None:
         "step": step,
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "schedule": schedule.state_dict(),
+        "optimizer_class": type(optimizer).__name__,
+        "schedule": {} if schedule is None else schedule.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
     with atomic_write(path) as tmp:

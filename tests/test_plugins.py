@@ -78,6 +78,17 @@ def function_model(seed):
 
 def string_loss(seed):
     return hessov.Problem(model=nn.Linear(2, 3), loss="ce", train=data(), test=data())
+
+
+def raises_inside(seed):
+    raise RuntimeError("cannot reach the data server")
+
+
+def nan_data(seed):
+    inputs, targets = data()
+    inputs[0, 0] = float("nan")
+    loss = nn.CrossEntropyLoss()
+    return hessov.Problem(model=nn.Linear(2, 3), loss=loss, train=(inputs, targets), test=data())
 """
 SKETCH = [
     "preset=tiny",
@@ -206,6 +217,11 @@ def bad_files(tmp_path_factory) -> Path:
         ),
         ("bad.py:function_model", ["model is a function, not an nn.Module"]),
         ("bad.py:string_loss", ["{root}/bad.py:string_loss returned a Problem whose loss (a str)"]),
+        (
+            "bad.py:raises_inside",
+            ["{root}/bad.py:raises_inside raised RuntimeError: cannot reach the data server"],
+        ),
+        ("bad.py:nan_data", ["{root}/bad.py:nan_data: the train split's inputs hold 1 NaN"]),
         (
             "no_such_package_xyz.model:make_problem",
             ["cannot import module no_such_package_xyz.model: ModuleNotFoundError"],

@@ -22,6 +22,7 @@ from conftest import last_line, run_hessov
 from hessov.config import load_run_config
 from hessov.errors import ConfigError
 from hessov.problems import build_problem
+from slurm_cluster import slurm_cluster
 
 MODEL = '''"""A user's own problem: FACTORY(seed) -> hessov.Problem."""
 import torch
@@ -45,6 +46,13 @@ def make_problem(seed: int) -> hessov.Problem:
         test=(inputs[200:], targets[200:]),
         num_classes=3,
     )
+
+
+def make_frozen_problem(seed: int) -> hessov.Problem:
+    """The same, with the first layer frozen (a "pretrained" one, not in D)."""
+    problem = make_problem(seed)
+    problem.model[0].weight.requires_grad_(False)
+    return problem
 '''
 SETTINGS = ["k=70", "NUM_HESSIAN_DATAPOINTS=84", "HESSIAN_SPLITS=[train]", "EXHAUSTIVE=true"]
 
@@ -136,10 +144,11 @@ def test_checkpoints_of_any_training_code_are_imported(user_file, tmp_path):
 def test_what_the_recorder_refuses(user_file, tmp_path):
     problem = f"{user_file}:make_problem"
     recorder = hessov.Recorder(tmp_path / "a", problem, [0, 10], overrides=SETTINGS)
-    with pytest.raises(ConfigError, match="parameters differ"):
+    with pytest.raises(ConfigError, match="parameters or buffers differ"):
         recorder.step(0, torch.nn.Linear(16, 3))
     with pytest.raises(ConfigError, match=r"steps \[0, 10\] were never recorded"):
         recorder.finish()
+    recorder.events.close()
     with pytest.raises(ConfigError, match="is not empty"):
         hessov.Recorder(tmp_path / "a", problem, [0], overrides=SETTINGS)
     refused = run_hessov(
@@ -172,3 +181,85 @@ def test_the_own_model_notebook_runs(tmp_path):
         del os.environ["HESSOV_NOTEBOOK_WORK"]
     assert (tmp_path / "spectrum.png").is_file()
     assert (tmp_path / "run" / "eigen" / "step_200_train.h5").is_file()
+
+
+def test_an_unfinished_record_is_refused_not_trained_over(user_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="the user's loop failed"):
+        with hessov.Recorder(
+            run_dir, f"{user_file}:make_problem", [0, 5], overrides=SETTINGS
+        ) as rec:
+            rec.step(0, rec.problem.model)
+            raise RuntimeError("the user's loop failed")
+    before = (run_dir / "params.h5").read_bytes()
+    refused = run_hessov("run", str(run_dir), check=False)
+    assert refused.returncode == 2 and "never finished" in refused.stderr
+    assert (run_dir / "params.h5").read_bytes() == before
+
+
+def test_finish_keeps_metrics_and_a_snapshot_keeps_the_users_learning_rate(user_file, tmp_path):
+    run_dir = tmp_path / "run"
+    with hessov.Recorder(
+        run_dir, f"{user_file}:make_problem", [0], [1], overrides=SETTINGS
+    ) as recorder:
+        model = recorder.problem.model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        optimizer.param_groups[0]["lr"] = 0.05  # as a user's own decay would set it
+        recorder.step(0, model, optimizer)
+        recorder.step(1, model, optimizer)
+        assert optimizer.param_groups[0]["lr"] == 0.05
+        recorder.finish(final_test_accuracy=0.9)
+    train = json.loads(run_hessov("summary", str(run_dir)).stdout)["train"]
+    assert train["final_test_accuracy"] == 0.9 and train["recorded_steps"] == [0]
+    snapshot = torch.load(run_dir / "snapshots" / "step_1.pt", weights_only=True)
+    assert snapshot["optimizer_class"] == "SGD" and snapshot["schedule"] == {}
+
+
+def test_frozen_parameters_are_recorded_with_their_values(user_file, tmp_path):
+    from hessov.paramstore import ColumnStore, load_recorded_state
+
+    problem = f"{user_file}:make_frozen_problem"
+    with hessov.Recorder(tmp_path / "run", problem, [0], overrides=SETTINGS) as recorder:
+        model = recorder.problem.model
+        with torch.no_grad():
+            model[0].weight.add_(1.0)  # the user's pretrained values
+        recorder.step(0, model)
+    fresh = build_problem(load_run_config([f"problem={problem}"])).model
+    load_recorded_state(fresh, ColumnStore(tmp_path / "run" / "params.h5"), 0)
+    assert torch.equal(fresh[0].weight, model[0].weight)
+    assert not fresh[0].weight.requires_grad
+
+
+def test_a_checkpoint_that_does_not_fit_leaves_nothing(user_file, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(torch.nn.Linear(3, 3).state_dict(), other)
+    problem = f"{user_file}:make_problem"
+    refused = run_hessov(
+        "import", str(tmp_path / "run"), f"{other}@0", "--problem", problem, *SETTINGS, check=False
+    )
+    assert refused.returncode == 2 and "does not fit" in refused.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slurm
+def test_a_recorded_run_finishes_on_slurm_as_locally(slurm_cluster, user_file, tmp_path):
+    """`hessov run RUN backend=slurm` on a Recorder's run: every job on the local cluster
+    rebuilds the user's model from the factory, with the recorded BatchNorm statistics; the
+    eigenvalues agree with the local run's within 1e-4 (other processes may round
+    differently; both see the same float32 measurements' operator).
+    """
+    import shutil
+
+    with hessov.Recorder(
+        tmp_path / "local", f"{user_file}:make_problem", [20], overrides=SETTINGS[:-1]
+    ) as recorder:
+        train_in_plain_pytorch(recorder.problem, 20, lambda s, m, o: recorder.step(s, m, o))
+    shutil.copytree(tmp_path / "local", tmp_path / "slurm")
+    run_hessov("run", str(tmp_path / "local"))
+    follow = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12", "--wait"]
+    run_hessov("run", str(tmp_path / "slurm"), "backend=slurm", *follow)
+    values = []
+    for name in ("local", "slurm"):
+        with h5py.File(tmp_path / name / "eigen" / "step_20_train.h5") as handle:
+            values.append(handle["eigenvalues"][:10])
+    assert np.allclose(values[0], values[1], rtol=1e-4, atol=0)

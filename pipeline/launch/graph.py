@@ -24,6 +24,7 @@ from pathlib import Path
 from hessov.config import RunConfig, replay_jobs, save_config
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
+from hessov.recording import refuse_unfinished_record
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
 
@@ -257,11 +258,14 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     is refused (``hessov resume`` finishes a layout made by hand).
     """
     from hessov.problems import build_problem
+    from hessov.problems.checks import check_eval_deterministic
     from hessov.recording import hessian_subsets
     from hessov.stages.train import new_run_dir
 
     problem = build_problem(cfg)
-    hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)  # refused here, not in the train job
+    # Refused here, before any job is submitted, rather than in the train job.
+    hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
+    check_eval_deterministic(problem.model, problem.train.inputs)
     dim = problem.num_params
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
     spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
@@ -275,6 +279,7 @@ def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     """What ``run`` is missing, from its files: the sketch its layout holds (or, before the
     layout, the config's), with ``compute_args`` passed on to every job after training.
     """
+    refuse_unfinished_record(run)
     status = run_status(run)
     if status["layout"]:
         spec = load_spec(run)

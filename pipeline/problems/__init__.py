@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hessov.config import RunConfig
+from hessov.config import RunConfig, is_plugin_problem
 from hessov.errors import ConfigError
 from hessov.problems import checks
 from hessov.problems import data as datasets
@@ -286,10 +286,11 @@ def build_problem(cfg: RunConfig) -> Problem:
     """
     from hessov.problems import plugins
 
-    if plugins.is_plugin(cfg.problem):
+    if is_plugin_problem(cfg.problem):
         factory = plugins.load_factory(cfg.problem, cfg.problem_file, cfg.problem_sha256)
         torch.manual_seed(cfg.RANDOM_SEED)
-        return plugins.checked_problem(factory(cfg.RANDOM_SEED), cfg.problem)
+        made = plugins.call_factory(factory, cfg.RANDOM_SEED, cfg.problem)
+        return plugins.checked_problem(made, cfg.problem)
     if cfg.problem not in BUILDERS:
         raise ConfigError(f"problem: unknown {cfg.problem!r}; known: {', '.join(sorted(BUILDERS))}")
     torch.manual_seed(cfg.RANDOM_SEED)

@@ -70,7 +70,8 @@ def _tensors_of(value) -> list[torch.Tensor]:
 
 def _differ(first: list, second: list) -> bool:
     return len(first) != len(second) or not all(
-        torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-8, equal_nan=True)
+        a.shape == b.shape
+        and torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-8, equal_nan=True)
         for a, b in zip(first, second, strict=True)
     )
 
@@ -84,7 +85,9 @@ def _random_place(model: nn.Module, first: list, second: list) -> str | None:
     """Where two eval-mode calls first part: in a module's forward (its output differs, its
     input does not) or in its parent's forward before calling it (its input differs).
     """
-    for (name, inputs_a, output_a), (_, inputs_b, output_b) in zip(first, second, strict=True):
+    for (name, inputs_a, output_a), (other, inputs_b, output_b) in zip(first, second, strict=False):
+        if name != other:  # e.g. a layer skipped at random
+            return f"in the modules they call: {_describe(model, name)} against {other!r}"
         if _differ(inputs_a, inputs_b):
             parent = name.rpartition(".")[0]
             return (
@@ -93,6 +96,8 @@ def _random_place(model: nn.Module, first: list, second: list) -> str | None:
             )
         if _differ(output_a, output_b):
             return f"in the forward of {_describe(model, name)}"
+    if len(first) != len(second):
+        return "in how many modules they call"
     return None
 
 

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from hessov.config import is_plugin_problem
 from hessov.errors import ConfigError
 from hessov.fileio import config_error
 
@@ -66,10 +65,6 @@ class Location:
     def what(self) -> str:
         """The file or module, for messages."""
         return self.target if self.kind == "file" else f"module {self.target}"
-
-
-#: Whether a ``problem`` value names a plug-in (``...:FACTORY`` or a ``.py`` file).
-is_plugin = is_plugin_problem
 
 
 def _refuse(message: str, source: str | None = None) -> ConfigError:
@@ -241,6 +236,18 @@ def check_signature(factory: Callable, where: str) -> None:
             f"{where} must take exactly one positional argument, the seed ({CONTRACT}); "
             f"its signature is {signature}: {err}"
         ) from None
+
+
+def call_factory(factory: Callable, seed: int, problem: str) -> object:
+    """``factory(seed)``; whatever it raises becomes a :class:`ConfigError` naming the
+    plug-in (a refusal of ``hessov.Problem`` itself, e.g. NaN data, keeps its words).
+    """
+    try:
+        return factory(seed)
+    except ConfigError as err:
+        raise _refuse(f"{problem}: {str(err).removeprefix('problem: ')}") from None
+    except Exception as err:  # noqa: BLE001 (any error of the user's code, reported as such)
+        raise _refuse(f"{problem} raised {type(err).__name__}: {err}") from None
 
 
 def checked_problem(result: object, problem: str) -> object:

@@ -362,12 +362,28 @@ def _restore_training(
     continued = not replay.optimizer
     schedule_state = dict(state["schedule"])
     if continued:
+        _check_snapshot_optimizer(state, optimizer)
         optimizer.load_state_dict(state["optimizer"])
     else:
         schedule_state["base_lrs"] = [group["initial_lr"] for group in optimizer.param_groups]
-    schedule.load_state_dict(schedule_state)
+    if state["schedule"]:  # a Recorder's snapshot has no schedule: the run's starts afresh
+        schedule.load_state_dict(schedule_state)
     torch.set_rng_state(state["torch_rng"])
     return optimizer, batches, schedule, continued
+
+
+def _check_snapshot_optimizer(state: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Refuse to continue another optimizer's state (a Recorder's snapshot of a user's loop
+    names its optimizer's class).
+    """
+    saved = state.get("optimizer_class")
+    if saved is not None and saved != type(optimizer).__name__:
+        raise ConfigError(
+            f"optimizer.name: the snapshot holds the state of a {saved} optimizer and the run's "
+            f"config builds {type(optimizer).__name__}; record the run with "
+            f"overrides=['optimizer.name={saved}', ...] (and its settings), or give the replay "
+            "its own optimizer (optimizer.name=...), which starts fresh"
+        )
 
 
 def _log_start(run: RunDir, replay: ReplayConfig, lr: float) -> None:

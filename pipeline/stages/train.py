@@ -36,7 +36,12 @@ from hessov.paramstore import (
 )
 from hessov.problems import Problem, build_problem
 from hessov.problems.checks import check_eval_deterministic
-from hessov.recording import begin_record, hessian_subsets, record_state
+from hessov.recording import (
+    begin_record,
+    hessian_subsets,
+    record_state,
+    refuse_unfinished_record,
+)
 from hessov.rundir import SPLITS, RunDir
 from hessov.runlog import EventLog, get_logger
 from hessov.training import (
@@ -81,6 +86,7 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunDir, Path | None]:
         if run.root.exists() and any(run.root.iterdir()):
             raise RunExistsError(f"{run.root} exists and is not a hessov run directory")
         return run, None
+    refuse_unfinished_record(run)
     if not cfg.resume:
         raise RunExistsError(
             f"{run.root} holds an unfinished training run. Pass resume=true to continue it "
@@ -89,8 +95,8 @@ def prepare_run_dir(cfg: RunConfig) -> tuple[RunDir, Path | None]:
     # The steps come from the names and the latest snapshot's index, never from unpickling
     # every snapshot; the resumed step is the one the chosen file holds.
     candidates = {run.snapshot(step): step for step in run.snapshot_steps()}
-    if run.latest_snapshot.is_file() and run.latest_snapshot_step.is_file():
-        candidates[run.latest_snapshot] = json.loads(run.latest_snapshot_step.read_text())["step"]
+    if run.latest_snapshot.is_file():
+        candidates[run.latest_snapshot] = _latest_snapshot_step(run)
     if not candidates:
         return run, None
     return run, max(candidates, key=candidates.get)
@@ -202,6 +208,13 @@ def _resume(t: _Training, snapshot: Path) -> int:
     t.events.write("resume", step=start_step, snapshot=snapshot.name)
     get_logger().info("resuming %s from %s (step %d)", t.run.root, snapshot.name, start_step)
     return start_step
+
+
+def _latest_snapshot_step(run: RunDir) -> int:
+    """The rolling snapshot's step, from its index (one safe load for runs made before it)."""
+    if run.latest_snapshot_step.is_file():
+        return json.loads(run.latest_snapshot_step.read_text())["step"]
+    return load_snapshot(run.latest_snapshot)["step"]
 
 
 def _training_loop(t: _Training, start_step: int) -> dict:
