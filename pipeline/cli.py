@@ -314,7 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
             "Slurm or locally), solve for the top-k eigenpairs with error bounds, and "
             "analyse them. Every stage reads and writes one run directory."
         ),
-        epilog="Problems: " + ", ".join(problem_names()),
+        epilog="Problems: "
+        + ", ".join(problem_names())
+        + "; or your own: problem=path/to/file.py:FACTORY or problem=module:FACTORY (README, "
+        "'Your own model').",
     )
     parser.add_argument("--log-level", default="INFO", help="terminal log level (default INFO)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
