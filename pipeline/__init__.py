@@ -15,6 +15,7 @@ import importlib
 #: Public name -> the module that defines it.
 _PUBLIC = {
     "Problem": "hessov.problems",
+    "ModelLoss": "hessov.batching",
     "Recorder": "hessov.recorder",
     "top_eigenpairs": "hessov.api",
     "Eigenpairs": "hessov.api",

@@ -86,6 +86,40 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
     return model(inputs)
 
 
+class ModelLoss:
+    """A loss that takes the model and the batch, for objectives other than
+    ``loss(model(inputs), targets)``: a language model's next-token loss over the inputs
+    alone, a loss that reads several outputs or adds a term of the parameters.
+
+    ``hessov.Problem(model=..., loss=hessov.ModelLoss(fn), ...)`` with
+    ``fn(model, inputs, targets) -> loss``, a 0-d tensor: the **mean** over the batch's
+    examples (hessov weights chunks of a batch by their share of it). The model is called by
+    ``fn`` itself, in whatever mode hessov has put it in (eval for every Hessian).
+
+    Args:
+        fn: ``(model, inputs, targets) -> mean loss``.
+    """
+
+    #: What :func:`hessov.problems.checks.check_loss` reads: ``fn`` must return a mean.
+    reduction = "mean"
+
+    def __init__(self, fn: Callable[[nn.Module, Inputs, torch.Tensor], torch.Tensor]):
+        self.fn = fn
+
+    def __call__(self, model: nn.Module, inputs: Inputs, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the batch ``(inputs, targets)`` under ``model``."""
+        return self.fn(model, inputs, targets)
+
+
+def batch_loss(model: nn.Module, loss_fn, inputs: Inputs, targets: torch.Tensor) -> torch.Tensor:
+    """The mean loss of one batch: ``loss_fn(model(inputs), targets)``, or for a
+    :class:`ModelLoss` ``loss_fn(model, inputs, targets)``.
+    """
+    if isinstance(loss_fn, ModelLoss):
+        return loss_fn(model, inputs, targets)
+    return loss_fn(call_model(model, inputs), targets)
+
+
 def non_finite_count(inputs: Inputs) -> int:
     """How many values of the floating tensors of ``inputs`` are NaN or infinite."""
     return sum(

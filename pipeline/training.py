@@ -97,7 +97,7 @@ def loss_and_gradient(
     for start in range(0, total, chunk):
         x = batching.chunk(inputs, start, start + chunk)
         y = batching.chunk(targets, start, start + chunk)
-        loss = loss_fn(batching.call_model(model, x), y) * (batching.num_examples(x) / total)
+        loss = batching.batch_loss(model, loss_fn, x, y) * (batching.num_examples(x) / total)
         loss.backward()
         # The first chunk's loss itself: the same bits as adding it to a zero.
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -129,12 +129,23 @@ def evaluate(
     for start in range(0, total, chunk_size):
         x = batching.chunk(inputs, start, start + chunk_size)
         y = batching.chunk(targets, start, start + chunk_size)
-        output = batching.call_model(model, x)
-        loss_sum += float(loss_fn(output, y)) * batching.num_examples(x)
+        loss, output = _loss_and_output(model, loss_fn, x, y, num_classes)
+        loss_sum += float(loss) * batching.num_examples(x)
         if num_classes:
             correct += int((output.argmax(dim=1) == y).sum())
     model.train(was_training)
     return loss_sum / total, (correct / total if num_classes else None)
+
+
+def _loss_and_output(model: nn.Module, loss_fn, inputs, targets, num_classes: int):
+    """A chunk's mean loss and, for accuracy, the model's output (one forward pass, except
+    for a :class:`~hessov.batching.ModelLoss`, which calls the model its own way).
+    """
+    if isinstance(loss_fn, batching.ModelLoss):
+        output = batching.call_model(model, inputs) if num_classes else None
+        return loss_fn(model, inputs, targets), output
+    output = batching.call_model(model, inputs)
+    return loss_fn(output, targets), output
 
 
 def flat_gradient(

@@ -104,7 +104,7 @@ class AutogradHessian:
         for the second backward pass.
         """
         with torch.enable_grad():
-            loss = self.loss_fn(batching.call_model(self.model, inputs), targets)
+            loss = batching.batch_loss(self.model, self.loss_fn, inputs, targets)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         return [(i, g) for i, g in enumerate(grads) if g is not None and g.requires_grad]
 

@@ -475,3 +475,71 @@ def test_a_model_random_in_eval_mode_is_refused_naming_the_cause(tmp_path, monke
     monkeypatch.setattr(RandomInEval, "random", True)
     with pytest.raises(ConfigError, match=r"^problem: .*not deterministic.*functional\.dropout"):
         check_operator(run, cfg, STEP, "train")
+
+
+# ---- a loss that takes the model and the batch --------------------------------------------
+
+
+class NextToken(nn.Module):
+    """A tiny language model: embedding, tanh, a linear read-out per position."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.out = nn.Embedding(10, 3), nn.Linear(3, 10)
+
+    def forward(self, tokens):
+        return self.out(torch.tanh(self.embed(tokens)))
+
+
+def next_token_loss(model, tokens, _targets):
+    """Mean cross-entropy of every next token: the inputs are the targets, shifted."""
+    logits = model(tokens[:, :-1])
+    return nn.functional.cross_entropy(logits.reshape(-1, 10), tokens[:, 1:].reshape(-1))
+
+
+def test_a_model_loss_of_a_language_model_gives_its_hessian(tmp_path, monkeypatch):
+    """``hessov.ModelLoss(fn)``: ``fn(model, inputs, targets)`` is the objective (here
+    next-token prediction, where ``targets`` are unused); the pipeline's operator at a
+    recorded step equals the dense Hessian of that objective.
+    """
+    import hessov
+
+    def build(cfg: RunConfig) -> Problem:
+        torch.manual_seed(cfg.RANDOM_SEED)
+        generator = torch.Generator().manual_seed(3)
+        tokens = torch.randint(0, 10, (36, 6), generator=generator)
+        unused = torch.zeros(36, dtype=torch.int64)
+        return Problem(
+            model=NextToken(),
+            loss=hessov.ModelLoss(next_token_loss),
+            train=(tokens[:24], unused[:24]),
+            test=(tokens[24:], unused[24:]),
+            num_classes=0,
+            name="next_token",
+        )
+
+    use_factory(monkeypatch, build)
+    cfg = RunConfig(
+        problem="next_token",
+        OUTPUT_DIR=str(tmp_path),
+        threads=1,
+        MAX_STEPS=STEP,
+        BATCH_SIZE=8,
+        EVAL_EVERY=2,
+        RECORD_STEPS=[0, STEP],
+        SNAPSHOT_STEPS=[STEP],
+        NUM_HESSIAN_DATAPOINTS=SUBSET,
+    )
+    run = train_stage.train(cfg)
+    problem = build(cfg)
+    problem.model.load_state_dict(load_snapshot(run.snapshot(STEP), "cpu")["model"])
+    model = problem.model.double().eval()
+    tokens = problem.train.inputs[recorded_subsets(run)["train"]]
+    params = list(model.parameters())
+    grads = torch.autograd.grad(next_token_loss(model, tokens, None), params, create_graph=True)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    rows_of_h = [
+        torch.cat([s.reshape(-1) for s in torch.autograd.grad(entry, params, retain_graph=True)])
+        for entry in flat
+    ]
+    assert_same_hessian(pipeline_hessian(run, cfg, HESSIAN_BATCH_SIZE=5), torch.stack(rows_of_h))
