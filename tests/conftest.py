@@ -125,3 +125,24 @@ def tiny_trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-trained")
     args = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]", "HESSIAN_STEPS=[300]"]
     return Path(last_line(run_hessov("train", *args, f"OUTPUT_DIR={out}").stdout))
+
+
+def execute_notebook(name: str, env: dict[str, str]) -> None:
+    """Run ``analysis/notebooks/NAME`` top to bottom in a fresh kernel, with ``env`` set in
+    this process's environment for the kernel to inherit (and removed afterwards).
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(REPO / "analysis" / "notebooks" / name, as_version=4)
+    os.environ.update(env)
+    try:
+        NotebookClient(
+            notebook,
+            timeout=300,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(REPO / "analysis" / "notebooks")}},
+        ).execute()
+    finally:
+        for key in env:
+            del os.environ[key]

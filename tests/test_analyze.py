@@ -2,18 +2,15 @@
 computation, partial runs completed by a re-run, the report, and the notebook.
 """
 
-import os
 import shutil
 from pathlib import Path
 
 import h5py
 import matplotlib.image
-import nbformat
 import numpy as np
 import pytest
-from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import execute_notebook
 
 SKETCHES = [(step, split) for step in (100, 300) for split in ("train", "test")]
 K, D = 30, 7030
@@ -136,18 +133,8 @@ def test_analyze_refuses_runs_without_solved_steps_and_unknown_keys(tiny_run, tm
 
 
 def test_notebook_reproduces_the_stage_figures(tiny_run, tmp_path):
-    notebook = nbformat.read(REPO / "analysis/notebooks/analyze_run.ipynb", as_version=4)
-    os.environ["HESSOV_RUN_DIR"] = tiny_run
-    os.environ["HESSOV_NOTEBOOK_FIGURES"] = str(tmp_path)
-    try:
-        NotebookClient(
-            notebook,
-            timeout=300,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(REPO / "analysis/notebooks")}},
-        ).execute()
-    finally:
-        del os.environ["HESSOV_RUN_DIR"], os.environ["HESSOV_NOTEBOOK_FIGURES"]
+    env = {"HESSOV_RUN_DIR": tiny_run, "HESSOV_NOTEBOOK_FIGURES": str(tmp_path)}
+    execute_notebook("analyze_run.ipynb", env)
     stage_figures = sorted((Path(tiny_run) / "analysis/figures").glob("*.png"))
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [p.name for p in stage_figures]
     for stage_figure in stage_figures:

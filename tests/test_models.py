@@ -199,9 +199,11 @@ def use_factory(monkeypatch, build) -> None:
         monkeypatch.setattr(module, "build_problem", build)
 
 
-def trained(tmp_path, monkeypatch, model_class: type, **settings):
-    """A run of ``model_class`` trained ``STEP`` steps in float32: ``(run, cfg)``."""
-    use_factory(monkeypatch, factory(model_class))
+def trained(tmp_path, monkeypatch, model_class: type, build=None, **settings):
+    """A run of ``model_class`` trained ``STEP`` steps in float32: ``(run, cfg)``; ``build``
+    replaces the test's default factory of ``model_class``.
+    """
+    use_factory(monkeypatch, build or factory(model_class))
     cfg = RunConfig(
         problem=model_class.__name__,
         OUTPUT_DIR=str(tmp_path),
@@ -515,22 +517,10 @@ def test_a_model_loss_of_a_language_model_gives_its_hessian(tmp_path, monkeypatc
             train=(tokens[:24], unused[:24]),
             test=(tokens[24:], unused[24:]),
             num_classes=0,
-            name="next_token",
+            name="NextToken",
         )
 
-    use_factory(monkeypatch, build)
-    cfg = RunConfig(
-        problem="next_token",
-        OUTPUT_DIR=str(tmp_path),
-        threads=1,
-        MAX_STEPS=STEP,
-        BATCH_SIZE=8,
-        EVAL_EVERY=2,
-        RECORD_STEPS=[0, STEP],
-        SNAPSHOT_STEPS=[STEP],
-        NUM_HESSIAN_DATAPOINTS=SUBSET,
-    )
-    run = train_stage.train(cfg)
+    run, cfg = trained(tmp_path, monkeypatch, NextToken, build)
     problem = build(cfg)
     problem.model.load_state_dict(load_snapshot(run.snapshot(STEP), "cpu")["model"])
     model = problem.model.double().eval()

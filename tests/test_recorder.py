@@ -16,37 +16,23 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from test_plugins import MODEL as PLUGIN_MODEL
 
 import hessov
-from conftest import last_line, run_hessov
+from conftest import execute_notebook, last_line, run_hessov
 from hessov.config import load_run_config
 from hessov.errors import ConfigError
 from hessov.problems import build_problem
 from slurm_cluster import slurm_cluster
 
-MODEL = '''"""A user's own problem: FACTORY(seed) -> hessov.Problem."""
-import torch
-from torch import nn
-
-import hessov
-
-
-def make_problem(seed: int) -> hessov.Problem:
-    gen = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(300, 16, generator=gen) * 0.3 ** torch.arange(16.0)
-    score = inputs @ torch.randn(16, generator=gen)
-    targets = score.argsort().argsort() * 3 // len(score)  # tertiles: balanced classes
-    model = nn.Sequential(
-        nn.Linear(16, 12, bias=False), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 3)
+#: The plug-in test's problem with a BatchNorm layer, and a variant with a frozen layer.
+MODEL = (
+    PLUGIN_MODEL.replace(
+        "nn.Sequential(nn.Linear(16, 12, bias=False), nn.Tanh(), nn.Linear(12, 3))",
+        "nn.Sequential(\n        nn.Linear(16, 12, bias=False), nn.BatchNorm1d(12), nn.Tanh(), "
+        "nn.Linear(12, 3)\n    )",
     )
-    return hessov.Problem(
-        model=model,
-        loss=nn.CrossEntropyLoss(),
-        train=(inputs[:200], targets[:200]),
-        test=(inputs[200:], targets[200:]),
-        num_classes=3,
-    )
-
+    + '''
 
 def make_frozen_problem(seed: int) -> hessov.Problem:
     """The same, with the first layer frozen (a "pretrained" one, not in D)."""
@@ -54,6 +40,7 @@ def make_frozen_problem(seed: int) -> hessov.Problem:
     problem.model[0].weight.requires_grad_(False)
     return problem
 '''
+)
 SETTINGS = ["k=70", "NUM_HESSIAN_DATAPOINTS=84", "HESSIAN_SPLITS=[train]", "EXHAUSTIVE=true"]
 
 
@@ -163,22 +150,7 @@ def test_the_own_model_notebook_runs(tmp_path):
     the recorder, `hessov run`, then the analysis from Python (it asserts that the in-process
     sketch of the live model agrees with the pipeline's eigenvalues).
     """
-    import nbformat
-    from nbclient import NotebookClient
-
-    from conftest import REPO
-
-    notebook = nbformat.read(REPO / "analysis/notebooks/own_model.ipynb", as_version=4)
-    os.environ["HESSOV_NOTEBOOK_WORK"] = str(tmp_path)
-    try:
-        NotebookClient(
-            notebook,
-            timeout=300,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(REPO / "analysis/notebooks")}},
-        ).execute()
-    finally:
-        del os.environ["HESSOV_NOTEBOOK_WORK"]
+    execute_notebook("own_model.ipynb", {"HESSOV_NOTEBOOK_WORK": str(tmp_path)})
     assert (tmp_path / "spectrum.png").is_file()
     assert (tmp_path / "run" / "eigen" / "step_200_train.h5").is_file()
 
