@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hessov.config import load_run_config, override_run_config, problem_names, saved_run_config
 from hessov.errors import ConfigError, HessovError, MissingInputError
-from hessov.jobs import STAGES, open_run, run_job, split_arguments
+from hessov.jobs import STAGES, is_config_file, open_run, run_job, split_arguments
 from hessov.rundir import RunDir
 from hessov.runlog import setup_terminal_logging
 
@@ -70,15 +70,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from hessov.launch.graph import plan_run, prepare_run
+    from hessov.launch.graph import plan_resume, plan_run, prepare_run
+    from hessov.launch.resources import sbatch_lines
 
-    cfg = load_run_config(args.overrides, args.config)
-    plan = plan_run(cfg)
-    if args.prepare:
-        prepare_run(cfg, plan)
+    if args.config and Path(args.config, "config.yaml").is_file():
+        # A run directory: what it is missing, from its files (as `hessov run RUN`); the
+        # sbatch scripts resume a run with it.
+        run = open_run(args.config)
+        cfg = override_run_config(saved_run_config(run), args.overrides, ("slurm",))
+        plan = plan_resume(run, cfg)
+    else:
+        cfg = load_run_config(args.overrides, args.config)
+        plan = plan_run(cfg)
+        if args.prepare:
+            prepare_run(cfg, plan)
     if args.jobs:
-        from hessov.launch.resources import sbatch_lines
-
         return _print(sbatch_lines(plan, cfg.slurm))
     return _print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.as_lines())
 
@@ -220,7 +226,8 @@ def _add_launch_commands(commands) -> None:
         "Resolve a config as `hessov run` would and print, before anything runs, the run "
         "directory it will use, D, the measurement rounds, the array tasks per round and "
         "every job of the stage graph with what it waits for: what `hessov run` and "
-        "slurm/submit_chain.sh submit.",
+        "slurm/submit_chain.sh submit. Given a run directory instead of a config, the jobs "
+        "that run is missing (as `hessov resume RUN` would run them).",
     )
     plan.add_argument("--json", action="store_true", help="print JSON, with every job")
     plan.add_argument(
@@ -349,7 +356,7 @@ def parse_arguments(argv: list[str]) -> argparse.Namespace:
     args = commands[argv[index]].parse_intermixed_args(argv[index + 1 :], namespace=head)
     args.command = argv[index]
     config = getattr(args, "config", None)
-    if config is not None and "=" in config:  # no config file: the first is an override
+    if config is not None and not is_config_file(config):  # the first is an override
         args.overrides, args.config = [config, *args.overrides], None
     return args
 

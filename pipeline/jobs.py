@@ -112,6 +112,13 @@ def steps_and_splits(arguments: dict[str, str], spec) -> list[tuple[int, str]]:
     return [(step, split) for step in steps for split in splits]
 
 
+def is_config_file(argument: str) -> bool:
+    """Whether a first argument names a config file (or a run directory) rather than being
+    a ``KEY=VALUE`` override: a path may hold ``=`` too (``runs/lr=0.1/config.yaml``).
+    """
+    return "=" not in argument or argument.endswith((".yaml", ".yml")) or Path(argument).exists()
+
+
 def train_job(config_file: str | None, overrides: list[str]) -> RunDir:
     """Stage 1 from a config file (optional) and overrides; returns the run."""
     from hessov.stages.train import train
@@ -376,7 +383,7 @@ def run_job(argv: list[str]) -> str | None:
     """
     stage, *rest = argv
     if stage == "train":
-        if rest and "=" not in rest[0]:  # a config file, then overrides
+        if rest and is_config_file(rest[0]):  # a config file, then overrides
             return str(train_job(rest[0], rest[1:]).root)
         return str(train_job(None, rest).root)
     if not rest:

@@ -112,6 +112,8 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
     ]
     assert jobs[0].tasks == (1,) and jobs[0].after == ()
     assert jobs[0].elements()[0][1][-2:] == ["threads=2", "task=1"]
+    # The stages that only read files take no compute arguments (they would refuse them).
+    assert all("threads=2" not in job.args for job in jobs if job.stage == "analyze")
 
     status["sketches"][1] = sketch_status(
         300, {"first": [], "second": [2]}, basis_written=True, solved=False
@@ -291,3 +293,58 @@ def test_every_stage_of_the_graph_has_its_resources_key():
     cfg = load_run_config([*TINY, replays, "EXHAUSTIVE=true", "recovery=two_pass"])
     assert {job.stage for job in plan_run(cfg).jobs} <= keys
     assert set(STAGES) - {"check-operator"} <= keys
+
+
+def test_a_trained_run_is_planned_for_the_steps_training_recorded(tmp_path):
+    """Training may stop early at a target: the jobs are those of the recorded steps, not of
+    RECORD_STEPS.
+    """
+    import torch
+
+    from hessov.config import save_config
+    from hessov.launch.graph import plan_resume
+    from hessov.paramstore import ColumnStore
+    from hessov.rundir import RunDir
+
+    cfg = load_run_config([*TINY, f"RUN_DIR={tmp_path}"])  # RECORD_STEPS [0, 100, 300]
+    run = RunDir(tmp_path)
+    save_config(cfg, run.config)
+    store = ColumnStore(run.params)
+    store.create(50, [{"name": "w", "shape": [50], "offset": 0}], "test")
+    store.append(0, torch.zeros(50))
+    store.append(100, torch.ones(50))
+    run.summary("train").parent.mkdir(parents=True)
+    run.summary("train").write_text("{}")
+    names = [job.name for job in plan_resume(run, cfg).jobs]
+    assert "solve step=100 split=train" in names
+    assert not any("step=300" in name for name in names)
+
+
+def test_a_config_path_may_hold_an_equals_sign(tmp_path):
+    from hessov.cli import parse_arguments
+    from hessov.jobs import is_config_file
+
+    config = tmp_path / "lr=0.1" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("problem: mnist_mini\n")
+    assert is_config_file(str(config)) and not is_config_file("k=3")
+    args = parse_arguments(["run", str(config), "k=3"])
+    assert (args.config, args.overrides) == (str(config), ["k=3"])
+
+
+def test_plan_of_a_run_directory_lists_what_it_is_missing(tiny_trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained, run)
+    plan = json.loads(run_hessov("plan", str(run), "--json").stdout)
+    names = [job["name"] for job in plan["jobs"]]
+    assert names[0] == "layout" and "train" not in names and names[-1] == "report"
+    # A local run with jobs of an unreachable Slurm submission on record goes on, warned.
+    (run / "slurm").mkdir()
+    submission = {"command": "run", "submitted": "", "logs": "", "jobs": []}
+    submission["jobs"].append({"name": "train", "stage": "train", "job_id": "1", "after": []})
+    (run / "slurm" / "jobs.json").write_text(json.dumps({"submissions": [submission]}))
+    resumed = run_hessov("resume", str(run), env={"PATH": str(tmp_path)})
+    assert "cannot ask Slurm whether" in resumed.stderr
+    assert (run / "eigen" / "step_300_train.h5").is_file()

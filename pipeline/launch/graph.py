@@ -24,9 +24,13 @@ from pathlib import Path
 from hessov.config import RunConfig, replay_jobs, save_config
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
+from hessov.paramstore import ColumnStore
 from hessov.recording import refuse_unfinished_record
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
+
+#: Stages that take ``device=`` and ``threads=`` (the others read files only).
+COMPUTE_STAGES = frozenset({"layout", "measure", "basis", "solve", "exhaustive", "replay"})
 
 
 @dataclass(frozen=True)
@@ -82,8 +86,11 @@ class _Builder:
     jobs: list[Job] = field(default_factory=list)
 
     def add(self, name, stage, args, after, inputs=(), outputs=(), tasks=None) -> tuple[str, ...]:
-        """Append a job; returns its name as the dependency of what follows it."""
-        args = (str(self.run.root), *args, *self.compute_args)
+        """Append a job; returns its name as the dependency of what follows it. The compute
+        arguments reach the stages that compute with the model (not analyze or compare).
+        """
+        compute = self.compute_args if stage in COMPUTE_STAGES else []
+        args = (str(self.run.root), *args, *compute)
         self.jobs.append(Job(name, stage, args, tuple(after), tasks, tuple(inputs), tuple(outputs)))
         return (name,)
 
@@ -283,6 +290,9 @@ def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     status = run_status(run)
     if status["layout"]:
         spec = load_spec(run)
+    elif status["train"]:  # the steps training recorded: it may have stopped at a target
+        params = ColumnStore(run.params)
+        spec = resolve_spec(cfg, params.dim(), params.steps())
     else:
         from hessov.problems import build_problem
 

@@ -20,6 +20,7 @@ import json
 from hessov.errors import ConfigError, HessovError
 from hessov.launch.slurm_client import SlurmUnreachable, query_states
 from hessov.rundir import RunDir
+from hessov.runlog import get_logger
 
 #: How many of the active jobs the refusal names.
 LISTED_ACTIVE_JOBS = 5
@@ -40,8 +41,11 @@ def _all_job_ids(store: dict) -> list[str]:
     return [job["job_id"] for sub in store["submissions"] for job in sub["jobs"]]
 
 
-def refuse_while_queued(run: RunDir) -> None:
-    """Refuse a new submission while jobs of an earlier one are still queued or running."""
+def refuse_while_queued(run: RunDir, unreachable_ok: bool = False) -> None:
+    """Refuse a new submission (or a local run) while jobs of an earlier submission are still
+    queued or running. With ``unreachable_ok`` (a local run, perhaps of a copied run
+    directory) a Slurm that does not answer only gets a warning.
+    """
     store = load_store(run)
     ids = _all_job_ids(store)
     if not ids:
@@ -49,6 +53,9 @@ def refuse_while_queued(run: RunDir) -> None:
     try:
         states = query_states(ids)
     except SlurmUnreachable as err:
+        if unreachable_ok:
+            get_logger().warning("cannot ask Slurm whether %s's jobs still run (%s)", run.root, err)
+            return
         raise ConfigError(f"backend: the Slurm controller does not answer ({err})") from None
     names = {job["job_id"]: job["name"] for sub in store["submissions"] for job in sub["jobs"]}
     active = [job_id for job_id in ids if states[job_id].active]

@@ -15,6 +15,7 @@ import time
 from hessov.config import RunConfig
 from hessov.jobs import run_job
 from hessov.launch.graph import Job, RunPlan, plan_resume, plan_run, prepare_run
+from hessov.launch.jobstore import refuse_while_queued
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
 
@@ -42,12 +43,15 @@ def run_local(cfg: RunConfig) -> RunDir:
     given as ``RUN_DIR`` with ``resume=true``); returns the run.
     """
     plan = plan_run(cfg)
+    refuse_while_queued(plan.run, unreachable_ok=True)  # a Slurm submission's jobs would race
     prepare_run(cfg, plan)
     return _run_plan(plan)
 
 
 def resume_local(run: RunDir, cfg: RunConfig, compute_args=()) -> RunDir:
     """Finish whatever ``run`` is missing, reusing everything already measured: the sketch
-    of the layout on disk. ``compute_args`` (``device=``, ``threads=``) reach every job.
+    of the layout on disk. ``compute_args`` (``device=``, ``threads=``) reach every job that
+    computes with the model.
     """
+    refuse_while_queued(run, unreachable_ok=True)
     return _run_plan(plan_resume(run, cfg, compute_args))
