@@ -235,11 +235,11 @@ def test_verify_hands_only_intact_parts_to_the_sink(store):
 
 def test_part_attrs_hold_what_each_block_was_written_with(store):
     inner, outer = sketch_arrays(store.layout)
-    write(store, 1, inner, outer, worker="node-7", seconds=0.25)
+    write(store, 1, inner, outer, worker="node-7", kernel_path="default")
     attrs = store.part_attrs()
     assert len(attrs) == 3
     assert list(attrs[1]["indices"]) == [2, 4]
-    assert attrs[1]["worker"] == "node-7" and attrs[1]["seconds"] == 0.25
+    assert attrs[1]["worker"] == "node-7" and attrs[1]["kernel_path"] == "default"
     assert "worker" not in attrs[0] and list(attrs[0]["indices"]) == [0, 2]
 
 
