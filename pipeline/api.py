@@ -181,12 +181,12 @@ class RunResults:
             return json.loads(handle.attrs["parameter_layout"])
 
     def solved(self) -> list[tuple[int, str]]:
-        """The ``(step, split)`` pairs with eigenpairs."""
-        found = []
-        for path in sorted(self.run.eigen(0, "train").parent.glob("step_*_*.h5")):
-            _, step, split = path.stem.split("_", 2)
-            found.append((int(step), split))
-        return sorted(found)
+        """The ``(step, split)`` pairs with eigenpairs, as ``hessov status`` reads them."""
+        from hessov.launch.status import run_status
+
+        return sorted(
+            (item.step, item.split) for item in run_status(self.run)["sketches"] if item.solved
+        )
 
     def eigen(self, step: int, split: str = "train") -> Eigenpairs:
         """The eigenpairs the solve stage wrote for ``step`` and ``split``."""

@@ -55,8 +55,15 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return _cmd_stage(args)
 
 
+def _names_a_run(config: str | None) -> bool:
+    """Whether the positional argument of ``run`` or ``plan`` is a run directory, not a
+    config file.
+    """
+    return config is not None and Path(config, "config.yaml").is_file()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.config and Path(args.config, "config.yaml").is_file():
+    if _names_a_run(args.config):
         # A run directory (a Recorder's, an import's, or an interrupted run): its stage graph.
         return _cmd_resume(argparse.Namespace(**{**vars(args), "run_dir": args.config}))
     cfg = load_run_config(args.overrides, args.config)
@@ -73,7 +80,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from hessov.launch.graph import plan_resume, plan_run, prepare_run
     from hessov.launch.resources import sbatch_lines
 
-    if args.config and Path(args.config, "config.yaml").is_file():
+    if _names_a_run(args.config):
         # A run directory: what it is missing, from its files (as `hessov run RUN`); the
         # sbatch scripts resume a run with it.
         run = open_run(args.config)
