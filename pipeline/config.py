@@ -232,13 +232,15 @@ class RunConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
-    k: int = 0  # outer measurements = eigenpairs returned; 0 = 5% of D (the paper)
+    k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
     recovery: str = "two_pass"  # two_pass (2k HVPs in two rounds) | single_pass (s HVPs)
     noise: str = "ssrft"  # test matrices: ssrft | gaussian | rademacher
     block_size: int = 0  # measurements per batched HVP and per part file; 0 = automatic
     MEAS_PER_JOB: int = 0  # measurements per array task; 0 = all in one task
     NUM_A_POSTERIORI: int = 30  # Gaussian probes of the a-posteriori error estimate
+    memory_gb: float = 0  # every job's memory budget; 0 = slurm mem_gb, else this machine's
+    row_block: int = 0  # rows per block of the basis and solve; 0 = automatic, -1 = in memory
     SKETCH_SEED: int = 1  # base of the sketch's non-overlapping seed ranges
     HESSIAN_BATCH_SIZE: int = 0  # examples per forward pass inside an HVP; 0 = all at once
     HESSIAN_STEPS: list[int] = field(default_factory=list)  # steps to sketch; [] = all recorded
@@ -468,7 +470,9 @@ def _validate_training(cfg: RunConfig) -> None:
 
 def _validate_sketch(cfg: RunConfig) -> None:
     """The sketch settings, the backend and the steps and splits to sketch."""
-    require(cfg.k >= 0, "k", f"must be >= 0 (0 = 5% of D), got {cfg.k}")
+    require(cfg.k >= 0, "k", f"must be >= 0 (0 = the default rule), got {cfg.k}")
+    require(cfg.memory_gb >= 0, "memory_gb", f"must be >= 0 (0 = automatic), got {cfg.memory_gb}")
+    require(cfg.row_block >= -1, "row_block", f"must be >= -1 (0 = automatic), got {cfg.row_block}")
     require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
     require(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
     require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
@@ -719,6 +723,8 @@ LATER_STAGE_KEYS = (
     "MEAS_PER_JOB",
     "NUM_A_POSTERIORI",
     "SKETCH_SEED",
+    "memory_gb",
+    "row_block",
     "HESSIAN_BATCH_SIZE",
     "HESSIAN_STEPS",
     "HESSIAN_SPLITS",

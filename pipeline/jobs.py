@@ -30,7 +30,7 @@ from hessov.errors import ConfigError, MissingInputError
 from hessov.rundir import RunDir
 
 #: Run-config keys every stage after training may still change: where and how it computes.
-COMPUTE_KEYS = ("device", "threads", "HESSIAN_BATCH_SIZE")
+COMPUTE_KEYS = ("device", "threads", "HESSIAN_BATCH_SIZE", "row_block", "memory_gb")
 #: A replay may also change the dtype it computes in.
 REPLAY_COMPUTE_KEYS = ("device", "dtype", "threads", "HESSIAN_BATCH_SIZE")
 
@@ -95,13 +95,18 @@ def refuse_overrides(stage: str, overrides: list[str], accepted: str) -> None:
 
 def sketch_inputs(run: RunDir, overrides: list[str]):
     """What every stage after the layout starts from: the run's config (only
-    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec.
+    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec,
+    whose row block ``row_block=`` or ``memory_gb=`` may choose again: it decides how the
+    basis and solve compute, not what is measured.
     """
+    from hessov.costs import choose_row_block
     from hessov.sketchspec import load_spec
 
     cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
     spec = load_spec(run)
     cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
+    if any(item.startswith(("row_block=", "memory_gb=")) for item in overrides):
+        spec.row_block = choose_row_block(cfg, spec)
     return cfg, spec
 
 
@@ -138,9 +143,9 @@ def _layout(run: RunDir, arguments: dict, overrides: list[str]) -> None:
         layout(run, override_run_config(saved_run_config(run), overrides))
 
 
-def measured_indices(arguments: dict[str, str], spec) -> tuple[range, str]:
-    """The measurement indices of a job and its task name: ``indices=a:b``, ``task=i`` (or
-    ``$SLURM_ARRAY_TASK_ID``), or all of them.
+def measured_indices(arguments: dict[str, str], spec, round_name: str) -> tuple[range, str]:
+    """The measurement indices of a job's round and its task name: ``indices=a:b``,
+    ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``), or all of them.
     """
     if "indices" in arguments:
         start, _, stop = arguments["indices"].partition(":")
@@ -150,18 +155,31 @@ def measured_indices(arguments: dict[str, str], spec) -> tuple[range, str]:
             raise ConfigError(f"indices: expected a:b, got {arguments['indices']!r}") from None
     task = arguments.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
     if task is None:
-        return range(spec.layout.num_measurements), "all"
+        return range(spec.round_layout(round_name).num_measurements), "all"
     task = int_argument({"task": task}, "task")
-    return spec.task_indices(task), f"task{task}"
+    return spec.task_indices(task, round_name), f"task{task}"
 
 
 def _measure(run: RunDir, arguments: dict, overrides: list[str]) -> None:
     from hessov.stages.measure import measure
 
     cfg, spec = sketch_inputs(run, overrides)
-    indices, task_name = measured_indices(arguments, spec)
-    for step, split in steps_and_splits(arguments, spec):
-        measure(run, cfg, spec, step, split, indices, task_name, arguments.get("round", "first"))
+    for round_name in measured_rounds(arguments, spec):
+        indices, task_name = measured_indices(arguments, spec, round_name)
+        for step, split in steps_and_splits(arguments, spec):
+            measure(run, cfg, spec, step, split, indices, task_name, round_name)
+
+
+def measured_rounds(arguments: dict[str, str], spec) -> list[str]:
+    """``round=``'s round; without it, the first round, and with it the a-posteriori round
+    when the whole round is asked for (no task or indices): both need only the layout.
+    """
+    if "round" in arguments:
+        if arguments["round"] not in spec.rounds:
+            raise ConfigError(f"round: {arguments['round']!r} is not one of {spec.rounds}")
+        return [arguments["round"]]
+    whole = not ({"indices", "task"} & set(arguments) or "SLURM_ARRAY_TASK_ID" in os.environ)
+    return ["first", "apost"] if whole and "apost" in spec.rounds else ["first"]
 
 
 def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
@@ -289,9 +307,12 @@ STAGES: dict[str, StageEntry] = {
         "stage 3: take one worker's share of the Hessian sketch measurements",
         "Measure step=T split=train|test (default: every step and split of the layout) for "
         "indices=a:b, task=i, or $SLURM_ARRAY_TASK_ID with MEAS_PER_JOB (default: all). "
+        "Without round=, task= or indices=, the first round and the a-posteriori round. "
         "Skips measured blocks; writes each finished block atomically. With two-pass "
         "recovery (the default), round=second multiplies H onto the basis Q that "
-        "`hessov basis` wrote after the first round. Also device= threads=.",
+        "`hessov basis` wrote after the first round; round=apost multiplies H onto the "
+        "a-posteriori error's Gaussian probes (any time after the layout). Also device= "
+        "threads=.",
     ),
     "basis": StageEntry(
         _basis,

@@ -1,18 +1,30 @@
-"""Verify one round's measurements and merge them into the split's monolithic arrays.
+"""Verify one round's measurements, and read them whole or in row blocks.
 
 The basis and solve stages both start here: a single read of each part checks its flags and
 checksums and places its columns, so a missing or corrupt measurement stops the stage before
-any arithmetic and names the indices to re-measure.
+any arithmetic and names the indices to re-measure. In memory (:func:`merged_round`) the
+columns go into the split's monolithic arrays; out of core (:func:`round_rows`, the plan's
+choice when ``D x k`` matrices do not fit the budget) the parts are verified a row block at
+a time and then read in row blocks. Also the tall datasets those passes write.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import h5py
 import numpy as np
+import torch
 
 from hessov.errors import MissingInputError
 from hessov.rundir import RunDir
+from hessov.skerch_ext.rowblocks import RowReader, RowWriter
 from hessov.skerch_ext.storage import IncompleteMeasurements
 from hessov.sketchspec import SketchSpec
+
+#: Chunks of tall datasets: 4,096 rows (row blocks are multiples of it) by 64 columns, 1 MiB
+#: in float32.
+CHUNK_ROWS, CHUNK_COLUMNS = 4096, 64
 
 
 def merged_round(
@@ -26,12 +38,58 @@ def merged_round(
     """
     arrays = spec.monolithic(run, split, round_name)
     with arrays.locked():
+        arrays.allocate()  # a layout for row blocks has none: this stage chose memory
         try:
             return arrays.merge(
                 spec.store(run, step, split, round_name), f"step_{step}_{split}_{round_name}"
             )
         except IncompleteMeasurements as err:
             raise MissingInputError(
-                f"step {step} {split} ({round_name} round): {err}. Re-measure them with "
-                f"`hessov resume {run.root}` (or `hessov measure ... indices=a:b`)."
+                _incomplete_message(run, step, split, round_name, err)
             ) from None
+
+
+def _incomplete_message(run: RunDir, step: int, split: str, round_name: str, err) -> str:
+    return (
+        f"step {step} {split} ({round_name} round): {err}. Re-measure them with "
+        f"`hessov resume {run.root}` (or `hessov measure ... indices=a:b`)."
+    )
+
+
+@contextmanager
+def round_rows(run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str):
+    """A reader ``rows -> outer[rows]`` ``(len(rows), k)`` over the round's parts, typed
+    ``torch``, after every part's flags and checksums were verified ``spec.row_block`` rows
+    at a time (whole parts in memory without a row block): the out-of-core counterpart of
+    :func:`merged_round`.
+
+    Raises:
+        MissingInputError: naming every missing or corrupt measurement.
+    """
+    store = spec.store(run, step, split, round_name)
+    problems = store.verify_rows(spec.row_block or spec.layout.dim)
+    if problems["missing"] or problems["corrupt"]:
+        err = IncompleteMeasurements(problems["missing"], problems["corrupt"])
+        raise MissingInputError(_incomplete_message(run, step, split, round_name, err))
+    with store.outer_rows() as read:
+        yield lambda rows: torch.from_numpy(read(rows))
+
+
+def tall_dataset(handle: h5py.File, name: str, shape: tuple[int, int], dtype) -> h5py.Dataset:
+    """A ``(D, c)`` dataset chunked for both ways it is read: row blocks (the out-of-core
+    passes, the analysis) and column blocks (the second round's measure tasks, the replay).
+    """
+    chunks = (min(shape[0], CHUNK_ROWS), min(shape[1], CHUNK_COLUMNS))
+    return handle.create_dataset(name, shape, dtype=dtype, chunks=chunks)
+
+
+def dataset_rows(dataset: h5py.Dataset) -> tuple[RowReader, RowWriter]:
+    """A reader and a writer of row blocks of ``dataset``, as torch tensors."""
+
+    def read(rows: range) -> torch.Tensor:
+        return torch.from_numpy(dataset[rows.start : rows.stop])
+
+    def write(rows: range, block: torch.Tensor) -> None:
+        dataset[rows.start : rows.stop] = block.numpy()
+
+    return read, write

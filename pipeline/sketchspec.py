@@ -1,7 +1,8 @@
 """The sketch settings a run's layout fixes, shared by every measure and solve job.
 
-``hessov layout`` resolves the sketch settings of the run config (``k`` defaulting to 5%
-of D, ``s`` to 2k, the block size, the steps and splits to measure) and writes them to
+``hessov layout`` resolves the sketch settings of the run config (``k`` defaulting to the
+paper's rule of :func:`hessov.costs.default_k`, ``s`` to 2k, the row block of the basis and
+solve from the memory budget, the block size, the steps and splits to measure) and writes them to
 ``measurements/sketch.json``. From then on they are the single source of truth: every
 measurement worker and every solve reads them from there, so a worker started with other
 overrides cannot silently measure a different sketch, and a layout asked for again with
@@ -42,18 +43,26 @@ class SketchSpec:
     meas_per_job: int
     layout_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: Rows per block of the out-of-core basis and solve; 0: in memory (see hessov.costs).
+    row_block: int = 0
 
     @property
     def num_tasks(self) -> int:
         """Measurement array tasks per step, split and round: ceil(measurements / MEAS_PER_JOB)."""
-        return -(-self.layout.num_measurements // self.meas_per_job)
+        return self.round_tasks("first")
 
-    def task_indices(self, task: int) -> range:
-        """Measurement indices of array task ``task`` (0-based), in any round."""
-        if not 0 <= task < self.num_tasks:
-            raise ConfigError(f"task: {task} outside 0..{self.num_tasks - 1}")
+    def round_tasks(self, round_name: str) -> int:
+        """Array tasks of one round of one step and split."""
+        return -(-self.round_layout(round_name).num_measurements // self.meas_per_job)
+
+    def task_indices(self, task: int, round_name: str = "first") -> range:
+        """Measurement indices of array task ``task`` (0-based) of a round."""
+        count = self.round_tasks(round_name)
+        if not 0 <= task < count:
+            raise ConfigError(f"task: {task} outside 0..{count - 1} of the {round_name} round")
         start = task * self.meas_per_job
-        return range(start, min(self.layout.num_measurements, start + self.meas_per_job))
+        total = self.round_layout(round_name).num_measurements
+        return range(start, min(total, start + self.meas_per_job))
 
     def seeds(self) -> SeedRegistry:
         """Omega's and Psi's ranges cover every first-round measurement (s, or k for two-pass,
@@ -74,19 +83,25 @@ class SketchSpec:
 
     @property
     def rounds(self) -> tuple[str, ...]:
-        """Measurement rounds: ``first`` (H Omega); two-pass adds ``second`` (H Q)."""
-        return ("first", "second") if self.recovery == "two_pass" else ("first",)
+        """Measurement rounds: ``first`` (H Omega); two-pass adds ``second`` (H Q); then
+        ``apost``, the a-posteriori probes' products (independent of the others).
+        """
+        sketch = ("first", "second") if self.recovery == "two_pass" else ("first",)
+        return sketch + (("apost",) if self.num_apost else ())
 
     @property
     def total_hvps(self) -> int:
         """HVPs of the sketch (a-posteriori probes excluded)."""
-        rounds = len(self.rounds)
+        rounds = len(self.rounds) - (self.num_apost > 0)
         return self.layout.num_measurements * rounds
 
     def round_layout(self, round_name: str) -> SketchLayout:
         """The layout of a round: the first pass's, or k products ``H @ Q[:, m]``."""
         if round_name == "first":
             return self.layout
+        if round_name == "apost":  # one outer column H g_i per probe
+            block = min(self.layout.block_size, self.num_apost)
+            return replace(self.layout, num_outer=self.num_apost, num_inner=0, block_size=block)
         # The same sketch's settings, with k outer columns and no inner sketch.
         return replace(self.layout, num_inner=0)
 
@@ -125,8 +140,12 @@ def automatic_block_size(dim: int) -> int:
 
 
 def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchSpec:
-    """Resolve defaults and validate the sketch settings against D and the records."""
-    k = cfg.k or max(1, round(0.05 * dim))
+    """Resolve defaults and validate the sketch settings against D and the records; the row
+    block comes from the memory budget (:func:`hessov.costs.choose_row_block`).
+    """
+    from hessov.costs import choose_row_block, default_k
+
+    k = cfg.k or default_k(dim)
     if cfg.recovery == "two_pass":
         s = 0  # no inner sketch (validated by the config)
     else:
@@ -154,9 +173,11 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
         layout = SketchLayout(dim, k, s, block, cfg.dtype, cfg.noise, cfg.SKETCH_SEED)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return SketchSpec(
+    spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
+    spec.row_block = choose_row_block(cfg, spec)
+    return spec
 
 
 def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> SketchSpec:

@@ -25,11 +25,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from skerch.utils import gaussian_noise
 
 from hessov.skerch_ext.measure import matmat_in_blocks
 from hessov.skerch_ext.operator import MatMat
+from hessov.skerch_ext.rowblocks import RowReader, gram
 from hessov.skerch_ext.seeds import SeedRange
 
 DEFAULT_NUM_PROBES = 30
@@ -65,21 +66,41 @@ class ApostEstimate:
         return self.error / self.frobenius
 
 
+#: Rows per independently seeded piece of a probe: any row block of the probes can be drawn
+#: alone, so the solve reads a-posteriori products and probes in the same row blocks.
+PROBE_CHUNK_ROWS = 1 << 16
+
+
+def gaussian_probe_rows(
+    seed_range: SeedRange, rows: range, probes: range | None = None
+) -> torch.Tensor:
+    """Rows ``rows`` of standard Gaussian probes ``probes`` (all of the range by default):
+    shape ``(len(rows), len(probes))``, float64 on the CPU.
+
+    Probe ``i`` is drawn in pieces of :data:`PROBE_CHUNK_ROWS` rows, piece ``c`` from numpy's
+    PCG64 seeded with ``(seed_range.seed(i), c)``: the same numbers whatever the row blocks,
+    the number of probes or the device.
+    """
+    probes = range(seed_range.size) if probes is None else probes
+    first, last = rows.start // PROBE_CHUNK_ROWS, -(-rows.stop // PROBE_CHUNK_ROWS)
+    offset = rows.start - first * PROBE_CHUNK_ROWS
+    columns = []
+    for i in probes:
+        pieces = [
+            np.random.default_rng([seed_range.seed(i), c]).standard_normal(PROBE_CHUNK_ROWS)
+            for c in range(first, last)
+        ]
+        columns.append(np.concatenate(pieces)[offset : offset + len(rows)])
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
 def gaussian_probes(
     dim: int, seed_range: SeedRange, *, dtype: torch.dtype, device: torch.device | str
 ) -> torch.Tensor:
-    """One standard Gaussian probe per seed of ``seed_range``: shape ``(D, n)``, ``n = size``.
-
-    Probe ``i`` is drawn alone from seed ``start + i`` in float64 on the CPU, then cast, so
-    it is the same on every device and for every number of probes.
+    """Every probe of ``seed_range`` in full: shape ``(D, n)``, ``n = size``, cast to ``dtype``
+    on ``device`` (see :func:`gaussian_probe_rows`).
     """
-    return torch.stack(
-        [
-            gaussian_noise(dim, seed=seed_range.seed(i), dtype=torch.float64, device="cpu")
-            for i in range(seed_range.size)
-        ],
-        dim=1,
-    ).to(device=device, dtype=dtype)
+    return gaussian_probe_rows(seed_range, range(dim)).to(device=device, dtype=dtype)
 
 
 def low_rank_apply(
@@ -107,12 +128,39 @@ def apost_error(
         block_size: Columns per batched HVP (bounds the operator's memory).
     """
     h_probes = matmat_in_blocks(matmat, probes, block_size)
-    residuals = h_probes - low_rank_apply(eigenvalues, eigenvectors, probes)
-    return ApostEstimate(
-        error_sq=residuals.pow(2).sum(dim=0).mean().item(),
-        frobenius_sq=h_probes.pow(2).sum(dim=0).mean().item(),
-        num_probes=probes.shape[1],
+    whole = [range(probes.shape[0])]
+    return apost_error_rows(
+        eigenvalues,
+        lambda rows: eigenvectors[rows.start : rows.stop],
+        lambda rows: probes[rows.start : rows.stop],
+        lambda rows: h_probes[rows.start : rows.stop],
+        whole,
     )
+
+
+def apost_error_rows(
+    eigenvalues: torch.Tensor,
+    eigenvectors: RowReader,
+    probes: RowReader,
+    h_probes: RowReader,
+    ranges: list[range],
+) -> ApostEstimate:
+    """:func:`apost_error` from row blocks of ``W`` ``(D, r)``, the probes ``G`` ``(D, n)`` and
+    their products ``H G`` ``(D, n)``, measured beforehand: two passes over the rows, one for
+    ``M = diag(L) W^T G`` ``(r, n)`` and one for the residuals ``H G - W M``.
+    """
+    dtype = eigenvalues.dtype
+    coefficients = eigenvalues[:, None] * gram(
+        lambda rows: eigenvectors(rows).to(dtype), lambda rows: probes(rows).to(dtype), ranges
+    )
+    error_sq = frobenius_sq = 0.0
+    for rows in ranges:
+        products = h_probes(rows).to(dtype)
+        residuals = products - eigenvectors(rows).to(dtype) @ coefficients
+        error_sq += residuals.pow(2).sum().item()
+        frobenius_sq += products.pow(2).sum().item()
+    num_probes = coefficients.shape[1]
+    return ApostEstimate(error_sq / num_probes, frobenius_sq / num_probes, num_probes)
 
 
 def apost_failure_probabilities(num_probes: int, rel_deviation: float) -> tuple[float, float]:

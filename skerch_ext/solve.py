@@ -29,9 +29,11 @@ more columns than the eigenpairs reported ("oversampled Q") is the main lever on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+from hessov.skerch_ext.rowblocks import RowReader, RowWriter, gram, tsqr
 
 #: ``X -> T X`` for a random test matrix ``T`` with ``s`` rows, applied to a ``(D, b)`` block.
 BlockTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -66,8 +68,17 @@ def single_pass_core(
         omega_t_apply: ``X -> Omega^T X``, ``(D, b) -> (s, b)``.
         psi_apply: ``X -> Psi X``, ``(D, b) -> (s, b)``.
     """
-    left = least_squares(psi_apply(basis), inner)  # (k, s): (Psi Q)^+ Z
-    core = least_squares(omega_t_apply(basis), left.T).T  # (k, k)
+    return core_from_projections(psi_apply(basis), omega_t_apply(basis), inner)
+
+
+def core_from_projections(
+    psi_basis: torch.Tensor, omega_t_basis: torch.Tensor, inner: torch.Tensor
+) -> torch.Tensor:
+    """:func:`single_pass_core` from ``Psi Q`` and ``Omega^T Q`` (both ``(s, k)``), however
+    they were computed (whole, or a block of columns at a time).
+    """
+    left = least_squares(psi_basis, inner)  # (k, s): (Psi Q)^+ Z
+    core = least_squares(omega_t_basis, left.T).T  # (k, k)
     return symmetrized(core)
 
 
@@ -94,9 +105,8 @@ def eigenpairs_from_core(
     Returns:
         Eigenvalues ``(r,)`` and orthonormal eigenvectors ``W = Q U`` ``(D, r)``.
     """
-    eigenvalues, eigenvectors = torch.linalg.eigh(core)
-    order = eigenvalues.abs().argsort(descending=True)[:num_eigenpairs]
-    return eigenvalues[order], basis @ eigenvectors[:, order]
+    eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
+    return eigenvalues, basis @ coefficients
 
 
 def seigh_single_pass(
@@ -187,3 +197,42 @@ def seigh_two_pass(
     if not krylov_extension:
         return eigenpairs_from_core(basis, two_pass_core(basis, h_basis), num)
     return eigenpairs_from_core(*block_krylov_extension(basis, h_basis), num)
+
+
+def block_krylov_core_rows(
+    basis: RowReader,
+    h_basis: RowReader,
+    extension: tuple[RowReader, RowWriter],
+    ranges: Sequence[range],
+) -> torch.Tensor:
+    """:func:`block_krylov_extension` on row blocks: writes ``P`` ``(D, k)`` through
+    ``extension`` (a reader and a writer of the same scratch storage) and returns the core
+    ``(2k, 2k)`` of the basis ``[Q, P]``.
+
+    The same steps as in memory, each a pass over the rows: ``C0 = Q^T (H Q)``; ``P`` by
+    TSQR of ``H Q - Q C0``, then again of ``P - Q (Q^T P)``; ``E = P^T (H Q)``. Needs
+    ``2k <= D`` (the in-memory path handles the complement of a larger ``k``).
+    """
+    read_p, write_p = extension
+    c0 = gram(basis, h_basis, ranges)
+    tsqr(lambda rows: h_basis(rows) - basis(rows) @ c0, write_p, read_p, ranges)
+    overlap = gram(basis, read_p, ranges)
+    tsqr(lambda rows: read_p(rows) - basis(rows) @ overlap, write_p, read_p, ranges)
+    coupling = gram(read_p, h_basis, ranges)  # E, (k, k)
+    num = c0.shape[0]
+    core = torch.zeros(2 * num, 2 * num, dtype=c0.dtype)
+    core[:num, :num] = symmetrized(c0)
+    core[num:, :num] = coupling
+    core[:num, num:] = coupling.T
+    return core
+
+
+def ritz_coefficients(
+    core: torch.Tensor, num_eigenpairs: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top ``r`` eigenpairs of a symmetric ``core`` ``(c, c)`` by ``|lambda|``: eigenvalues
+    ``(r,)`` and coefficients ``U`` ``(c, r)``, so that ``W = V U`` for the core's basis ``V``.
+    """
+    eigenvalues, eigenvectors = torch.linalg.eigh(core)
+    order = eigenvalues.abs().argsort(descending=True)[:num_eigenpairs]
+    return eigenvalues[order], eigenvectors[:, order]

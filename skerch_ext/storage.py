@@ -302,17 +302,53 @@ class MeasurementStore:
                 (corrupt if path.is_file() else missing).extend(block)
                 continue
             actual = column_checksums(inner, outer, len(block))
-            intact = True
-            for j, m in enumerate(block):
-                if flags[j] != FLAG_MEASURED:
-                    missing.append(m)
-                    intact = False
-                elif actual[j] != stored[j]:
-                    corrupt.append(m)
-                    intact = False
+            intact = _classify(block, flags, stored, actual, missing, corrupt)
             if intact and sink is not None:
                 sink(block, inner, outer)
         return {"missing": missing, "corrupt": corrupt}
+
+    def verify_rows(self, row_block: int) -> dict[str, list[int]]:
+        """:meth:`verify` reading each part's outer columns ``row_block`` rows at a time
+        (checksums chained over the row blocks), for parts too large to hold whole.
+        """
+        missing, corrupt = [], []
+        for block_id, block in enumerate(self.layout.blocks):
+            path = self.part_path(block_id)
+            try:
+                with h5py.File(path, "r") as handle:
+                    flags = handle["flags"][:]
+                    stored = handle["checksums"][:]
+                    actual = _streamed_checksums(handle, len(block), row_block)
+            except (OSError, KeyError):
+                (corrupt if path.is_file() else missing).extend(block)
+                continue
+            _classify(block, flags, stored, actual, missing, corrupt)
+        return {"missing": missing, "corrupt": corrupt}
+
+    def inner_matrix(self) -> np.ndarray:
+        """The inner sketch ``(s, s)`` from every part. Read only what :meth:`verify_rows`
+        has verified.
+        """
+        inner = np.empty((self.layout.num_inner, self.layout.num_inner), dtype=self.layout.dtype)
+        for block_id, block in enumerate(self.layout.blocks):
+            with h5py.File(self.part_path(block_id), "r") as handle:
+                inner[:, block.start : block.stop] = handle["inner"][:]
+        return inner
+
+    @contextmanager
+    def outer_rows(self):
+        """A reader ``rows -> outer[rows]`` ``(len(rows), k)`` over the parts, which stay
+        open while the context lasts. Read only what :meth:`verify_rows` has verified.
+        """
+        handles = [h5py.File(self.part_path(b), "r") for b in range(len(self.layout.blocks))]
+        datasets = [h["outer"] for h in handles if "outer" in h]
+        try:
+            yield lambda rows: np.concatenate(
+                [dataset[rows.start : rows.stop] for dataset in datasets], axis=1
+            )
+        finally:
+            for handle in handles:
+                handle.close()
 
     def part_attrs(self) -> list[dict]:
         """The attributes each measured part was written with (timings, worker)."""
@@ -344,6 +380,37 @@ class MeasurementStore:
             if layout.num_inner:
                 handle.create_virtual_dataset("inner", inner_layout, fillvalue=np.nan)
             handle.attrs["layout"] = layout.to_json()
+
+
+def _classify(block: range, flags, stored, actual, missing: list, corrupt: list) -> bool:
+    """Sort the block's measurements into ``missing`` (not flagged measured) and ``corrupt``
+    (checksum differs); True when every one is intact.
+    """
+    intact = True
+    for j, m in enumerate(block):
+        if flags[j] != FLAG_MEASURED:
+            missing.append(m)
+            intact = False
+        elif actual[j] != stored[j]:
+            corrupt.append(m)
+            intact = False
+    return intact
+
+
+def _streamed_checksums(handle: h5py.File, count: int, row_block: int) -> np.ndarray:
+    """:func:`column_checksums` of an open part, its outer columns read ``row_block`` rows at
+    a time: CRC-32 chained over the pieces equals the CRC of the whole column.
+    """
+    inner = handle["inner"][:] if "inner" in handle else None
+    sums = column_checksums(inner, None, count).astype(np.int64)
+    if "outer" not in handle:
+        return sums
+    outer = handle["outer"]
+    for start in range(0, outer.shape[0], row_block):
+        rows = np.ascontiguousarray(outer[start : start + row_block].T)
+        for j in range(rows.shape[0]):
+            sums[j] = zlib.crc32(rows[j], int(sums[j]))
+    return sums
 
 
 def describe_indices(indices: list[int]) -> str:

@@ -52,7 +52,10 @@ def test_graph_of_a_new_run():
         assert jobs[f"basis {where}"].after == (f"measure first {where}",)
         assert jobs[f"basis {where}"].outputs == (plan.run.two_pass_basis(step, "train"),)
         assert second.after == (f"basis {where}",) and second.tasks == (0, 1, 2)
-        assert jobs[f"solve {where}"].after == (f"measure second {where}",)
+        # The a-posteriori probes need only the layout: their round runs beside the sketch's.
+        assert jobs[f"measure apost {where}"].after == ("layout",)
+        assert jobs[f"measure apost {where}"].hvps == cfg.NUM_A_POSTERIORI
+        assert jobs[f"solve {where}"].after == (f"measure second {where}", f"measure apost {where}")
         assert jobs[f"analyze {where}"].elements() == [
             (f"analyze {where}", ["analyze", root, f"step={step}", "split=train", "report=false"])
         ]
@@ -96,8 +99,10 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
         "layout": True,
         "sketches": [
             # step 100: solved and analysed; step 300: task 1 of the first round missing.
-            sketch_status(100, {"first": [], "second": []}, basis_written=True, solved=True),
-            sketch_status(300, {"first": [1], "second": [0, 1, 2]}),
+            sketch_status(
+                100, {"first": [], "second": [], "apost": []}, basis_written=True, solved=True
+            ),
+            sketch_status(300, {"first": [1], "second": [0, 1, 2], "apost": []}),
         ],
     }
     status["sketches"][0].analysed = True
@@ -116,7 +121,7 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
     assert all("threads=2" not in job.args for job in jobs if job.stage == "analyze")
 
     status["sketches"][1] = sketch_status(
-        300, {"first": [], "second": [2]}, basis_written=True, solved=False
+        300, {"first": [], "second": [2], "apost": []}, basis_written=True, solved=False
     )
     jobs = build_graph(plan.run, plan.spec, status, cfg)
     assert [job.name for job in jobs][:2] == [

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.kernel_path
 
 HESSOV = str(Path(sys.executable).parent / "hessov")
 WHERE = ["step=300", "split=train"]
-ROUNDS = ("first", "second")  # preset=tiny: two-pass, three array tasks per round
-TASKS = 3
+# preset=tiny: two-pass, three array tasks per sketch round, one for the 10 a-posteriori probes.
+ROUNDS = ("first", "second", "apost")
+TASKS = {"first": 3, "second": 3, "apost": 1}
 EIGEN = "eigen/step_300_train.h5"
 
 
@@ -71,7 +72,7 @@ def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, t
     for number, round_name in enumerate(ROUNDS):
         if round_name == "second":
             script(job_args(run, "basis"))
-        for task in range(TASKS):
+        for task in range(TASKS[round_name]):
             setting = setting_of(task, number)
             measure = job_args(run, "measure", f"round={round_name}")
             script(measure, setting, SLURM_ARRAY_TASK_ID=str(task))
@@ -102,7 +103,7 @@ def test_slurm_array_tasks_on_mixed_kernel_paths(slurm_cluster, tiny_trained, re
                 *after,
                 setting=setting_of(task, number),
             )  # fmt: skip
-            for task in range(TASKS)
+            for task in range(TASKS[round_name])
         ]
     solve = submit(job_args(run, "solve"), f"--dependency=afterok:{':'.join(previous)}")
     assert wait_for_jobs(slurm_cluster, solve, timeout=600)[solve] == ("COMPLETED", "0:0")

@@ -18,10 +18,11 @@ through submitit (:mod:`hessov.launch.slurm`), ``slurm/submit_chain.sh`` and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hessov.config import RunConfig, replay_jobs, save_config
+from hessov.costs import check_budgets, format_bytes, job_cost, problem_facts
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramstore import ColumnStore
@@ -47,6 +48,9 @@ class Job:
         tasks: the array's task ids (each element adds ``task=ID``); ``None``: one job.
         inputs: files and directories the job reads.
         outputs: files and directories the job writes.
+        memory_bytes: estimated peak memory of one task (:mod:`hessov.costs`).
+        disk_bytes: what the job writes, all tasks together.
+        hvps: Hessian-vector products of the job, all tasks together.
     """
 
     name: str
@@ -56,6 +60,9 @@ class Job:
     tasks: tuple[int, ...] | None = None
     inputs: tuple[Path, ...] = ()
     outputs: tuple[Path, ...] = ()
+    memory_bytes: int = 0
+    disk_bytes: int = 0
+    hvps: int = 0
 
     def elements(self) -> list[tuple[str, list[str]]]:
         """``(name, argv)`` of each job this submission runs: one, or one per task."""
@@ -74,6 +81,9 @@ class Job:
             "tasks": None if self.tasks is None else list(self.tasks),
             "inputs": [str(path) for path in self.inputs],
             "outputs": [str(path) for path in self.outputs],
+            "memory_bytes": self.memory_bytes,
+            "disk_bytes": self.disk_bytes,
+            "hvps": self.hvps,
         }
 
 
@@ -97,11 +107,12 @@ class _Builder:
 
 def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where, after):
     """The measurement rounds of one step and split (and the basis between them); returns
-    the dependency of the solve.
+    the dependencies of the solve. The a-posteriori probes need only the layout, so their
+    round runs beside the sketch's.
     """
     run, (step, split) = graph.run, where
     label = f"step={step} split={split}"
-    previous = after
+    previous, beside = after, ()
     for round_name in spec.rounds:
         if round_name == "second" and not (item and item.basis_written):
             previous = graph.add(
@@ -112,21 +123,27 @@ def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where,
                 [run.measurement_parts(step, split, "first")],
                 [run.two_pass_basis(step, split)],
             )
-        tasks = item.rounds[round_name].tasks_missing if item else list(range(spec.num_tasks))
-        if tasks:
-            inputs = [run.sketch_spec]
-            if round_name == "second":
-                inputs.append(run.two_pass_basis(step, split))
-            previous = graph.add(
-                f"measure {round_name} {label}",
-                "measure",
-                (f"step={step}", f"split={split}", f"round={round_name}"),
-                previous,
-                inputs,
-                [run.measurement_parts(step, split, round_name)],
-                tuple(tasks),
-            )
-    return previous
+        all_tasks = list(range(spec.round_tasks(round_name)))
+        tasks = item.rounds[round_name].tasks_missing if item else all_tasks
+        if not tasks:
+            continue
+        inputs = [run.sketch_spec]
+        if round_name == "second":
+            inputs.append(run.two_pass_basis(step, split))
+        added = graph.add(
+            f"measure {round_name} {label}",
+            "measure",
+            (f"step={step}", f"split={split}", f"round={round_name}"),
+            after if round_name == "apost" else previous,
+            inputs,
+            [run.measurement_parts(step, split, round_name)],
+            tuple(tasks),
+        )
+        if round_name == "apost":
+            beside = added
+        else:
+            previous = added
+    return previous + beside
 
 
 def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) -> tuple[str, ...]:
@@ -225,7 +242,7 @@ def build_graph(
 
 @dataclass
 class RunPlan:
-    """A run directory, its sketch settings, D and the jobs still needed."""
+    """A run directory, its sketch settings, D and the jobs still needed, each priced."""
 
     run: RunDir
     spec: SketchSpec
@@ -236,27 +253,57 @@ class RunPlan:
         return {
             "run_dir": str(self.run.root),
             "dim": self.spec.layout.dim,
+            "k": self.spec.layout.num_outer,
+            "s": self.spec.layout.num_inner,
+            "row_block": self.spec.row_block,
             "rounds": list(self.spec.rounds),
             "tasks": self.spec.num_tasks,
             "sketches": [[step, split] for step in self.spec.steps for split in self.spec.splits],
             "replays": [job.name.partition("=")[2] for job in self.jobs if job.stage == "replay"],
+            "hvps": sum(job.hvps for job in self.jobs),
+            "disk_bytes": sum(job.disk_bytes for job in self.jobs),
+            "peak_memory_bytes": max((job.memory_bytes for job in self.jobs), default=0),
             "jobs": [job.as_dict() for job in self.jobs],
         }
 
     def as_lines(self) -> str:
-        """A readable summary: ``key value`` lines, then one line per job."""
+        """A readable summary: ``key value`` lines, then one line per job with its price."""
+        spec = self.spec
+        solve = f"row blocks of {spec.row_block}" if spec.row_block else "in memory"
         lines = [
             f"run_dir {self.run.root}",
-            f"dim {self.spec.layout.dim}",
-            f"rounds {' '.join(self.spec.rounds)}",
-            f"tasks {self.spec.num_tasks}",
+            f"dim {spec.layout.dim}",
+            f"k {spec.layout.num_outer}  s {spec.layout.num_inner}  recovery {spec.recovery}",
+            f"rounds {' '.join(spec.rounds)}",
+            f"tasks {spec.num_tasks}",
+            f"basis and solve {solve}",
             f"jobs {len(self.jobs)}",
+            f"hvps {sum(job.hvps for job in self.jobs)}",
+            f"disk {format_bytes(sum(job.disk_bytes for job in self.jobs))}",
         ]
         for job in self.jobs:
             size = f" ({len(job.tasks)} array tasks)" if job.tasks is not None else ""
             after = f"  after: {', '.join(job.after)}" if job.after else ""
-            lines.append(f"  {job.name}{size}{after}")
+            price = (
+                f"  [{format_bytes(job.memory_bytes)} per task, {format_bytes(job.disk_bytes)} disk"
+            )
+            price += f", {job.hvps} HVPs]" if job.hvps else "]"
+            lines.append(f"  {job.name}{size}{price}{after}")
         return "\n".join(lines)
+
+
+def priced(jobs: list[Job], spec: SketchSpec, cfg: RunConfig, facts) -> list[Job]:
+    """``jobs`` with their prices (:func:`hessov.costs.job_cost`), refused when one exceeds
+    its memory budget (:func:`hessov.costs.check_budgets`).
+    """
+    result = []
+    for job in jobs:
+        cost = job_cost(job, spec, cfg, facts)
+        result.append(
+            replace(job, memory_bytes=cost.memory_bytes, disk_bytes=cost.disk_bytes, hvps=cost.hvps)
+        )
+    check_budgets(result, cfg)
+    return result
 
 
 def plan_run(cfg: RunConfig) -> RunPlan:
@@ -274,30 +321,33 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
     check_eval_deterministic(problem.model, problem.train.inputs)
     dim = problem.num_params
+    facts = problem_facts(problem)
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
     spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
     status = run_status(run) if run.config.is_file() else None
     if status and status["layout"]:
         spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
-    return RunPlan(run, spec, build_graph(run, spec, status, cfg))
+    return RunPlan(run, spec, priced(build_graph(run, spec, status, cfg), spec, cfg, facts))
 
 
 def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     """What ``run`` is missing, from its files: the sketch its layout holds (or, before the
     layout, the config's), with ``compute_args`` passed on to every job after training.
     """
+    from hessov.problems import build_problem
+
     refuse_unfinished_record(run)
     status = run_status(run)
+    facts = problem_facts(build_problem(cfg))
     if status["layout"]:
         spec = load_spec(run)
     elif status["train"]:  # the steps training recorded: it may have stopped at a target
         params = ColumnStore(run.params)
         spec = resolve_spec(cfg, params.dim(), params.steps())
     else:
-        from hessov.problems import build_problem
-
-        spec = resolve_spec(cfg, build_problem(cfg).num_params, list(cfg.RECORD_STEPS))
-    return RunPlan(run, spec, build_graph(run, spec, status, cfg, compute_args))
+        spec = resolve_spec(cfg, facts.dim, list(cfg.RECORD_STEPS))
+    jobs = build_graph(run, spec, status, cfg, compute_args)
+    return RunPlan(run, spec, priced(jobs, spec, cfg, facts))
 
 
 def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:
@@ -317,6 +367,8 @@ def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:
                 f"{err} To finish what it is missing: hessov resume {run.root}{backend}"
             ) from None
     cfg.RUN_DIR, cfg.resume = str(run.root), True
+    # The layout job resolves the same row block on whatever node it runs (-1: in memory).
+    cfg.row_block = plan.spec.row_block or -1
     if not run.config.is_file():
         run.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run.config)

@@ -47,16 +47,15 @@ def round_status(
 ) -> RoundStatus:
     """The flags of one round of one step and split; all missing before the round started."""
     store = spec.store(run, step, split, round_name)
-    missing = (
-        store.missing_indices()
-        if store.directory.is_dir()
-        else list(range(spec.layout.num_measurements))
-    )
+    total = store.layout.num_measurements
+    missing = store.missing_indices() if store.directory.is_dir() else list(range(total))
     missing_set = set(missing)
     tasks = [
-        t for t in range(spec.num_tasks) if any(m in missing_set for m in spec.task_indices(t))
+        t
+        for t in range(spec.round_tasks(round_name))
+        if any(m in missing_set for m in spec.task_indices(t, round_name))
     ]
-    return RoundStatus(spec.layout.num_measurements, missing, tasks)
+    return RoundStatus(total, missing, tasks)
 
 
 def run_status(run: RunDir) -> dict:

@@ -3,7 +3,8 @@
 Resolves the sketch settings (``k`` = 5% of D and ``s`` = 2k by default, the block size,
 which steps and splits to measure), writes them to ``measurements/sketch.json``, creates
 one set of part files with ``initialized`` flags and a virtual view per step and split,
-and allocates each split's monolithic merge arrays once (reused for every step).
+and allocates each split's monolithic merge arrays once (reused for every step) unless the
+basis and solve work in row blocks (``row_block``, chosen from the memory budget).
 Running it again with the same settings only creates what is missing; with other
 settings it is refused, since the measured parts belong to the first layout. A resumed run
 finishes the layout on disk (:func:`complete_layout`), whatever its config's defaults say.
@@ -56,9 +57,11 @@ def complete_layout(run: RunDir, spec: SketchSpec, started: float | None = None)
         for split in spec.splits:
             for round_name in spec.rounds:
                 created += spec.store(run, step, split, round_name).create()
-    for split in spec.splits:
-        for round_name in spec.rounds:
-            spec.monolithic(run, split, round_name).allocate()
+    if not spec.row_block:  # out of core, the stages read the parts in row blocks
+        for split in spec.splits:
+            for round_name in spec.rounds:
+                if round_name != "apost":  # read from its parts (hessov.merge.round_rows)
+                    spec.monolithic(run, split, round_name).allocate()
     if not spec.layout_seconds:
         spec.layout_seconds = round(time.perf_counter() - started, 3)
     save_spec(run, spec)
@@ -71,6 +74,8 @@ def complete_layout(run: RunDir, spec: SketchSpec, started: float | None = None)
         "parts_per_step_and_split": len(spec.layout.blocks),
         "tasks_per_step_and_split": spec.num_tasks,
         "MEAS_PER_JOB": spec.meas_per_job,
+        "row_block": spec.row_block,
+        "a_posteriori_probes": spec.num_apost,
         "recovery": spec.recovery,
         "noise": spec.layout.noise,
         "steps": spec.steps,

@@ -15,7 +15,9 @@ A worker's range comes from ``indices=a:b``, from ``task=i``, or from Slurm's
 With two-pass recovery there is a second round (``round=second``): after the basis stage
 (``hessov basis``) has written the orthonormal basis ``Q`` (D x k) of ``H Omega[:, :k]``,
 each worker multiplies ``H`` onto its columns of ``Q`` and stores ``H Q[:, block]`` the same
-way.
+way. The a-posteriori round (``round=apost``) multiplies ``H`` onto the error estimate's
+Gaussian probes ``G`` (D x NUM_A_POSTERIORI, their own seed range), which need nothing but
+the layout, so that the solve that checks its eigenpairs against them needs no model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hessov.errors import ConfigError, MissingInputError
 from hessov.hessian import hessian_at_step
 from hessov.rundir import RunDir
 from hessov.runlog import EventLog, get_logger
+from hessov.skerch_ext.aposteriori import gaussian_probe_rows
 from hessov.skerch_ext.measure import measure_block, synchronized
 from hessov.skerch_ext.storage import MeasurementStore, SketchLayout
 from hessov.sketchspec import SketchSpec
@@ -113,6 +116,8 @@ def measure(
     setup_seconds = time.perf_counter() - started
     if round_name == "first":
         measure_one = functools.partial(_first_round_block, hessian, sketch, layout=spec.layout)
+    elif round_name == "apost":
+        measure_one = functools.partial(_apost_round_block, spec, hessian)
     else:
         measure_one = functools.partial(_second_round_block, run, step, split, hessian)
     run.task_logs.mkdir(parents=True, exist_ok=True)
@@ -130,7 +135,7 @@ def measure(
         )
         worker = {"task": task_name, "host": socket.gethostname(), "device": str(hessian.device)}
         desc = f"measure {split}@{step} {round_name} [{indices.start}:{indices.stop}]"
-        _measure_blocks(store, spec.layout, todo, measure_one, worker, events, stats, desc)
+        _measure_blocks(store, store.layout, todo, measure_one, worker, events, stats, desc)
         events.write("finished", **stats)
     log.info(
         "measure %s step %d %s: %d blocks (%d HVPs) in %.1f s, %.1f HVPs/s",
@@ -183,6 +188,17 @@ def _second_round_block(run: RunDir, step: int, split: str, hessian, block: rang
     columns = synchronized(columns.to(hessian.device, hessian.dtype))
     started = time.perf_counter()
     outer = synchronized(hessian.matmat(columns))
+    products_seconds = time.perf_counter() - started
+    return None, outer.cpu().numpy(), products_seconds
+
+
+def _apost_round_block(spec: SketchSpec, hessian, block: range) -> _Products:
+    """The a-posteriori round: ``H G[:, block]`` on the error estimate's Gaussian probes."""
+    rows = range(spec.layout.dim)
+    probes = gaussian_probe_rows(spec.seeds()["apost"], rows, block)
+    probes = synchronized(probes.to(hessian.device, hessian.dtype))
+    started = time.perf_counter()
+    outer = synchronized(hessian.matmat(probes))
     products_seconds = time.perf_counter() - started
     return None, outer.cpu().numpy(), products_seconds
 

@@ -2,14 +2,17 @@
 
 Before anything else every part's flags and checksums are verified, in the same single
 read of each part that merges it into the split's monolithic arrays (allocated once by
-the layout); a missing or corrupt measurement stops the solve and names the indices
-(``hessov resume`` re-measures them), leaving the arrays untouched. Then single-pass
+the layout), or a row block at a time when the layout fixed a ``row_block`` (the plan's
+choice when ``D x k`` matrices do not fit the memory budget: then every ``D``-row matrix
+is read and written in row blocks, :mod:`hessov.skerch_ext.rowblocks`); a missing or
+corrupt measurement stops the solve and names the indices (``hessov resume`` re-measures
+them), leaving the arrays untouched. Then single-pass
 SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``, the core
 ``(Psi Q)^+ Z ((Omega^T Q)^+)^T`` from two least-squares solves with block transforms,
 symmetrised, ``eigh``, sorted by ``|lambda|``, ``W = Q U`` (or, two-pass, Rayleigh-Ritz on
 the basis stage's ``Q`` and the second round's ``H Q``). Finally the a-posteriori error is
-estimated with ``NUM_A_POSTERIORI`` Gaussian probes (their own seed range), with its
-probability and scree bounds.
+estimated from the ``apost`` round's products of ``NUM_A_POSTERIORI`` Gaussian probes
+(their own seed range), with its probability and scree bounds: the solve needs no model.
 
 Writes ``eigen/step_T_{split}.h5`` (eigenvalues ``(k,)``, eigenvectors ``(D, k)``, bounds,
 provenance) and the ``solve`` summary for that step and split.
@@ -28,19 +31,22 @@ from hessov import summary
 from hessov.config import RunConfig
 from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
-from hessov.hessian import hessian_at_step
-from hessov.merge import merged_round
+from hessov.merge import dataset_rows, merged_round, round_rows, tall_dataset
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
 from hessov.skerch_ext.aposteriori import (
-    apost_error,
+    apost_error_rows,
     apost_failure_probabilities,
-    gaussian_probes,
+    gaussian_probe_rows,
     scree_bounds,
 )
+from hessov.skerch_ext.rowblocks import RowReader, row_pass, row_ranges, tsqr
 from hessov.skerch_ext.solve import (
+    block_krylov_core_rows,
+    core_from_projections,
     eigenpairs_from_core,
     orthonormal_basis,
+    ritz_coefficients,
     seigh_two_pass,
     single_pass_core,
 )
@@ -48,17 +54,10 @@ from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
 
 
-def write_eigen_file(path, eigenvalues, eigenvectors, attrs: dict, datasets: dict) -> None:
-    """Write the eigenpairs file atomically: eigenvalues ``(k,)``, eigenvectors ``(D, k)``
-    (one chunk per column), the extra ``datasets`` and ``attrs`` (non-scalars as JSON).
-    """
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_dataset("eigenvalues", data=eigenvalues)
-        handle.create_dataset("eigenvectors", data=eigenvectors, chunks=(eigenvectors.shape[0], 1))
-        for name, value in datasets.items():
-            handle.create_dataset(name, data=value)
-        for key, value in attrs.items():
-            handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+def write_attrs(handle: h5py.File, attrs: dict) -> None:
+    """The eigen file's attributes (non-scalars as JSON)."""
+    for key, value in attrs.items():
+        handle.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
 
 
 def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) -> dict:
@@ -77,59 +76,154 @@ def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) ->
     }
 
 
-def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, like, seconds):
-    """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
-    ``H Q`` ``(D, k)``: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``.
-    """
+def _require_basis(run: RunDir, step: int, split: str):
     path = run.two_pass_basis(step, split)
     if not path.is_file():
         raise MissingInputError(
             f"{path} is missing: write the first round's basis with "
             f"`hessov basis {run.root} step={step} split={split}`"
         )
+    return path
+
+
+def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds):
+    """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
+    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)``; eigenvectors ``(D, k)`` are written
+    to ``handle``.
+    """
+    path = _require_basis(run, step, split)
     t0 = time.perf_counter()
     h_basis, _ = merged_round(run, spec, step, split, "second")
-    with h5py.File(path, "r") as handle:
-        q = torch.from_numpy(handle["basis"][:]).to(like)
-        seconds["merge"] = float(handle.attrs["merge_seconds"]) + time.perf_counter() - t0
-        seconds["qr"] = float(handle.attrs["qr_seconds"])
+    with h5py.File(path, "r") as basis_file:
+        q = torch.from_numpy(basis_file["basis"][:])
+        seconds["merge"] = float(basis_file.attrs["merge_seconds"]) + time.perf_counter() - t0
+        seconds["qr"] = float(basis_file.attrs["qr_seconds"])
     t0 = time.perf_counter()
-    pairs = seigh_two_pass(q, torch.from_numpy(h_basis).to(like), spec.layout.num_outer)
+    eigenvalues, eigenvectors = seigh_two_pass(q, torch.from_numpy(h_basis), spec.layout.num_outer)
     seconds["core_solve"] = time.perf_counter() - t0
-    return pairs
+    handle.create_dataset("eigenvectors", data=eigenvectors.numpy(), chunks=(q.shape[0], 1))
+    return eigenvalues
 
 
-def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, like, seconds):
-    """Single-pass SEIGH from the first round's outer ``(D, k)`` and inner ``(s, s)`` sketches:
-    eigenvalues ``(k,)`` and eigenvectors ``(D, k)``, typed ``like``.
+def two_pass_eigenpairs_in_row_blocks(
+    run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds
+):
+    """:func:`two_pass_eigenpairs` out of core: every ``D``-row matrix (``Q``, ``H Q``, the
+    extension ``P`` in a scratch file, ``W``) is read and written ``spec.row_block`` rows at
+    a time (:func:`hessov.skerch_ext.solve.block_krylov_core_rows`).
+    """
+    layout = spec.layout
+    ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
+    scratch_path = run.eigen(step, split).with_suffix(".scratch.h5")
+    t0 = time.perf_counter()
+    with (
+        h5py.File(_require_basis(run, step, split), "r") as basis_file,
+        round_rows(run, spec, step, split, "second") as h_basis,
+        h5py.File(scratch_path, "w") as scratch,
+    ):
+        seconds["qr"] = float(basis_file.attrs["qr_seconds"])
+        basis, _ = dataset_rows(basis_file["basis"])
+        shape = (layout.dim, layout.num_outer)
+        extension = dataset_rows(tall_dataset(scratch, "extension", shape, layout.dtype))
+        core = block_krylov_core_rows(basis, h_basis, extension, ranges)
+        eigenvalues, coefficients = ritz_coefficients(core, layout.num_outer)
+        top, bottom = coefficients[: layout.num_outer], coefficients[layout.num_outer :]
+        dataset = tall_dataset(handle, "eigenvectors", shape, layout.dtype)
+        _, write = dataset_rows(dataset)
+        for rows in row_pass(ranges, "row blocks: eigenvectors"):
+            write(rows, basis(rows) @ top + extension[0](rows) @ bottom)
+    scratch_path.unlink()
+    seconds["core_solve"] = time.perf_counter() - t0
+    return eigenvalues
+
+
+def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds):
+    """Single-pass SEIGH from the first round's outer ``(D, k)`` and inner ``(s, s)`` sketches,
+    in memory: eigenvalues ``(k,)``; eigenvectors ``(D, k)`` are written to ``handle``.
     """
     t0 = time.perf_counter()
     outer, inner = merged_round(run, spec, step, split, "first")
     seconds["merge"] = time.perf_counter() - t0
-    sketch = spec.matrices(like.dtype, like.device)
+    outer = torch.from_numpy(outer)
+    sketch = spec.matrices(outer.dtype, outer.device)
     t0 = time.perf_counter()
-    q = orthonormal_basis(torch.from_numpy(outer).to(like))
+    q = orthonormal_basis(outer)
     seconds["qr"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    core = single_pass_core(
-        q, torch.from_numpy(inner).to(like), sketch.omega_t_apply, sketch.psi_apply
-    )
-    pairs = eigenpairs_from_core(q, core)
+    core = single_pass_core(q, torch.from_numpy(inner), sketch.omega_t_apply, sketch.psi_apply)
+    eigenvalues, eigenvectors = eigenpairs_from_core(q, core)
     seconds["core_solve"] = time.perf_counter() - t0
-    return pairs
+    handle.create_dataset("eigenvectors", data=eigenvectors.numpy(), chunks=(q.shape[0], 1))
+    return eigenvalues
 
 
-def a_posteriori(hessian, spec: SketchSpec, eigenvalues, eigenvectors, seconds) -> dict:
-    """The a-posteriori error of the eigenpairs from ``NUM_A_POSTERIORI`` Gaussian probes,
-    its failure probabilities and the scree bounds ``(k,)``.
+def single_pass_eigenpairs_in_row_blocks(
+    run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds
+):
+    """:func:`single_pass_eigenpairs` out of core: ``Q`` by TSQR into a scratch file, ``Psi Q``
+    and ``Omega^T Q`` a block of ``block_size`` columns at a time (the random matrices act
+    on whole columns, as in a measure task), ``W = Q U`` by row blocks.
+    """
+    layout = spec.layout
+    shape = (layout.dim, layout.num_outer)
+    ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
+    scratch_path = run.eigen(step, split).with_suffix(".scratch.h5")
+    t0 = time.perf_counter()
+    with (
+        round_rows(run, spec, step, split, "first") as outer,
+        h5py.File(scratch_path, "w") as scratch,
+    ):
+        basis_data = tall_dataset(scratch, "basis", shape, layout.dtype)
+        basis, write_basis = dataset_rows(basis_data)
+        tsqr(outer, write_basis, basis, ranges)
+        seconds["qr"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        inner = torch.from_numpy(spec.store(run, step, split).inner_matrix())
+        psi_basis, omega_t_basis = _projections(spec, basis_data)
+        core = core_from_projections(psi_basis, omega_t_basis, inner)
+        eigenvalues, coefficients = ritz_coefficients(core, layout.num_outer)
+        _, write = dataset_rows(tall_dataset(handle, "eigenvectors", shape, layout.dtype))
+        for rows in row_pass(ranges, "row blocks: eigenvectors"):
+            write(rows, basis(rows) @ coefficients)
+    scratch_path.unlink()
+    seconds["core_solve"] = time.perf_counter() - t0
+    return eigenvalues
+
+
+def _projections(spec: SketchSpec, basis) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Psi Q`` and ``Omega^T Q`` ``(s, k)``, from ``block_size`` columns of ``Q`` at a time."""
+    sketch = spec.matrices(getattr(torch, spec.layout.dtype), "cpu")
+    psi, omega_t = [], []
+    for start in range(0, basis.shape[1], spec.layout.block_size):
+        columns = torch.from_numpy(basis[:, start : start + spec.layout.block_size])
+        psi.append(sketch.psi_apply(columns))
+        omega_t.append(sketch.omega_t_apply(columns))
+    return torch.cat(psi, dim=1), torch.cat(omega_t, dim=1)
+
+
+def eigenvector_rows(handle: h5py.File, spec: SketchSpec) -> tuple[RowReader, list[range]]:
+    """A reader of the written eigenvectors and the row blocks to read them in."""
+    dim = spec.layout.dim
+    ranges = row_ranges(dim, spec.row_block, spec.layout.num_outer) if spec.row_block else None
+    return dataset_rows(handle["eigenvectors"])[0], ranges or [range(dim)]
+
+
+def a_posteriori(run: RunDir, spec: SketchSpec, step, split, eigenvalues, handle, seconds) -> dict:
+    """The a-posteriori error of the written eigenpairs from the ``apost`` round's products
+    of ``NUM_A_POSTERIORI`` Gaussian probes, its failure probabilities and the scree bounds
+    ``(k,)``.
     """
     t0 = time.perf_counter()
-    probes = gaussian_probes(
-        spec.layout.dim, spec.seeds()["apost"], dtype=hessian.dtype, device=hessian.device
-    )
-    estimate = apost_error(
-        hessian.matmat, eigenvalues, eigenvectors, probes, spec.layout.block_size
-    )
+    eigenvectors, ranges = eigenvector_rows(handle, spec)
+    seed_range = spec.seeds()["apost"]
+    with round_rows(run, spec, step, split, "apost") as h_probes:
+        estimate = apost_error_rows(
+            eigenvalues,
+            eigenvectors,
+            lambda rows: gaussian_probe_rows(seed_range, rows),
+            h_probes,
+            ranges,
+        )
     scree_lo, scree_hi = scree_bounds(eigenvalues, estimate.error, estimate.frobenius)
     p_low, p_high = apost_failure_probabilities(spec.num_apost, 0.5)
     seconds["a_posteriori"] = time.perf_counter() - t0
@@ -181,28 +275,25 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
 
 
 def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
-    """Solve one step and split (two-pass: after the basis stage and the second round);
-    writes the eigen file and the summary, and returns the summary fields.
+    """Solve one step and split (two-pass: after the basis stage and the second round; and
+    after the a-posteriori round); writes the eigen file and the summary, and returns the
+    summary fields.
     """
     set_cpu_threads(cfg.threads)
     seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
-    t0 = time.perf_counter()
-    hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
-    seconds["operator_setup"] = time.perf_counter() - t0
-    like = torch.empty(0, dtype=hessian.dtype, device=hessian.device)
-    recover = two_pass_eigenpairs if spec.recovery == "two_pass" else single_pass_eigenpairs
-    eigenvalues, eigenvectors = recover(run, spec, step, split, like, seconds)
-    check = a_posteriori(hessian, spec, eigenvalues, eigenvectors, seconds)
-    seconds = {key: round(value, 4) for key, value in seconds.items()}
-    fields = summary_fields(spec, eigenvalues, check, seconds)
-    scree_lo, scree_hi = check["scree"]
-    write_eigen_file(
-        run.eigen(step, split),
-        eigenvalues.cpu().numpy(),
-        eigenvectors.cpu().numpy(),
-        provenance(spec, cfg, step, split, fields),
-        {"scree_lower": scree_lo.cpu().numpy(), "scree_upper": scree_hi.cpu().numpy()},
-    )
+    if spec.recovery == "two_pass":
+        recover = two_pass_eigenpairs_in_row_blocks if spec.row_block else two_pass_eigenpairs
+    else:
+        recover = single_pass_eigenpairs_in_row_blocks if spec.row_block else single_pass_eigenpairs
+    with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
+        eigenvalues = recover(run, spec, step, split, handle, seconds)
+        check = a_posteriori(run, spec, step, split, eigenvalues, handle, seconds)
+        seconds = {key: round(value, 4) for key, value in seconds.items()}
+        fields = summary_fields(spec, eigenvalues, check, seconds)
+        handle.create_dataset("eigenvalues", data=eigenvalues.numpy())
+        for name, bound in zip(("scree_lower", "scree_upper"), check["scree"], strict=True):
+            handle.create_dataset(name, data=bound.numpy())
+        write_attrs(handle, provenance(spec, cfg, step, split, fields))
     summary.record(run, "solve", fields, step, split)
     log_event(
         run.log,

@@ -1,0 +1,341 @@
+"""What every job of a run costs before it runs: HVPs, peak memory per task and disk.
+
+A sketch at scale fails late and expensively when nothing prices it: ``k`` = 5% of D on the
+1.3M-parameter mnist_mlp would hold ``D x 2k`` float32 (714 GB) in one solve. ``hessov
+plan``, ``run`` and ``resume`` price every job of the stage graph with the model below and
+refuse, before anything is submitted, a job whose peak memory exceeds its budget, naming the
+keys that would make it fit.
+
+**Memory model** (bytes, one process). Every process pays :data:`PROCESS_FLOOR_BYTES` (the
+interpreter with torch and h5py imported after one autograd call: 277 MiB measured in
+bench/RESULTS.md, section 5). A process that builds the problem adds its data and the model.
+The rest is what the stage holds, counted as ``D``-row matrices of the storage dtype:
+
+* measure: the kept gradient graph of one batch of Hessian points (measured once per
+  problem by :func:`problem_facts` with ``saved_tensors_hooks``: a constant part and a part
+  per example), which a block's batched second backward pass holds ``1 + block`` times over,
+  plus :data:`MEASURE_BLOCK_COPIES` ``D x block`` columns (test columns, products, the float64
+  probes of the a-posteriori round and their copies);
+* basis and solve in memory: :data:`IN_MEMORY_COPIES` ``D x k`` matrices (merged round,
+  ``Q``, residual, ``P`` twice, ``[Q, P]``, ``W``);
+* basis and solve in row blocks (:mod:`hessov.skerch_ext.rowblocks`): :data:`ROW_BLOCK_COPIES`
+  ``row_block x k`` blocks, the TSQR factors ``(D / row_block) x k x k`` and the ``2k x 2k``
+  core's ``eigh``.
+
+bench/RESULTS.md compares these estimates with each stage's measured peak RSS.
+
+**Budgets.** ``memory_gb`` (> 0) sets every job's budget. Otherwise a local run has this
+machine's memory and a Slurm job its stage's ``slurm.stages.STAGE.mem_gb`` or ``slurm.mem_gb``
+(the machine's memory when neither is set).
+
+**The default k** (:func:`default_k`): the paper's choices, 5% of D for small networks
+(k = 352 on the 7,030-parameter mnist_mini), k = 1,000 at D = 895,210 (CIFAR-10 3c3d) and
+k = 1,500 at D = 11,689,512 (ImageNet ResNet-18): 5% of D up to 1,000, then growing as
+``D^0.158``, the power through the paper's two large settings. A sketch's HVPs cost ``O(D)``
+each, so a k growing like D would make the sketch's cost quadratic in D; the top of the
+spectrum that training feels holds a number of outliers that grows slowly with the network.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hessov.config import RunConfig
+from hessov.errors import ConfigError
+
+MIB, GIB = 2**20, 2**30
+#: Interpreter, torch, h5py and one autograd call (bench/RESULTS.md, section 5: 277 MiB).
+PROCESS_FLOOR_BYTES = 300 * MIB
+#: ``D x block`` columns a measure task holds at once.
+MEASURE_BLOCK_COPIES = 6
+#: ``D x k`` matrices held at once by the in-memory basis and solve.
+IN_MEMORY_COPIES = 8
+#: ``row_block x k`` blocks held at once by the out-of-core basis and solve.
+ROW_BLOCK_COPIES = 8
+#: Row blocks are multiples of the tall datasets' chunk rows (hessov.merge.CHUNK_ROWS).
+ROW_BLOCK_ALIGN = 4096
+#: The paper's two large settings, through which the default k grows beyond 1,000.
+PAPER_K = ((895_210, 1000), (11_689_512, 1500))
+SMALL_K_FRACTION, LARGE_K_START = 0.05, 1000
+
+
+def default_k(dim: int) -> int:
+    """The default number of outer measurements at ``D = dim`` (see the module docstring)."""
+    (d0, k0), (d1, k1) = PAPER_K
+    exponent = math.log(k1 / k0) / math.log(d1 / d0)
+    grown = LARGE_K_START * max(1.0, dim / d0) ** exponent
+    return max(1, min(round(SMALL_K_FRACTION * dim), round(grown)))
+
+
+@dataclass(frozen=True)
+class ProblemFacts:
+    """What the memory of a process that builds the problem depends on.
+
+    Attributes:
+        dim: D, trainable parameters.
+        data_bytes: The problem's train and test tensors, which every such process loads.
+        graph_bytes: Saved tensors of one gradient graph kept for double backward that do
+            not grow with the batch (weights and the like).
+        graph_bytes_per_example: Saved tensors per example of that graph.
+    """
+
+    dim: int
+    data_bytes: int
+    graph_bytes: int
+    graph_bytes_per_example: int
+
+
+def _saved_bytes(problem, count: int) -> int:
+    """Bytes autograd saves for the double-backward graph of the first ``count`` examples."""
+    from hessov.batching import batch_loss, chunk
+
+    sizes = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sizes.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    params = [p for p in problem.model.parameters() if p.requires_grad]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = batch_loss(
+            problem.model,
+            problem.loss,
+            chunk(problem.train.inputs, 0, count),
+            problem.train.targets[:count],
+        )
+        torch.autograd.grad(loss, params, create_graph=True)
+    return sum(sizes)
+
+
+def problem_facts(problem) -> ProblemFacts:
+    """Measure :class:`ProblemFacts` of a built problem: the graph of one and of two examples
+    gives its constant part and its part per example.
+    """
+    from hessov.batching import tensors
+
+    data = sum(
+        tensor.numel() * tensor.element_size()
+        for split in (problem.train, problem.test)
+        for tensor in [*tensors(split.inputs), split.targets]
+    )
+    one, two = _saved_bytes(problem, 1), _saved_bytes(problem, 2)
+    return ProblemFacts(problem.num_params, data, max(0, 2 * one - two), max(0, two - one))
+
+
+def machine_memory_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_budget(cfg: RunConfig, stage: str) -> tuple[int, str]:
+    """A job's memory budget in bytes and the key that sets it."""
+    if cfg.memory_gb > 0:
+        return int(cfg.memory_gb * GIB), "memory_gb"
+    if cfg.backend == "slurm":
+        override = getattr(cfg.slurm.stages, stage, None)
+        if override is not None and override.mem_gb:
+            return override.mem_gb * GIB, f"slurm.stages.{stage}.mem_gb"
+        if cfg.slurm.mem_gb:
+            return cfg.slurm.mem_gb * GIB, "slurm.mem_gb"
+    return machine_memory_bytes(), "memory_gb (0: this machine's memory)"
+
+
+def _itemsize(spec) -> int:
+    return torch.empty(0, dtype=getattr(torch, spec.layout.dtype)).element_size()
+
+
+def in_memory_solve_bytes(spec) -> int:
+    """Peak memory of the in-memory basis or solve (the larger, the solve)."""
+    dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
+    size = _itemsize(spec)
+    probes = 2 * dim * spec.num_apost * 8  # the probes in float64 and their products
+    return PROCESS_FLOOR_BYTES + IN_MEMORY_COPIES * dim * k * size + probes + 3 * inner**2 * size
+
+
+def row_block_solve_bytes(spec, row_block: int) -> int:
+    """Peak memory of the out-of-core basis or solve with ``row_block`` rows per block."""
+    dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
+    size = _itemsize(spec)
+    blocks = -(-dim // row_block)
+    rows = ROW_BLOCK_COPIES * row_block * k * size + 2 * row_block * spec.num_apost * 8
+    small = blocks * k * k * 8 + 4 * (2 * k) ** 2 * 8
+    single_pass = (4 * dim * spec.layout.block_size * size + 3 * inner**2 * size) if inner else 0
+    return PROCESS_FLOOR_BYTES + rows + small + single_pass
+
+
+def choose_row_block(cfg: RunConfig, spec) -> int:
+    """The layout's ``row_block``: 0 (in memory) when the in-memory solve fits the budget of
+    the basis and solve jobs, else the largest multiple of :data:`ROW_BLOCK_ALIGN` rows whose
+    out-of-core solve fits half of it (``cfg.row_block`` > 0 fixes it; -1 forces memory).
+    """
+    k = spec.layout.num_outer
+    if cfg.row_block == -1:
+        return 0
+    if cfg.row_block > 0:
+        if cfg.row_block < k:
+            raise ConfigError(f"row_block: {cfg.row_block} rows is fewer than k={k}")
+        return min(cfg.row_block, spec.layout.dim)
+    budget = min(memory_budget(cfg, stage)[0] for stage in ("basis", "solve"))
+    if in_memory_solve_bytes(spec) <= budget or 2 * k > spec.layout.dim:
+        return 0
+    # Half the budget: the estimate's margin, and page cache for the passes' reads. Blocks
+    # larger than that gain nothing: a pass streams through them either way.
+    budget //= 2
+    # The largest aligned block that fits (memory grows with the block), by bisection.
+    low, high = -(-k // ROW_BLOCK_ALIGN), -(-spec.layout.dim // ROW_BLOCK_ALIGN)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if row_block_solve_bytes(spec, middle * ROW_BLOCK_ALIGN) <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return min(low * ROW_BLOCK_ALIGN, spec.layout.dim)
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """A job's price.
+
+    Attributes:
+        memory_bytes: Estimated peak memory of one task (of the job, if not an array).
+        disk_bytes: What the job (all its tasks) writes to the run directory.
+        hvps: Hessian-vector products the job computes (all its tasks).
+    """
+
+    memory_bytes: int
+    disk_bytes: int
+    hvps: int
+
+
+#: Keys that lower each stage's memory, for the refusal's message.
+FIX_KEYS = {
+    "train": ("PHYSICAL_BATCH_SIZE",),
+    "replay": ("PHYSICAL_BATCH_SIZE", "k"),
+    "measure": ("block_size", "HESSIAN_BATCH_SIZE"),
+    "basis": ("row_block", "k"),
+    "solve": ("row_block", "k"),
+    "exhaustive": ("EXHAUSTIVE=false",),
+}
+#: matplotlib and the small arrays of the figures and reports.
+REPORT_BYTES = 200 * MIB
+#: What the analysis holds beside its D-vectors (see hessov.stages.analyze).
+ANALYSIS_BYTES = 256 * MIB
+
+
+def _problem_bytes(facts: ProblemFacts, model_copies: int) -> int:
+    return PROCESS_FLOOR_BYTES + facts.data_bytes + model_copies * facts.dim * 4
+
+
+def _measure_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
+    round_name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["round"]
+    layout = spec.round_layout(round_name)
+    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
+    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
+    block = layout.block_size
+    memory = (
+        _problem_bytes(facts, 4)
+        + graph * (1 + block)
+        + MEASURE_BLOCK_COPIES * facts.dim * block * 8
+    )
+    count = sum(len(spec.task_indices(task, round_name)) for task in job.tasks)
+    outer = min(count, layout.num_outer) * layout.dim + count * layout.num_inner
+    return JobCost(memory, outer * _itemsize(spec), count)
+
+
+def _solve_memory(spec) -> int:
+    if spec.row_block:
+        return row_block_solve_bytes(spec, spec.row_block)
+    return in_memory_solve_bytes(spec)
+
+
+def _solve_cost(spec, cfg, facts, job) -> JobCost:
+    return JobCost(
+        _solve_memory(spec), spec.layout.dim * spec.layout.num_outer * _itemsize(spec), 0
+    )
+
+
+def _layout_cost(spec, cfg, facts, job) -> JobCost:
+    arrays = 0 if spec.row_block else len(spec.splits) * 2 * spec.layout.dim * spec.layout.num_outer
+    return JobCost(PROCESS_FLOOR_BYTES, arrays * _itemsize(spec), 0)
+
+
+def _training_bytes(cfg: RunConfig, facts: ProblemFacts) -> int:
+    """The problem, model, gradient and optimizer state, and one physical batch's graph."""
+    batch = cfg.PHYSICAL_BATCH_SIZE or cfg.BATCH_SIZE or 1
+    return _problem_bytes(facts, 5) + facts.graph_bytes + facts.graph_bytes_per_example * batch
+
+
+def _train_cost(spec, cfg, facts, job) -> JobCost:
+    records = len(cfg.RECORD_STEPS) + 3 * len(cfg.SNAPSHOT_STEPS)
+    return JobCost(_training_bytes(cfg, facts), records * facts.dim * 4, 0)
+
+
+def _replay_cost(spec, cfg, facts, job) -> JobCost:
+    filter_bytes = 2 * facts.dim * spec.layout.num_outer * 8  # eigenvectors in float64
+    return JobCost(_training_bytes(cfg, facts) + filter_bytes, 0, 0)
+
+
+def _exhaustive_cost(spec, cfg, facts, job) -> JobCost:
+    dense = 3 * facts.dim**2 * 8  # the dense Hessian, its eigenvectors, a copy
+    return JobCost(_problem_bytes(facts, 4) + dense, 0, facts.dim)
+
+
+def _analyze_cost(spec, cfg, facts, job) -> JobCost:
+    vectors = 4 * facts.dim * 8  # parameters, masks, row energies
+    return JobCost(PROCESS_FLOOR_BYTES + REPORT_BYTES + ANALYSIS_BYTES + vectors, 0, 0)
+
+
+_STAGE_COSTS = {
+    "measure": _measure_cost,
+    "basis": _solve_cost,
+    "solve": _solve_cost,
+    "layout": _layout_cost,
+    "train": _train_cost,
+    "replay": _replay_cost,
+    "exhaustive": _exhaustive_cost,
+    "analyze": _analyze_cost,
+}
+
+
+def job_cost(job, spec, cfg: RunConfig, facts: ProblemFacts) -> JobCost:
+    """The price of one job of the stage graph (:class:`hessov.launch.graph.Job`)."""
+    price = _STAGE_COSTS.get(job.stage)
+    if price is None:  # compare: figures only
+        return JobCost(PROCESS_FLOOR_BYTES + REPORT_BYTES, 0, 0)
+    return price(spec, cfg, facts, job)
+
+
+def format_bytes(count: int) -> str:
+    """``count`` bytes in GiB (from 1 GiB) or MiB."""
+    return f"{count / GIB:.2f} GiB" if count >= GIB else f"{count / MIB:.0f} MiB"
+
+
+def check_budgets(jobs, cfg: RunConfig) -> None:
+    """Refuse jobs whose memory exceeds their budget (:func:`memory_budget`): one line per
+    stage with its largest job, naming the keys that would make it fit.
+
+    Raises:
+        ConfigError: listing every stage with a job over its budget.
+    """
+    worst: dict[str, tuple[int, int, str]] = {}  # stage: (bytes, jobs over, a job's name)
+    for job in jobs:
+        if job.memory_bytes > memory_budget(cfg, job.stage)[0]:
+            most, count, name = worst.get(job.stage, (0, 0, ""))
+            largest = (job.memory_bytes, job.name) if job.memory_bytes > most else (most, name)
+            worst[job.stage] = (largest[0], count + 1, largest[1])
+    lines = []
+    for stage, (most, count, name) in worst.items():
+        budget, key = memory_budget(cfg, stage)
+        fixes = ", ".join((*FIX_KEYS.get(stage, ()), key.split(" ")[0]))
+        lines.append(
+            f"  {stage}: {count} job(s) over the {format_bytes(budget)} budget ({key}), "
+            f"the largest {name!r} at {format_bytes(most)} per task; to fit, change {fixes}"
+        )
+    if lines:
+        raise ConfigError(
+            "memory: jobs over their budget (`hessov plan` prices them):\n" + "\n".join(lines)
+        )

@@ -1,0 +1,88 @@
+"""The plan's prices (hessov.costs): the default k, the row block chosen from the budget, every
+job priced in `hessov plan --json`, and refusals that name the keys, before anything runs.
+"""
+
+import json
+
+import pytest
+
+from hessov.config import load_run_config
+from hessov.costs import (
+    GIB,
+    choose_row_block,
+    default_k,
+    in_memory_solve_bytes,
+    problem_facts,
+    row_block_solve_bytes,
+)
+from hessov.errors import ConfigError
+from hessov.problems import build_problem
+from hessov.sketchspec import resolve_spec
+
+TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
+
+
+def test_default_k_follows_the_papers_choices():
+    assert default_k(7030) == 352  # 5% of D on mnist_mini, as before
+    assert default_k(20_000) == 1000
+    assert default_k(895_210) == 1000  # CIFAR-10 3c3d
+    assert default_k(11_689_512) == 1500  # ImageNet ResNet-18
+    assert default_k(1_336_610) == 1065  # mnist_mlp
+    assert default_k(5) == 1
+
+
+def spec_for(dim: int, *overrides: str):
+    cfg = load_run_config([*TINY, *overrides])
+    return cfg, resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
+
+
+def test_row_blocks_are_chosen_when_the_in_memory_solve_does_not_fit():
+    cfg, spec = spec_for(10_000_000, "k=256", "memory_gb=2")
+    assert in_memory_solve_bytes(spec) > 2 * GIB
+    assert spec.row_block > 0 and spec.row_block % 4096 == 0
+    assert row_block_solve_bytes(spec, spec.row_block) <= GIB  # half the budget
+    assert row_block_solve_bytes(spec, spec.row_block + 4096) > GIB  # the largest that fits
+    _, small = spec_for(7030, "k=30", "memory_gb=2")
+    assert small.row_block == 0  # in memory: the fast path
+    _, forced = spec_for(7030, "k=30", "row_block=100")
+    assert forced.row_block == 100
+    cfg.row_block = -1
+    assert choose_row_block(cfg, spec) == 0
+
+
+def test_a_row_block_smaller_than_k_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="row_block: 20 rows is fewer than k=30"):
+        spec_for(7030, "k=30", "row_block=20")
+
+
+def test_problem_facts_of_mnist_mini():
+    problem = build_problem(load_run_config(TINY))
+    facts = problem_facts(problem)
+    inputs = problem.train.inputs.numel() + problem.test.inputs.numel()
+    assert facts.dim == 7030 and facts.data_bytes >= 4 * inputs
+    assert facts.graph_bytes_per_example > 0 and facts.graph_bytes > 0
+
+
+def test_the_default_mnist_mlp_plan_fits_a_24_gb_machine(hessov):
+    plan = json.loads(hessov("plan", "problem=mnist_mlp", "memory_gb=24", "--json").stdout)
+    assert plan["k"] == 1065 and plan["row_block"] > 0
+    assert all(0 < job["memory_bytes"] <= 24 * GIB for job in plan["jobs"])
+    assert plan["peak_memory_bytes"] == max(job["memory_bytes"] for job in plan["jobs"])
+    measures = [job for job in plan["jobs"] if job["stage"] == "measure"]
+    assert sum(job["hvps"] for job in measures) == plan["hvps"]
+    # Every step and split: two rounds of k HVPs and the 30 a-posteriori probes.
+    assert plan["hvps"] == len(plan["sketches"]) * (2 * 1065 + 30)
+    first = next(job for job in measures if "round=first" in job["argv"])
+    assert first["disk_bytes"] == 1065 * plan["dim"] * 4
+
+
+def test_run_refuses_a_job_over_its_budget_before_anything_starts(hessov, tmp_path):
+    result = hessov("run", *TINY, "memory_gb=0.3", f"OUTPUT_DIR={tmp_path}", check=False)
+    assert result.returncode == 2
+    assert (
+        "measure:" in result.stderr and "block_size, HESSIAN_BATCH_SIZE, memory_gb" in result.stderr
+    )
+    assert "(memory_gb)" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing trained, nothing created
+    lines = hessov("plan", *TINY, "memory_gb=4").stdout
+    assert "basis and solve in memory" in lines and "per task" in lines

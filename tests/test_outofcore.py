@@ -1,0 +1,119 @@
+"""The basis and solve in row blocks (``row_block``) on a real run: the same eigenpairs as in
+memory within the tolerances of skerch_ext/tolerances.py (tests/equivalence.py), whatever the
+row block, and a pass interrupted half-way leaves nothing behind and reruns to the same bits.
+
+TSQR, block sums and a row-wise ``W = [Q, P] U`` are backward stable like their in-memory
+counterparts, so the two computations differ as two kernel paths do: by rounding, which the
+equivalence tolerances bound (Weyl for the eigenvalues, Davis-Kahan for the gapped spaces).
+"""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+import hessov.merge
+from conftest import TINY_SKETCH, laid_out, run_hessov
+from equivalence import compare_eigen_files
+from hessov.jobs import run_job
+
+EIGEN = "eigen/step_300_train.h5"
+
+
+@pytest.fixture(scope="module")
+def first_round(tiny_trained, tmp_path_factory):
+    """A run whose first round and a-posteriori round are measured (in memory layout)."""
+    run = laid_out(tiny_trained, tmp_path_factory.mktemp("first") / "run", "row_block=-1")
+    run_hessov("measure", str(run), *TINY_SKETCH)
+    return run
+
+
+def finish(run, *solve_args: str):
+    """The basis, the second round and the solve, with ``solve_args`` for the basis and solve."""
+    run_hessov("basis", str(run), *TINY_SKETCH, *solve_args)
+    run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
+    run_hessov("solve", str(run), *TINY_SKETCH, *solve_args)
+    return run
+
+
+@pytest.fixture(scope="module")
+def in_memory(first_round, tmp_path_factory):
+    run = tmp_path_factory.mktemp("memory") / "run"
+    shutil.copytree(first_round, run)
+    return finish(run)
+
+
+@pytest.mark.parametrize("row_block", [30, 1000, 4096, 7030])
+def test_row_block_solve_equals_the_in_memory_one(first_round, in_memory, tmp_path, row_block):
+    run = tmp_path / "run"
+    shutil.copytree(first_round, run)
+    finish(run, f"row_block={row_block}")
+    compare_eigen_files(in_memory / EIGEN, run / EIGEN)
+    with h5py.File(run / EIGEN) as rows, h5py.File(in_memory / EIGEN) as memory:
+        assert rows["eigenvectors"].shape == memory["eigenvectors"].shape == (7030, 30)
+        # The same probes and products: the estimates differ by rounding only.
+        assert rows.attrs["apost_rel_err"] == pytest.approx(memory.attrs["apost_rel_err"], 1e-4)
+    with h5py.File(run / "measurements/step_300_train/basis.h5") as basis:
+        assert basis.attrs["row_block"] == row_block
+    assert not list((run / "eigen").glob("*.scratch.h5"))  # the scratch file is removed
+
+
+def interrupting_writer(after: int):
+    """hessov.merge.dataset_rows whose writers raise after ``after`` row blocks in all."""
+    original = hessov.merge.dataset_rows
+    written = [0]
+
+    def dataset_rows(dataset):
+        read, write = original(dataset)
+
+        def failing_write(rows, block):
+            written[0] += 1
+            if written[0] > after:
+                raise RuntimeError("interrupted")
+            write(rows, block)
+
+        return read, failing_write
+
+    return dataset_rows
+
+
+@pytest.mark.parametrize("stage", ["basis", "solve"])
+def test_an_interrupted_row_block_pass_reruns_to_the_same_bits(
+    first_round, tmp_path, monkeypatch, stage
+):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    for target in (reference, run):
+        shutil.copytree(first_round, target)
+    finish(reference, "row_block=1000")
+    args = [str(run), *TINY_SKETCH, "row_block=1000"]
+    if stage == "solve":
+        run_hessov("basis", *args)
+        run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
+    for module in ("hessov.stages.basis", "hessov.stages.solve"):
+        monkeypatch.setattr(f"{module}.dataset_rows", interrupting_writer(after=5))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run_job([stage, *args])
+    monkeypatch.undo()
+    output = run / ("measurements/step_300_train/basis.h5" if stage == "basis" else EIGEN)
+    assert not output.exists()  # nothing half-written under the output's name
+    if stage == "basis":
+        run_hessov("basis", *args)
+        run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
+    run_hessov("solve", *args)
+    # Bitwise by construction: the same blocks on the same machine and kernel path.
+    with h5py.File(reference / EIGEN) as a, h5py.File(run / EIGEN) as b:
+        for name in ("eigenvalues", "eigenvectors"):
+            assert np.array_equal(a[name][:], b[name][:])
+
+
+def test_the_layout_chooses_row_blocks_when_memory_does_not_fit(tiny_trained, tmp_path):
+    # In memory the tiny solve needs the 300 MiB floor + 8 D x k float32 + the probes:
+    # 308 MiB, over 0.3 GiB (307 MiB). Out of core, the smallest aligned block (4,096 rows).
+    small = laid_out(tiny_trained, tmp_path / "small", "memory_gb=0.3")
+    assert json.loads((small / "measurements/sketch.json").read_text())["row_block"] == 4096
+    assert not list((small / "measurements").glob("merged_*.h5"))  # no D x k arrays
+    large = laid_out(tiny_trained, tmp_path / "large", "memory_gb=1")
+    assert json.loads((large / "measurements/sketch.json").read_text())["row_block"] == 0
+    assert (large / "measurements/merged_train.h5").is_file()
