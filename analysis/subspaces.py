@@ -8,6 +8,13 @@ and with the best any sparse mask could do, and how the eigenspace moves during 
 a ``D x D`` matrix: every metric works on ``D x k`` frames, ``k x k`` cross products, or per-row
 energies, with ``k x k`` decompositions only.
 
+A ``D x K`` eigenvector frame ``W`` is 80 GB in float64 at ``D = 10^7``, ``K = 1,000``, so the
+mask metrics and :func:`leading_grassmannian_similarities` take ``W`` as a tensor or as any
+:class:`~hessov.analysis.rowblocks.RowSource` (an ``h5py`` dataset, say) and read it
+``row_block`` rows at a time through :mod:`hessov.analysis.rowblocks`: memory
+``O(row_block K + K^2)`` plus ``D``-vectors (parameters, masks). A tensor in memory goes
+through the same code, so each formula lives in one function.
+
 References:
     - A. Fernandez et al., "Connecting Parameter Magnitudes and Hessian Eigenspaces at Scale using
       Sketched Methods" (the overlap, its baselines and the Grassmannian similarities).
@@ -56,14 +63,25 @@ from ``log1p(-2 sin^2(theta/2))``, accurate at both ends.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-# Row-chunked reductions over a D x K frame touch at most this many elements at once, so the
-# float64 temporaries stay near 32 MiB whatever D is.
-_CHUNK_ELEMENTS = 2**22
+from hessov.analysis.rowblocks import (
+    GatherRows,
+    PrefixEnergyMoments,
+    PrefixEnergySums,
+    Reduction,
+    RowSource,
+    TopPrefixEnergies,
+    cross_product,
+    device_of,
+    fold,
+    gather_rows,
+    residual_factors,
+)
 
 DISTANCE_NAMES = (
     "geodesic",
@@ -83,8 +101,8 @@ def _check_vector(params: torch.Tensor) -> None:
         raise ValueError(f"expected a flat parameter vector (D,), got shape {tuple(params.shape)}")
 
 
-def _check_frame(frame: torch.Tensor, name: str) -> None:
-    if frame.ndim != 2 or frame.shape[1] < 1:  # noqa: PLR2004 (a matrix)
+def _check_frame(frame: torch.Tensor | RowSource, name: str) -> None:
+    if len(frame.shape) != 2 or frame.shape[1] < 1:  # noqa: PLR2004 (a matrix)
         raise ValueError(f"{name} must be a (D, k) matrix with k >= 1, got {tuple(frame.shape)}")
 
 
@@ -215,147 +233,250 @@ def random_baseline(k, dimension: int):
 
 
 def mask_overlap(
-    eigenvectors: torch.Tensor, mask_indices: torch.Tensor, k: int | None = None
+    eigenvectors: torch.Tensor | RowSource,
+    mask_indices: torch.Tensor,
+    k: int | None = None,
+    row_block: int | None = None,
 ) -> float:
     """``||W[mask, :k]||_F^2 / min(m, k)`` as a float.
 
-    ``eigenvectors`` ``W``: ``(D, K)``, sorted by ``|lambda|`` descending; ``mask_indices``:
-    ``(m,)`` distinct rows; ``k`` (default ``m``, as in the paper): how many leading
-    eigenvectors span the eigenspace. Normalising by ``min(m, k)`` makes it ``subspace_overlap``
-    of the coordinate subspace of the mask and ``span W[:, :k]``: 1 iff one contains the other.
+    ``eigenvectors`` ``W``: ``(D, K)``, sorted by ``|lambda|`` descending, a tensor or any
+    :class:`~hessov.analysis.rowblocks.RowSource` read ``row_block`` rows at a time;
+    ``mask_indices``: ``(m,)`` distinct rows; ``k`` (default ``m``, as in the paper): how many
+    leading eigenvectors span the eigenspace. Normalising by ``min(m, k)`` makes it
+    ``subspace_overlap`` of the coordinate subspace of the mask and ``span W[:, :k]``: 1 iff
+    one contains the other.
     """
     _check_frame(eigenvectors, "eigenvectors")
     _check_mask(mask_indices)
     k = mask_indices.numel() if k is None else k
     if not 1 <= k <= eigenvectors.shape[1]:
         raise ValueError(f"k must lie in [1, K={eigenvectors.shape[1]}], got {k}")
-    rows = eigenvectors[mask_indices.to(eigenvectors.device), :k].double()
+    rows = gather_rows(eigenvectors, mask_indices, k, row_block)
     return rows.square().sum().item() / min(mask_indices.numel(), k)
 
 
-def _prefix_row_energies(eigenvectors: torch.Tensor, sizes: Sequence[int]):
-    """Yield ``(k, e(k))`` for each ``k`` of ``sizes`` in increasing order, where
-    ``e(k) = sum_(j<k) W[:, j]^2`` is ``(D,)`` float64.
-
-    Each ``e(k)`` extends the previous one by the new columns only, so a whole curve costs one
-    pass over ``W[:, :max k]``: ``O(D K)`` in total.
+def random_masks(dimension: int, k: int, num_masks: int, seed: int) -> torch.Tensor:
+    """``num_masks`` uniformly random ``k``-coordinate masks of ``D`` coordinates, ``(num_masks,
+    k)`` int64: the first ``k`` entries of successive ``torch.randperm(D)`` of a CPU generator
+    seeded with ``seed``, so they depend on nothing else. Costs ``O(num_masks D)`` time and
+    one permutation ``(D,)`` of memory at a time.
     """
-    dimension = eigenvectors.shape[0]
-    energies = torch.zeros(dimension, dtype=torch.float64, device=eigenvectors.device)
-    done = 0
-    for k in sorted(set(sizes)):
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS // (k - done))
-        for start in range(0, dimension, rows_per_chunk):
-            block = eigenvectors[start : start + rows_per_chunk, done:k].double()
-            energies[start : start + rows_per_chunk] += block.square().sum(dim=1)
-        done = k
-        yield k, energies
-
-
-def best_mask_overlap(eigenvectors: torch.Tensor, k: int) -> float:
-    """Largest overlap any ``k``-coordinate mask can reach with ``span W[:, :k]``, a float:
-    the ``k`` largest row energies ``e_i(k) = sum_(j<k) W_ij^2`` summed, over ``k``.
-
-    ``eigenvectors`` ``W``: ``(D, K)`` with ``K >= k``.
-    """
-    return best_mask_overlap_curve(eigenvectors, [k])[0].item()
-
-
-def random_mask_overlap(
-    eigenvectors: torch.Tensor, k: int, num_masks: int, seed: int
-) -> tuple[float, float]:
-    """Mean and sample standard deviation of the overlap of ``num_masks`` uniformly random
-    ``k``-coordinate masks with ``span W[:, :k]``.
-
-    ``eigenvectors`` ``W``: ``(D, K)``. The masks come from a CPU generator seeded with
-    ``seed``, so they do not depend on ``W``'s device. Costs ``O(num_masks D)`` (one random
-    permutation per mask); ``random_mask_overlap_curve`` gives the exact moments instead.
-    """
-    _check_frame(eigenvectors, "eigenvectors")
-    if num_masks < 2:  # noqa: PLR2004 (a standard deviation needs two)
-        raise ValueError(f"num_masks must be >= 2 for a standard deviation, got {num_masks}")
-    dimension = eigenvectors.shape[0]
-    ((_, energies),) = _prefix_row_energies(
-        eigenvectors, _checked_sizes([k], eigenvectors.shape[1], dimension)
-    )
     generator = torch.Generator().manual_seed(seed)
-    overlaps = torch.stack(
-        [
-            energies[torch.randperm(dimension, generator=generator)[:k].to(energies.device)].sum()
-            for _ in range(num_masks)
-        ]
-    )
-    overlaps /= k
-    return overlaps.mean().item(), overlaps.std().item()
+    masks = torch.empty(num_masks, k, dtype=torch.int64)
+    for mask in masks:
+        # A slice would keep its whole (D,) permutation alive: copy the k entries out.
+        mask.copy_(torch.randperm(dimension, generator=generator)[:k])
+    return masks
 
 
-def overlap_curve(
-    eigenvectors: torch.Tensor, params: torch.Tensor, ks: Sequence[int] | torch.Tensor
-) -> torch.Tensor:
-    """``overlap(k)`` of the magnitude mask for every ``k`` of ``ks``, shape ``(len(ks),)``
-    float64 on ``W``'s device.
+#: A reduction over the rows of ``W`` and the function that turns its result into a metric.
+_Plan = tuple[Reduction, Callable[[Any], Any]]
 
-    ``eigenvectors`` ``W``: ``(D, K)`` sorted by ``|lambda|`` descending; ``params``: ``(D,)``.
-    Masks are nested (``M_k`` is the top ``k`` of the magnitude ranking), so only the rows of
-    the top ``k_max`` parameters matter: with ``A = W[M_kmax, :kmax]^2`` (``kmax x kmax``, rows in
-    ranking order), ``overlap(k) = sum_(i<k, j<k) A_ij / k`` is the leading ``k x k`` block sum,
-    read off one 2-d cumulative sum: ``O(D + kmax^2)`` for the whole curve.
-    """
+
+def _measured(eigenvectors: torch.Tensor | RowSource, plans: dict[str, _Plan], row_block):
+    """``{name: metric}`` for the ``plans``, all from one pass over the rows of ``W``."""
+    results = fold(eigenvectors, [reduction for reduction, _ in plans.values()], row_block)
+    return {
+        name: finish(result)
+        for (name, (_, finish)), result in zip(plans.items(), results, strict=True)
+    }
+
+
+def _overlap_plan(eigenvectors, params: torch.Tensor, ks) -> _Plan:
+    """Plan of :func:`overlap_curve`: gather the rows of the ``k_max`` largest parameters."""
     _check_frame(eigenvectors, "eigenvectors")
     _check_vector(params)
     if params.numel() != eigenvectors.shape[0]:
         raise ValueError(f"params has {params.numel()} entries, W has {eigenvectors.shape[0]} rows")
     sizes = _checked_sizes(ks, eigenvectors.shape[1], eigenvectors.shape[0])
     largest = max(sizes)
-    ranked_rows = magnitude_mask(params, largest).to(eigenvectors.device)
-    energies = eigenvectors[ranked_rows, :largest].double().square()
-    block_sums = energies.cumsum(dim=0).cumsum(dim=1).diagonal()
-    index = torch.tensor(sizes, device=block_sums.device)
-    return block_sums[index - 1] / index
+    ranked_rows = magnitude_mask(params, largest)
+
+    def finish(rows: torch.Tensor) -> torch.Tensor:
+        block_sums = rows.square().cumsum(dim=0).cumsum(dim=1).diagonal()
+        index = torch.tensor(sizes, device=block_sums.device)
+        return block_sums[index - 1] / index
+
+    return GatherRows(ranked_rows, largest, device_of(eigenvectors)), finish
+
+
+def _best_plan(eigenvectors, ks) -> _Plan:
+    """Plan of :func:`best_mask_overlap_curve`: the ``k_max`` largest ``e_i(k)`` per ``k``."""
+    _check_frame(eigenvectors, "eigenvectors")
+    sizes = _checked_sizes(ks, eigenvectors.shape[1], eigenvectors.shape[0])
+    distinct = sorted(set(sizes))
+
+    def finish(top: torch.Tensor) -> torch.Tensor:
+        best = {k: top[:k, column].sum() / k for column, k in enumerate(distinct)}
+        return torch.stack([best[k] for k in sizes])
+
+    return TopPrefixEnergies(distinct, max(distinct), device_of(eigenvectors)), finish
+
+
+def _moments_plan(eigenvectors, ks) -> _Plan:
+    """Plan of :func:`random_mask_overlap_curve`: the moments of ``e_i(k)`` per ``k``."""
+    _check_frame(eigenvectors, "eigenvectors")
+    dimension = eigenvectors.shape[0]
+    sizes = _checked_sizes(ks, eigenvectors.shape[1], dimension)
+    distinct = sorted(set(sizes))
+
+    def finish(moments: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        by_size = {}
+        for k, mean, centred in zip(distinct, *moments, strict=True):
+            # D = 1 forces k = 1 = D: a single possible mask, no spread.
+            correction = (dimension - k) / (dimension - 1) if dimension > 1 else 0.0
+            by_size[k] = (mean, torch.sqrt(k * (centred / dimension) * correction) / k)
+        means, stds = zip(*(by_size[k] for k in sizes), strict=True)
+        return torch.stack(means), torch.stack(stds)
+
+    return PrefixEnergyMoments(distinct, device_of(eigenvectors)), finish
+
+
+def _empirical_plan(eigenvectors, ks, num_masks: int, seeds: Sequence[int]) -> _Plan:
+    """Plan of :func:`random_mask_overlaps`: the sums of ``e_i(k)`` over each random mask."""
+    _check_frame(eigenvectors, "eigenvectors")
+    if num_masks < 2:  # noqa: PLR2004 (a standard deviation needs two)
+        raise ValueError(f"num_masks must be >= 2 for a standard deviation, got {num_masks}")
+    dimension = eigenvectors.shape[0]
+    sizes = _checked_sizes(ks, eigenvectors.shape[1], dimension)
+    if len(seeds) != len(sizes):
+        raise ValueError(f"{len(sizes)} sizes but {len(seeds)} seeds")
+    masks = [
+        random_masks(dimension, k, num_masks, seed) for k, seed in zip(sizes, seeds, strict=True)
+    ]
+
+    def finish(sums: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        overlaps = [total / k for total, k in zip(sums, sizes, strict=True)]
+        return torch.stack([o.mean() for o in overlaps]), torch.stack([o.std() for o in overlaps])
+
+    return PrefixEnergySums(sizes, masks, device_of(eigenvectors)), finish
+
+
+def overlap_curve(
+    eigenvectors: torch.Tensor | RowSource,
+    params: torch.Tensor,
+    ks: Sequence[int] | torch.Tensor,
+    row_block: int | None = None,
+) -> torch.Tensor:
+    """``overlap(k)`` of the magnitude mask for every ``k`` of ``ks``, shape ``(len(ks),)``
+    float64 on ``W``'s device.
+
+    ``eigenvectors`` ``W``: ``(D, K)`` sorted by ``|lambda|`` descending, a tensor or a row
+    source; ``params``: ``(D,)``. Masks are nested (``M_k`` is the top ``k`` of the magnitude
+    ranking), so only the rows of the top ``k_max`` parameters matter: with
+    ``A = W[M_kmax, :kmax]^2`` (``kmax x kmax``, rows in ranking order),
+    ``overlap(k) = sum_(i<k, j<k) A_ij / k`` is the leading ``k x k`` block sum, read off one
+    2-d cumulative sum: ``O(D + kmax^2)`` for the whole curve, ``kmax`` rows gathered.
+    """
+    plan = _overlap_plan(eigenvectors, params, ks)
+    return _measured(eigenvectors, {"overlap": plan}, row_block)["overlap"]
 
 
 def best_mask_overlap_curve(
-    eigenvectors: torch.Tensor, ks: Sequence[int] | torch.Tensor
+    eigenvectors: torch.Tensor | RowSource,
+    ks: Sequence[int] | torch.Tensor,
+    row_block: int | None = None,
 ) -> torch.Tensor:
     """``best_mask_overlap(W, k)`` for every ``k`` of ``ks``, shape ``(len(ks),)`` float64.
 
-    ``eigenvectors`` ``W``: ``(D, K)``. The row energies ``e(k)`` grow column by column (one
-    pass over ``W``), plus one ``O(D)`` top-``k`` selection per ``k``: ``O(D K + D len(ks))``.
+    ``eigenvectors`` ``W``: ``(D, K)``, a tensor or a row source. One pass over ``W`` keeps,
+    for each ``k``, the ``k_max`` largest row energies ``e_i(k)`` (a row in the top ``k`` of all
+    rows is in the top ``k`` of its own block): ``O(D K log k_max)``.
     """
-    _check_frame(eigenvectors, "eigenvectors")
-    sizes = _checked_sizes(ks, eigenvectors.shape[1], eigenvectors.shape[0])
-    best = {
-        k: torch.topk(energies, k, sorted=False).values.sum() / k
-        for k, energies in _prefix_row_energies(eigenvectors, sizes)
-    }
-    return torch.stack([best[k] for k in sizes])
+    plan = _best_plan(eigenvectors, ks)
+    return _measured(eigenvectors, {"best": plan}, row_block)["best"]
+
+
+def best_mask_overlap(
+    eigenvectors: torch.Tensor | RowSource, k: int, row_block: int | None = None
+) -> float:
+    """Largest overlap any ``k``-coordinate mask can reach with ``span W[:, :k]``, a float:
+    the ``k`` largest row energies ``e_i(k) = sum_(j<k) W_ij^2`` summed, over ``k``.
+
+    ``eigenvectors`` ``W``: ``(D, K)`` with ``K >= k``, a tensor or a row source.
+    """
+    return best_mask_overlap_curve(eigenvectors, [k], row_block)[0].item()
 
 
 def random_mask_overlap_curve(
-    eigenvectors: torch.Tensor, ks: Sequence[int] | torch.Tensor
+    eigenvectors: torch.Tensor | RowSource,
+    ks: Sequence[int] | torch.Tensor,
+    row_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact mean and standard deviation of the overlap of a uniformly random ``k``-mask, for
     every ``k`` of ``ks``: two tensors of shape ``(len(ks),)`` float64.
 
-    ``eigenvectors`` ``W``: ``(D, K)``. A random mask samples ``k`` of the ``D`` row energies
-    ``e_i(k)`` without replacement, so with their population mean ``mu`` and variance
-    ``sigma^2``::
+    ``eigenvectors`` ``W``: ``(D, K)``, a tensor or a row source. A random mask samples ``k``
+    of the ``D`` row energies ``e_i(k)`` without replacement, so with their population mean
+    ``mu`` and variance ``sigma^2``::
 
         mean = k mu / k = sum_i e_i(k) / D           (= k / D for orthonormal W)
         std  = sqrt(k sigma^2 (D - k) / (D - 1)) / k  (finite-population correction)
     """
-    _check_frame(eigenvectors, "eigenvectors")
-    dimension = eigenvectors.shape[0]
-    sizes = _checked_sizes(ks, eigenvectors.shape[1], dimension)
-    moments = {}
-    for k, energies in _prefix_row_energies(eigenvectors, sizes):
-        mean = energies.mean()
-        variance = (energies - mean).square().mean()
-        # D = 1 forces k = 1 = D: a single possible mask, no spread.
-        correction = (dimension - k) / (dimension - 1) if dimension > 1 else 0.0
-        moments[k] = (mean, torch.sqrt(k * variance * correction) / k)
-    means, stds = zip(*(moments[k] for k in sizes), strict=True)
-    return torch.stack(means), torch.stack(stds)
+    plan = _moments_plan(eigenvectors, ks)
+    return _measured(eigenvectors, {"random": plan}, row_block)["random"]
+
+
+def random_mask_overlaps(
+    eigenvectors: torch.Tensor | RowSource,
+    ks: Sequence[int],
+    num_masks: int,
+    seeds: Sequence[int],
+    row_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and sample standard deviation, each ``(len(ks),)`` float64, of the overlap of
+    ``num_masks`` :func:`random_masks` of each size ``ks[i]`` (drawn with ``seeds[i]``) with
+    ``span W[:, :ks[i]]``.
+
+    ``eigenvectors`` ``W``: ``(D, K)``, a tensor or a row source, read once for all sizes.
+    ``random_mask_overlap_curve`` gives the exact moments instead.
+    """
+    plan = _empirical_plan(eigenvectors, ks, num_masks, seeds)
+    return _measured(eigenvectors, {"empirical": plan}, row_block)["empirical"]
+
+
+def random_mask_overlap(
+    eigenvectors: torch.Tensor | RowSource,
+    k: int,
+    num_masks: int,
+    seed: int,
+    row_block: int | None = None,
+) -> tuple[float, float]:
+    """Mean and sample standard deviation of the overlap of ``num_masks`` uniformly random
+    ``k``-coordinate masks with ``span W[:, :k]``: :func:`random_mask_overlaps` at one size.
+
+    ``eigenvectors`` ``W``: ``(D, K)``, a tensor or a row source. The masks come from a CPU
+    generator seeded with ``seed`` (:func:`random_masks`), so they do not depend on ``W``.
+    """
+    mean, std = random_mask_overlaps(eigenvectors, [k], num_masks, [seed], row_block)
+    return mean.item(), std.item()
+
+
+def mask_overlap_curves(
+    eigenvectors: torch.Tensor | RowSource,
+    params: torch.Tensor,
+    ks: Sequence[int],
+    empirical_ks: Sequence[int],
+    num_masks: int,
+    seeds: Sequence[int],
+    row_block: int | None = None,
+) -> dict[str, Any]:
+    """Every mask curve of one ``W`` from a single pass over its rows:
+    ``{"overlap": overlap_curve(W, params, ks), "best_mask_overlap":
+    best_mask_overlap_curve(W, ks), "random_mask": random_mask_overlap_curve(W, ks),
+    "empirical": random_mask_overlaps(W, empirical_ks, num_masks, seeds)}``.
+
+    ``eigenvectors`` ``W``: ``(D, K)``, a tensor or a row source read ``row_block`` rows at a
+    time; ``params``: ``(D,)``. The values are those of the four functions.
+    """
+    plans = {
+        "overlap": _overlap_plan(eigenvectors, params, ks),
+        "best_mask_overlap": _best_plan(eigenvectors, ks),
+        "random_mask": _moments_plan(eigenvectors, ks),
+        "empirical": _empirical_plan(eigenvectors, empirical_ks, num_masks, seeds),
+    }
+    return _measured(eigenvectors, plans, row_block)
 
 
 # --------------------------------------------------------------------------- subspaces
@@ -392,12 +513,62 @@ def principal_angles(
     O1, O2 = _common_frames(O1, O2, orthonormalize)
     larger, smaller = (O1, O2) if O1.shape[1] >= O2.shape[1] else (O2, O1)
     cross = larger.T @ smaller
-    cosines = torch.linalg.svdvals(cross).clamp(0.0, 1.0)
-    residual = smaller - larger @ cross
+    return _angles(_cosines(cross), _sines(smaller - larger @ cross))
+
+
+def _cosines(cross: torch.Tensor) -> torch.Tensor:
+    """``cos theta``, descending ``(m,)``: the singular values of ``O_big^T O_small``."""
+    return torch.linalg.svdvals(cross).clamp(0.0, 1.0)
+
+
+def _sines(residual: torch.Tensor) -> torch.Tensor:
+    """``sin theta`` paired with the descending cosines ``(m,)``: the singular values of the
+    residual ``(I - O_big O_big^T) O_small`` ``(D, m)``, or of any ``R`` with the same
+    ``R^T R``, ascending.
+    """
     # svdvals sorts descending, so flipping the sines pairs them with the descending cosines.
-    sines = torch.linalg.svdvals(residual).flip(0).clamp(0.0, 1.0)
+    return torch.linalg.svdvals(residual).flip(0).clamp(0.0, 1.0)
+
+
+def _angles(cosines: torch.Tensor, sines: torch.Tensor | None) -> torch.Tensor:
+    """Principal angles ``(m,)`` ascending from ``_cosines`` and ``_sines``: ``arcsin`` below
+    ``pi/4`` and ``arccos`` above. ``sines`` may be None when no cosine exceeds
+    ``sqrt(1/2)``, as only the ``arccos`` branch is then taken.
+    """
     small = cosines > math.sqrt(0.5)
+    if sines is None:
+        if small.any():
+            raise ValueError("angles below pi/4 need their sines")
+        return torch.arccos(cosines)
     return torch.where(small, torch.arcsin(sines), torch.arccos(cosines))
+
+
+def leading_principal_angles(
+    frame_a: torch.Tensor | RowSource,
+    frame_b: torch.Tensor | RowSource,
+    sizes: Sequence[int],
+    row_block: int | None = None,
+) -> dict[int, torch.Tensor]:
+    """``principal_angles(A[:, :m], B[:, :m])`` ``(m,)`` float64 for each ``m`` of ``sizes``,
+    from row blocks of ``A`` ``(D, Ka)`` and ``B`` ``(D, Kb)`` (tensors or row sources with
+    orthonormal columns): ``{m: angles}``.
+
+    One pass accumulates ``C = A^T B`` (every ``m`` reads its cosines off ``C[:m, :m]``); a
+    second pass, only for the sizes with an angle below ``pi/4``, factors the residuals
+    ``B[:, :m] - A[:, :m] C[:m, :m]`` by TSQR for their sines. Memory
+    ``O(row_block max m + sum m^2)``.
+    """
+    _check_frame(frame_a, "A")
+    _check_frame(frame_b, "B")
+    if frame_a.shape[0] != frame_b.shape[0]:
+        raise ValueError(f"A has {frame_a.shape[0]} rows, B has {frame_b.shape[0]}")
+    sizes = _checked_sizes(sizes, min(frame_a.shape[1], frame_b.shape[1]), frame_a.shape[0])
+    cross = cross_product(frame_a, frame_b, max(sizes), row_block)
+    cosines = {m: _cosines(cross[:m, :m]) for m in sizes}
+    close = [m for m in dict.fromkeys(sizes) if (cosines[m] > math.sqrt(0.5)).any()]
+    factors = residual_factors(frame_a, frame_b, cross, close, row_block)
+    sines = dict(zip(close, map(_sines, factors), strict=True))
+    return {m: _angles(cosines[m], sines.get(m)) for m in sizes}
 
 
 def subspace_overlap(O1: torch.Tensor, O2: torch.Tensor, orthonormalize: bool = False) -> float:
@@ -483,6 +654,22 @@ def grassmannian_similarities(
     ``O1``: ``(D, k1)``, ``O2``: ``(D, k2)``, orthonormal columns (or ``orthonormalize=True``).
     """
     return _similarities_from_angles(principal_angles(O1, O2, orthonormalize))
+
+
+def leading_grassmannian_similarities(
+    frame_a: torch.Tensor | RowSource,
+    frame_b: torch.Tensor | RowSource,
+    sizes: Sequence[int],
+    row_block: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """``grassmannian_similarities(A[:, :m], B[:, :m])`` for each ``m`` of ``sizes``, from row
+    blocks (:func:`leading_principal_angles`): ``{m: {name: similarity}}``.
+
+    ``frame_a`` ``A`` ``(D, Ka)``, ``frame_b`` ``B`` ``(D, Kb)``: tensors or row sources with
+    orthonormal columns, e.g. the eigenvectors of two steps sorted by ``|lambda|``.
+    """
+    angles = leading_principal_angles(frame_a, frame_b, sizes, row_block)
+    return {m: _similarities_from_angles(theta) for m, theta in angles.items()}
 
 
 def _wishart_factor(dof: int, dim: int, rng: np.random.Generator) -> np.ndarray:

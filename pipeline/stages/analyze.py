@@ -21,8 +21,15 @@ masks.
 Files: each step's curves go to their own ``analysis/steps/step_T_SPLIT.h5``, so the
 per-step analyze jobs of a Slurm chain run in parallel and a re-run only computes steps not
 analysed yet. Each call then rebuilds, under a file lock, ``analysis/analysis.h5`` (every
-analysed step plus the cross-step metrics, which are cheap ``k x k`` decompositions), the
+analysed step plus the cross-step metrics, ``k x k`` decompositions of cross products), the
 figures and ``report.md`` from whatever is solved so far, and says which steps are not.
+
+Memory: the eigenvectors ``W`` (``D x K``, 80 GB in float64 at ``D = 10^7``, ``K = 1,000``)
+are never held whole. Every metric reads them from the HDF5 dataset ``row_block`` rows at a
+time (:mod:`hessov.analysis.rowblocks`; default :func:`row_block_for`, within
+``ROW_BLOCK_BYTES``): one pass per step for all its curves, two per pair of steps for the
+crystallization. A step needs ``O(row_block K + K^2)`` memory plus a few ``D``-vectors (the
+parameters, their magnitude ranking, a random permutation), and crystallization the same.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -38,16 +47,14 @@ import torch
 from hessov import summary
 from hessov.analysis import figures
 from hessov.analysis.report import write_report
+from hessov.analysis.rowblocks import RowSource, default_row_block
 from hessov.analysis.subspaces import (
     DISTANCE_NAMES,
     GRASSMANNIAN_MAXIMA,
-    best_mask_overlap_curve,
-    grassmannian_similarities,
+    leading_grassmannian_similarities,
     magnitude_mask,
     mask_grassmannian_similarities,
-    overlap_curve,
-    random_mask_overlap,
-    random_mask_overlap_curve,
+    mask_overlap_curves,
     random_mask_similarities,
     random_subspace_similarities,
 )
@@ -70,6 +77,16 @@ NUM_RANDOM_SUBSPACES = 8
 NUM_RANDOM_MASK_PAIRS = 1000
 BASELINE_SEED = 0
 SIMILARITY_NAMES = ("overlap", *DISTANCE_NAMES)
+#: Memory for the row blocks of the eigenvectors, all their float64 copies counted
+#: (:data:`hessov.analysis.rowblocks.BLOCK_COPIES`).
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
+def row_block_for(num_eigenpairs: int) -> int:
+    """Rows of ``W`` read at once: the default of ``K`` columns within ``ROW_BLOCK_BYTES``
+    (at least ``K``).
+    """
+    return default_row_block(num_eigenpairs, ROW_BLOCK_BYTES)
 
 
 def reported_ks(num_eigenpairs: int) -> list[int]:
@@ -77,38 +94,45 @@ def reported_ks(num_eigenpairs: int) -> list[int]:
     return sorted({k for k in REPORTED_KS if k <= num_eigenpairs} | {num_eigenpairs})
 
 
-def read_eigenpairs(run: RunDir, step: int, split: str) -> tuple[np.ndarray, torch.Tensor]:
-    """Eigenvalues ``(K,)``, eigenvectors ``(D, K)`` float64 of a solved step, by ``|lambda|``."""
+@contextmanager
+def eigenpairs(run: RunDir, step: int, split: str) -> Iterator[tuple[np.ndarray, h5py.Dataset]]:
+    """Eigenvalues ``(K,)`` float64 and the open eigenvector dataset ``(D, K)`` (float32 or
+    float64, read in row blocks, never whole) of a solved step, both by ``|lambda|``.
+    """
     with h5py.File(run.require(run.eigen(step, split), "solve"), "r") as handle:
-        values = handle["eigenvalues"][:].astype(np.float64)
-        vectors = torch.from_numpy(handle["eigenvectors"][:]).double()
-    return values, vectors
+        yield handle["eigenvalues"][:].astype(np.float64), handle["eigenvectors"]
 
 
-def overlap_results(eigenvectors: torch.Tensor, params: torch.Tensor) -> dict[str, np.ndarray]:
+def overlap_results(
+    eigenvectors: torch.Tensor | RowSource, params: torch.Tensor, row_block: int | None = None
+) -> dict[str, np.ndarray]:
     """Every overlap curve of one step: arrays of shape ``(K,)`` over ``k = 1..K`` and, for the
     empirical random masks, ``(len(reported_ks(K)),)`` at the reported sizes.
 
-    ``eigenvectors``: ``(D, K)`` sorted by ``|lambda|`` descending; ``params``: ``(D,)``.
+    ``eigenvectors``: ``(D, K)`` sorted by ``|lambda|`` descending, a tensor or a row source
+    (an HDF5 dataset) read ``row_block`` rows at a time (default :func:`row_block_for`);
+    ``params``: ``(D,)``.
     """
     dimension, num_eigenpairs = eigenvectors.shape
+    row_block = row_block_for(num_eigenpairs) if row_block is None else row_block
     ks = np.arange(1, num_eigenpairs + 1)
-    random_mean, random_std = random_mask_overlap_curve(eigenvectors, ks.tolist())
     empirical_ks = reported_ks(num_eigenpairs)
-    empirical = [
-        random_mask_overlap(eigenvectors, k, NUM_RANDOM_MASKS, BASELINE_SEED + k)
-        for k in empirical_ks
-    ]
+    seeds = [BASELINE_SEED + k for k in empirical_ks]
+    curves = mask_overlap_curves(
+        eigenvectors, params, ks.tolist(), empirical_ks, NUM_RANDOM_MASKS, seeds, row_block
+    )
+    random_mean, random_std = curves["random_mask"]
+    empirical_mean, empirical_std = curves["empirical"]
     return {
         "k": ks,
-        "overlap": overlap_curve(eigenvectors, params, ks.tolist()).numpy(),
+        "overlap": curves["overlap"].numpy(),
         "baseline": ks / dimension,
         "random_mask_mean": random_mean.numpy(),
         "random_mask_std": random_std.numpy(),
-        "best_mask_overlap": best_mask_overlap_curve(eigenvectors, ks.tolist()).numpy(),
+        "best_mask_overlap": curves["best_mask_overlap"].numpy(),
         "empirical_k": np.array(empirical_ks),
-        "empirical_mean": np.array([mean for mean, _ in empirical]),
-        "empirical_std": np.array([std for _, std in empirical]),
+        "empirical_mean": empirical_mean.numpy(),
+        "empirical_std": empirical_std.numpy(),
     }
 
 
@@ -116,22 +140,25 @@ def _at(curves: dict[str, np.ndarray], name: str, ks: list[int]) -> dict[str, fl
     return {str(k): float(curves[name][k - 1]) for k in ks}
 
 
-def analyze_step(run: RunDir, step: int, split: str) -> dict:
-    """Compute and write the overlap curves of one solved step; returns its summary fields."""
+def analyze_step(run: RunDir, step: int, split: str, row_block: int | None = None) -> dict:
+    """Compute and write the overlap curves of one solved step, reading its eigenvectors
+    ``row_block`` rows at a time (default :func:`row_block_for`); returns its summary fields.
+    """
     started = time.perf_counter()
-    eigenvalues, eigenvectors = read_eigenpairs(run, step, split)
     params = torch.from_numpy(ColumnStore(run.params).read(step)).double()
-    curves = overlap_results(eigenvectors, params)
+    with eigenpairs(run, step, split) as (eigenvalues, eigenvectors):
+        dimension, num_eigenpairs = eigenvectors.shape
+        curves = overlap_results(eigenvectors, params, row_block)
     with atomic_write(run.analysis_step(step, split)) as tmp, h5py.File(tmp, "w") as handle:
         for name, values in curves.items():
             handle.create_dataset(name, data=values)
         handle.create_dataset("eigenvalues", data=eigenvalues)
-        handle.attrs.update(step=step, split=split, dimension=eigenvectors.shape[0])
-    ks = reported_ks(eigenvectors.shape[1])
+        handle.attrs.update(step=step, split=split, dimension=dimension)
+    ks = reported_ks(num_eigenpairs)
     empirical = dict(zip(curves["empirical_k"].tolist(), range(len(ks)), strict=True))
     fields = {
-        "dimension": int(eigenvectors.shape[0]),
-        "num_eigenpairs": int(eigenvectors.shape[1]),
+        "dimension": int(dimension),
+        "num_eigenpairs": int(num_eigenpairs),
         "overlap": _at(curves, "overlap", ks),
         "baseline": _at(curves, "baseline", ks),
         "best_mask_overlap": _at(curves, "best_mask_overlap", ks),
@@ -177,20 +204,46 @@ def _pair_metrics(similarities: list[dict[str, float]], maxima: dict[str, float]
     return columns
 
 
-def eigenspace_crystallization(run: RunDir, split: str, steps: list[int]) -> dict:
+def pair_eigenspace_similarities(
+    run: RunDir, split: str, pairs: list[tuple[int, int]], sizes: list[int], row_block: int
+) -> dict[tuple[int, int], dict[int, dict[str, float]]]:
+    """``{(a, b): {m: similarities}}``: the Grassmannian similarities of the top-``m``
+    eigenspaces of steps ``a`` and ``b`` for each ``m`` of ``sizes``, each distinct pair read
+    once, both files in blocks of ``row_block`` rows (two passes at most).
+    """
+    similarities = {}
+    for a, b in dict.fromkeys(pairs):
+        with (
+            eigenpairs(run, a, split) as (_, vectors_a),
+            eigenpairs(run, b, split) as (_, vectors_b),
+        ):
+            similarities[a, b] = leading_grassmannian_similarities(
+                vectors_a, vectors_b, sizes, row_block
+            )
+    return similarities
+
+
+def eigenspace_crystallization(
+    run: RunDir, split: str, steps: list[int], row_block: int | None = None
+) -> dict:
     """Grassmannian similarities of the top-``m`` eigenspaces between pairs of solved steps:
     ``{m: {reference: {"step_a", "step_b", metric arrays (n_pairs,), "random": {...}}}}``.
+
+    The eigenvectors are read ``row_block`` rows at a time (default :func:`row_block_for`).
     """
-    vectors = {step: read_eigenpairs(run, step, split)[1] for step in steps}
-    dimension, num_eigenpairs = next(iter(vectors.values())).shape
+    with eigenpairs(run, steps[0], split) as (_, first):
+        dimension, num_eigenpairs = first.shape
+    row_block = row_block_for(num_eigenpairs) if row_block is None else row_block
+    sizes = crystallization_sizes(dimension, num_eigenpairs)
+    references = step_pairs(steps)
+    every_pair = [pair for pairs in references.values() for pair in pairs]
+    pair_metrics = pair_eigenspace_similarities(run, split, every_pair, sizes, row_block)
     result = {}
-    for m in crystallization_sizes(dimension, num_eigenpairs):
+    for m in sizes:
         random = _random_subspace_baseline(dimension, m)
         result[m] = {}
-        for reference, pairs in step_pairs(steps).items():
-            similarities = [
-                grassmannian_similarities(vectors[a][:, :m], vectors[b][:, :m]) for a, b in pairs
-            ]
+        for reference, pairs in references.items():
+            similarities = [pair_metrics[pair][m] for pair in pairs]
             result[m][reference] = {
                 "step_a": np.array([a for a, _ in pairs]),
                 "step_b": np.array([b for _, b in pairs]),
@@ -200,20 +253,47 @@ def eigenspace_crystallization(run: RunDir, split: str, steps: list[int]) -> dic
     return result
 
 
-def mask_crystallization(params: dict[int, torch.Tensor]) -> dict:
-    """Grassmannian similarities of the magnitude masks of size ``ratio * D`` between pairs of
-    recorded steps: ``{ratio: {reference: {...}}}`` as in :func:`eigenspace_crystallization`.
+def pair_mask_similarities(
+    steps: list[int], read: Callable[[int], torch.Tensor]
+) -> tuple[int, dict[tuple[int, int], dict[float, dict[str, float]]]]:
+    """``D`` and ``{(a, b): {ratio: similarities}}`` of the magnitude masks of size
+    ``ratio * D`` of the two steps of each pair of :func:`step_pairs` (``steps`` ascending).
+
+    ``read(step)`` gives the parameters ``(D,)``; it is called once per step, the last step
+    first, and only the masks of the last, current and previous steps are held: ``O(D)``
+    memory for any number of steps.
     """
-    steps = sorted(params)
-    dimension = next(iter(params.values())).numel()
+    pairs = [pair for pairs in step_pairs(steps).values() for pair in pairs]
+    kept, similarities = {}, {}
+    for step in [steps[-1], *steps[:-1]]:
+        params = read(step)
+        dimension = params.numel()
+        sizes = {ratio: max(1, round(ratio * dimension)) for ratio in SPARSITY_RATIOS}
+        kept[step] = {ratio: magnitude_mask(params, m) for ratio, m in sizes.items()}
+        for a, b in pairs:
+            if step in (a, b) and a in kept and b in kept:
+                similarities[a, b] = {
+                    ratio: mask_grassmannian_similarities(kept[a][ratio], kept[b][ratio])
+                    for ratio in SPARSITY_RATIOS
+                }
+        kept = {held: masks for held, masks in kept.items() if held in (step, steps[-1])}
+    return dimension, similarities
+
+
+def mask_crystallization(steps: list[int], read: Callable[[int], torch.Tensor]) -> dict:
+    """Grassmannian similarities of the magnitude masks of size ``ratio * D`` between pairs of
+    recorded ``steps`` (ascending): ``{ratio: {reference: {...}}}`` as in
+    :func:`eigenspace_crystallization`. ``read(step)`` gives the parameters ``(D,)``, read
+    once per step (:func:`pair_mask_similarities`).
+    """
+    dimension, pair_metrics = pair_mask_similarities(steps, read)
     result = {}
     for ratio in SPARSITY_RATIOS:
         m = max(1, round(ratio * dimension))
-        masks = {step: magnitude_mask(params[step], m) for step in steps}
         random = random_mask_similarities(dimension, m, NUM_RANDOM_MASK_PAIRS, BASELINE_SEED)
         result[ratio] = {}
         for reference, pairs in step_pairs(steps).items():
-            similarities = [mask_grassmannian_similarities(masks[a], masks[b]) for a, b in pairs]
+            similarities = [pair_metrics[pair][ratio] for pair in pairs]
             result[ratio][reference] = {
                 "step_a": np.array([a for a, _ in pairs]),
                 "step_b": np.array([b for _, b in pairs]),
@@ -233,10 +313,20 @@ def _write_pairs(group: h5py.Group, data: dict) -> None:
                 sub.create_dataset(name, data=values)
 
 
+def _recorded_params(store: ColumnStore, step: int) -> torch.Tensor:
+    """The parameters of a recorded step, ``(D,)`` float64."""
+    return torch.from_numpy(store.read(step)).double()
+
+
 def write_results(
-    run: RunDir, problem: str, analysed: dict[str, list[int]], unsolved: list
+    run: RunDir,
+    problem: str,
+    analysed: dict[str, list[int]],
+    unsolved: list,
+    row_block: int | None = None,
 ) -> None:
-    """Rebuild ``analysis.h5`` from the per-step files and the cross-step metrics.
+    """Rebuild ``analysis.h5`` from the per-step files and the cross-step metrics (the
+    eigenvectors read ``row_block`` rows at a time, default :func:`row_block_for`).
 
     Layout::
 
@@ -257,23 +347,30 @@ def write_results(
                 with h5py.File(run.analysis_step(step, split), "r") as source:
                     source.copy(source["/"], out, name=f"overlap/{split}/step_{step}")
             if len(steps) > 1:
-                for m, data in eigenspace_crystallization(run, split, steps).items():
+                crystallization = eigenspace_crystallization(run, split, steps, row_block)
+                for m, data in crystallization.items():
                     group = out.create_group(f"crystallization/eigenspaces/{split}/size_{m}")
                     group.attrs["size"] = m
                     _write_pairs(group, data)
-        recorded = store.steps()
+        recorded = sorted(store.steps())
         if len(recorded) > 1:
-            params = {step: torch.from_numpy(store.read(step)).double() for step in recorded}
-            for ratio, data in mask_crystallization(params).items():
+            read = functools.partial(_recorded_params, store)
+            for ratio, data in mask_crystallization(recorded, read).items():
                 group = out.create_group(f"crystallization/masks/ratio_{ratio}")
                 group.attrs.update(ratio=ratio, size=max(1, round(ratio * store.dim())))
                 _write_pairs(group, data)
 
 
-def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: bool = True) -> dict:
+def analyze(
+    run: RunDir,
+    items: list[tuple[int, str]] | None = None,
+    report: bool = True,
+    row_block: int | None = None,
+) -> dict:
     """Analyse the solved steps among ``items`` (default: every step and split of the layout)
     that have no analysis yet, then (with ``report``) rebuild ``analysis.h5``, the figures
     and ``report.md``; the local runner defers that to one call after the last solve.
+    Eigenvectors are read ``row_block`` rows at a time (default :func:`row_block_for`).
 
     Returns ``{"analysed": [[step, split], ...], "unsolved": [[step, split], ...]}`` for the
     whole run. Raises :class:`MissingInputError` when nothing at all is solved.
@@ -299,7 +396,7 @@ def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: boo
     with EventLog(run.log, "analyze") as events:
         for step, split in wanted:
             if run.eigen(step, split).is_file() and not run.analysis_step(step, split).is_file():
-                fields = analyze_step(run, step, split)
+                fields = analyze_step(run, step, split, row_block)
                 log.info(
                     "analyze step %d %s: overlap/baseline %s",
                     step,
@@ -317,7 +414,7 @@ def analyze(run: RunDir, items: list[tuple[int, str]] | None = None, report: boo
         }
         if report:
             with exclusive_lock(run.analysis_lock):
-                write_results(run, cfg.problem, analysed, unsolved)
+                write_results(run, cfg.problem, analysed, unsolved, row_block)
                 drawn = figures.draw_all(run.analysis_results, run.figures)
                 write_report(run.analysis_results, drawn, run.report)
             events.write("report", path=str(run.report), unsolved=unsolved)
