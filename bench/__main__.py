@@ -13,7 +13,8 @@ taken in the same run:
    cluster, and the scheduling overhead of the whole sbatch chain;
 6. GPU: the same tables with ``--device cuda`` on a machine with one;
 7. :mod:`bench.kernel_paths`: one sketch's numbers across kernel paths, thread counts and
-   block widths, against the tolerances of ``hessov.skerch_ext.tolerances``.
+   block widths, against the tolerances of ``hessov.skerch_ext.tolerances``;
+8. :mod:`bench.scale`: the out-of-core chain at D = 10^7 with a 2 GB budget per task.
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -32,7 +33,7 @@ from pathlib import Path
 from bench.common import RESULTS, WORK, Settings, load_average, log, machine_lines, now
 
 #: Section modules of this package, in the order of the questions; each has ``section()``.
-SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths")
+SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths", "scale")
 
 
 def gpu_section(settings: Settings) -> str:

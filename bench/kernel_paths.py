@@ -70,6 +70,7 @@ def sketch(source: Path, name: str, dtype: str, variant: Variant) -> Path:
         for task, env in enumerate(variant.task_env):
             args = ["measure", str(run), *WHERE, f"round={round_name}", f"task={task}"]
             run_cli([*args, *variant.stage_args], env={**os.environ, **env})
+    run_cli(["measure", str(run), *WHERE, "round=apost", *variant.stage_args])
     run_cli(["solve", str(run), *WHERE, *variant.stage_args])
     return run
 

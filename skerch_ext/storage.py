@@ -289,27 +289,25 @@ class MeasurementStore:
         intact is also handed over as ``sink(block, inner, outer)`` (``inner`` ``(s, P)`` or
         None, ``outer`` ``(D, P_outer)`` or None), so that a merge needs no second read.
         """
-        missing, corrupt = [], []
-        for block_id, block in enumerate(self.layout.blocks):
-            path = self.part_path(block_id)
-            try:
-                with h5py.File(path, "r") as handle:
-                    flags = handle["flags"][:]
-                    inner = handle["inner"][:] if self.layout.num_inner else None
-                    outer = handle["outer"][:] if "outer" in handle else None
-                    stored = handle["checksums"][:]
-            except (OSError, KeyError):
-                (corrupt if path.is_file() else missing).extend(block)
-                continue
-            actual = column_checksums(inner, outer, len(block))
-            intact = _classify(block, flags, stored, actual, missing, corrupt)
-            if intact and sink is not None:
-                sink(block, inner, outer)
-        return {"missing": missing, "corrupt": corrupt}
+
+        def read_whole(handle: h5py.File, count: int):
+            inner = handle["inner"][:] if self.layout.num_inner else None
+            outer = handle["outer"][:] if "outer" in handle else None
+            return column_checksums(inner, outer, count), (inner, outer)
+
+        return self._verified(read_whole, sink)
 
     def verify_rows(self, row_block: int) -> dict[str, list[int]]:
         """:meth:`verify` reading each part's outer columns ``row_block`` rows at a time
         (checksums chained over the row blocks), for parts too large to hold whole.
+        """
+        return self._verified(
+            lambda handle, count: (_streamed_checksums(handle, count, row_block), None)
+        )
+
+    def _verified(self, read, sink=None) -> dict[str, list[int]]:
+        """Check every part's flags and checksums, ``read(handle, count)`` giving the actual
+        checksums and what ``sink`` receives of an intact part.
         """
         missing, corrupt = [], []
         for block_id, block in enumerate(self.layout.blocks):
@@ -318,11 +316,12 @@ class MeasurementStore:
                 with h5py.File(path, "r") as handle:
                     flags = handle["flags"][:]
                     stored = handle["checksums"][:]
-                    actual = _streamed_checksums(handle, len(block), row_block)
+                    actual, payload = read(handle, len(block))
             except (OSError, KeyError):
                 (corrupt if path.is_file() else missing).extend(block)
                 continue
-            _classify(block, flags, stored, actual, missing, corrupt)
+            if _classify(block, flags, stored, actual, missing, corrupt) and sink is not None:
+                sink(block, *payload)
         return {"missing": missing, "corrupt": corrupt}
 
     def inner_matrix(self) -> np.ndarray:

@@ -219,6 +219,25 @@ def test_verify_finds_a_changed_inner_value_and_an_unreadable_part(store):
     assert store.verify() == {"missing": [], "corrupt": [2, 3, 5]}
 
 
+@pytest.mark.parametrize("row_block", [1, 5, DIM])
+def test_verify_in_row_blocks_finds_what_verify_finds(store, row_block):
+    inner, outer = sketch_arrays(store.layout)
+    for block_id in range(3):
+        write(store, block_id, inner, outer)
+    assert store.verify_rows(row_block) == {"missing": [], "corrupt": []}
+    with h5py.File(store.part_path(0), "r+") as handle:
+        handle["outer"][DIM - 1, 1] += 1.0  # the last row of measurement 1: the last piece
+    with h5py.File(store.part_path(2), "r+") as handle:
+        handle["inner"][3, 1] += 1.0  # measurement 5
+    with h5py.File(store.part_path(1), "r+") as handle:
+        handle["flags"][0] = 0  # measurement 2 back to initialized
+    expected = {"missing": [2], "corrupt": [1, 5]}
+    assert store.verify() == store.verify_rows(row_block) == expected
+    with store.outer_rows() as read:
+        np.testing.assert_array_equal(read(range(3, 7))[:, 2:], outer[3:7, 2:])
+    np.testing.assert_array_equal(store.inner_matrix()[:, 2:5], inner[:, 2:5])
+
+
 def test_verify_hands_only_intact_parts_to_the_sink(store):
     inner, outer = sketch_arrays(store.layout)
     write(store, 0, inner, outer)
