@@ -294,10 +294,12 @@ STAGES: dict[str, StageEntry] = {
         _layout,
         (),
         "stage 2: fix the sketch settings and create the measurement storage",
-        "Resolve k (default 5% of D), s (default 2k), block_size, MEAS_PER_JOB and the "
-        "steps/splits to measure; write RUN/measurements/sketch.json; create the part files "
-        "(flags 'initialized') and virtual views per step and split, and each split's "
-        "monolithic merge arrays. Overrides: k= s= recovery= noise= block_size= "
+        "Resolve k (default: the paper's rule, 5% of D up to 1,000), s (default 2k), "
+        "block_size, MEAS_PER_JOB, the row block of the basis and solve (from memory_gb, "
+        "or row_block=) and the steps/splits to measure; write RUN/measurements/sketch.json; "
+        "create the part files (flags 'initialized') and virtual views per step and split, "
+        "and (in memory) each split's monolithic merge arrays. Overrides: k= s= recovery= "
+        "noise= block_size= memory_gb= row_block= "
         "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=. "
         "Without overrides, a layout already on disk is completed as it is.",
     ),
@@ -320,7 +322,9 @@ STAGES: dict[str, StageEntry] = {
         "stage 4a (two-pass): the orthonormal basis Q of the first round",
         "For step=T split=train|test (default: every step and split of the layout): verify "
         "every flag and checksum of the first round, merge, and write Q = qr(H Omega) to "
-        "RUN/measurements/step_T_SPLIT/basis.h5 for the second round. Also device= threads=.",
+        "RUN/measurements/step_T_SPLIT/basis.h5 for the second round: in memory, or by TSQR "
+        "in row blocks when the layout chose a row block (row_block=N or memory_gb= choose "
+        "again, row_block=-1 forces memory). Also threads=.",
     ),
     "solve": StageEntry(
         _solve,
@@ -328,8 +332,10 @@ STAGES: dict[str, StageEntry] = {
         "stage 4b: verify and merge the measurements, solve for the top-k eigenpairs",
         "Solve step=T split=train|test (default: every step and split of the layout): "
         "verify every flag and checksum, merge, then Rayleigh-Ritz on the basis and H Q "
-        "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error. "
-        "Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
+        "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error from "
+        "the apost round. In memory, or in row blocks when the layout chose a row block "
+        "(row_block=N or memory_gb= choose again, row_block=-1 forces memory). Writes "
+        "RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
     ),
     "exhaustive": StageEntry(
         _exhaustive,

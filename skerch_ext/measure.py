@@ -34,7 +34,7 @@ class MeasurementBlock:
 
     Attributes:
         indices: The inner indices ``m`` of this block, shape ``(n,)``, int64.
-        inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``.
+        inner: ``Psi H Omega[:, indices]``, shape ``(s, n)``; None without inner measurements.
         outer_indices: The indices of this block that are below ``k``, shape ``(n_o,)``.
         outer: ``H Omega[:, outer_indices]``, shape ``(D, n_o)``.
         seconds: Wall seconds of the block's ``"hvps"`` (the batched product alone) and
@@ -42,7 +42,7 @@ class MeasurementBlock:
     """
 
     indices: torch.Tensor
-    inner: torch.Tensor
+    inner: torch.Tensor | None
     outer_indices: torch.Tensor
     outer: torch.Tensor
     seconds: dict[str, float] = field(default_factory=dict, compare=False)
@@ -57,7 +57,11 @@ def checked_matmat(matmat: MatMat, x: torch.Tensor) -> torch.Tensor:
 
 
 def measure_block(
-    matmat: MatMat, sketch: SketchMatrices, indices: Sequence[int], num_outer: int
+    matmat: MatMat,
+    sketch: SketchMatrices,
+    indices: Sequence[int],
+    num_outer: int,
+    with_inner: bool = True,
 ) -> MeasurementBlock:
     """One batched HVP ``H Omega[:, indices]`` and the inner and outer columns it yields.
 
@@ -66,6 +70,9 @@ def measure_block(
         sketch: Omega and Psi, in the dtype and on the device of the operator.
         indices: Inner indices in ``[0, s)``; the block costs ``len(indices)`` HVPs.
         num_outer: ``k``; indices below it also give outer columns.
+        with_inner: Whether to apply Psi (a sketch without inner measurements, the first
+            round of two-pass recovery, skips it: with i.i.d. test matrices Psi costs
+            ``s x D`` random numbers per block, far more than the HVPs at large D).
     """
     index_tensor = torch.as_tensor(list(indices), dtype=torch.int64)
     start = time.perf_counter()
@@ -73,7 +80,7 @@ def measure_block(
     drawn = time.perf_counter()
     hvps = synchronized(checked_matmat(matmat, omega))
     multiplied = time.perf_counter()
-    inner = synchronized(sketch.psi_apply(hvps))
+    inner = synchronized(sketch.psi_apply(hvps)) if with_inner else None
     is_outer = index_tensor < num_outer
     return MeasurementBlock(
         indices=index_tensor,

@@ -1,7 +1,8 @@
 """Stage 2, layout: fix the sketch settings and create the measurement storage.
 
-Resolves the sketch settings (``k`` = 5% of D and ``s`` = 2k by default, the block size,
-which steps and splits to measure), writes them to ``measurements/sketch.json``, creates
+Resolves the sketch settings (``k`` by :func:`hessov.costs.default_k` and ``s`` = 2k by
+default, the block size, which steps and splits to measure), writes them to
+``measurements/sketch.json``, creates
 one set of part files with ``initialized`` flags and a virtual view per step and split,
 and allocates each split's monolithic merge arrays once (reused for every step) unless the
 basis and solve work in row blocks (``row_block``, chosen from the memory budget).

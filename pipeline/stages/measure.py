@@ -176,7 +176,9 @@ _Products = tuple[np.ndarray | None, np.ndarray | None, float]
 
 def _first_round_block(hessian, sketch, block: range, layout: SketchLayout) -> _Products:
     """First round: ``H Omega[:, block]``, giving inner columns and, below k, outer ones."""
-    result = measure_block(hessian.matmat, sketch, block, layout.num_outer)
+    result = measure_block(
+        hessian.matmat, sketch, block, layout.num_outer, with_inner=layout.num_inner > 0
+    )
     inner = result.inner.cpu().numpy() if layout.num_inner else None
     outer = result.outer.cpu().numpy() if result.outer.shape[1] else None
     return inner, outer, result.seconds["hvps"]
