@@ -55,7 +55,19 @@ def gpu_section(settings: Settings) -> str:
         "products on CUDA (CUDA-synchronised timings) and writes the same tables, marked with "
         "the device in the header; `--only hvp,eigensolvers` limits it to those. Question 4's "
         "1..16-process scaling on such a machine's CPUs is "
-        "`.venv/bin/python -m bench --only scaling --workers 1,2,4,8,16`."
+        "`.venv/bin/python -m bench --only scaling --workers 1,2,4,8,16`.\n\n"
+        "The scale issue's CUDA check, the paper's CIFAR-10 setting end to end (DeepOBS "
+        "3c3d, D = 895,210, k = 1,000, 500 Hessian points, two rounds) on CIFAR-shaped "
+        "synthetic inputs (the HVP cost is the same), to compare the phase table "
+        "(`hessov summary RUN`, `solve.seconds_by_phase`) with the paper's 97 minutes, 24 of "
+        "them HVPs:\n\n"
+        "```bash\n"
+        ".venv/bin/python -c 'from pathlib import Path; from bench.stages import "
+        'write_synthetic_cifar; write_synthetic_cifar(Path("/tmp/cifar"), '
+        '{"train": 200, "test": 500})\'\n'
+        ".venv/bin/hessov run config/clusters/cifar10_3c3d_paper.yaml OBS_DATASETS=/tmp/cifar "
+        "recovery=two_pass s=0 MAX_STEPS=0 RECORD_STEPS=[0] HESSIAN_SPLITS=[train]\n"
+        "```"
     )
 
 

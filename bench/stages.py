@@ -146,15 +146,15 @@ def problem_only(run: Path) -> ChildRun:
     return run_child([PYTHON, "-c", code])
 
 
-def write_synthetic_cifar(root: Path) -> Path:
-    """CIFAR-10 'python version' pickles of random images under ``root``; returns the
-    directory to use as ``OBS_DATASETS``.
+def write_synthetic_cifar(root: Path, images: dict[str, int] = CIFAR_IMAGES) -> Path:
+    """CIFAR-10 'python version' pickles of random images under ``root`` (``images``: per
+    train batch file and in the test batch); returns the directory to use as ``OBS_DATASETS``.
     """
     directory = root / "cifar-10-batches-py"
     directory.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    files = [(f"data_batch_{i}", CIFAR_IMAGES["train"]) for i in range(1, 6)]
-    for name, count in [*files, ("test_batch", CIFAR_IMAGES["test"])]:
+    files = [(f"data_batch_{i}", images["train"]) for i in range(1, 6)]
+    for name, count in [*files, ("test_batch", images["test"])]:
         batch = {
             b"data": rng.integers(0, 256, (count, 3072)).astype(np.uint8),
             b"labels": (np.arange(count) % 10).tolist(),

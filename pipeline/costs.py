@@ -90,7 +90,9 @@ class ProblemFacts:
 
 
 def _saved_bytes(problem, count: int) -> int:
-    """Bytes autograd saves for the double-backward graph of the first ``count`` examples."""
+    """Bytes autograd saves for the double-backward graph of the first ``count`` examples, in
+    eval mode as every Hessian is taken (batch norm would refuse one example in training).
+    """
     from hessov.batching import batch_loss, chunk
 
     sizes = []
@@ -99,21 +101,22 @@ def _saved_bytes(problem, count: int) -> int:
         sizes.append(tensor.numel() * tensor.element_size())
         return tensor
 
-    params = [p for p in problem.model.parameters() if p.requires_grad]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = batch_loss(
-            problem.model,
-            problem.loss,
-            chunk(problem.train.inputs, 0, count),
-            problem.train.targets[:count],
-        )
-        torch.autograd.grad(loss, params, create_graph=True)
+    model, training = problem.model, problem.model.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            inputs = chunk(problem.train.inputs, 0, count)
+            loss = batch_loss(model, problem.loss, inputs, problem.train.targets[:count])
+            torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    finally:
+        model.train(training)
     return sum(sizes)
 
 
 def problem_facts(problem) -> ProblemFacts:
-    """Measure :class:`ProblemFacts` of a built problem: the graph of one and of two examples
-    gives its constant part and its part per example.
+    """Measure :class:`ProblemFacts` of a built problem: the graphs of one and two examples
+    give the constant part and the part per example.
     """
     from hessov.batching import tensors
 

@@ -74,8 +74,10 @@ class SketchLayout:
             raise ValueError(f"k={self.num_outer} must satisfy 0 < k < s={self.num_inner}")
         if self.num_outer < 1:
             raise ValueError(f"k={self.num_outer} must be >= 1")
-        if self.num_outer > self.dim:
-            raise ValueError(f"k={self.num_outer} exceeds the dimension D={self.dim}")
+        # k <= D is the sketch's condition (hessov.sketchspec.resolve_spec); a set of outer
+        # columns may hold more, e.g. the a-posteriori probes' products of a small network.
+        if self.num_inner > self.dim:
+            raise ValueError(f"s={self.num_inner} exceeds the dimension D={self.dim}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 

@@ -49,8 +49,8 @@ def test_resume_finishes_a_hand_made_layout_after_a_killed_worker(tiny_trained, 
     resumed = run_hessov("resume", str(run))
     assert "already fixes" not in resumed.stderr
     assert (
-        "first round 120/120 measured; second round 120/120 measured; apost round 10/10 measured; solved"
-        in (run_hessov("status", str(run)).stdout)
+        "first round 120/120 measured; second round 120/120 measured; "
+        "apost round 10/10 measured; solved" in (run_hessov("status", str(run)).stdout)
     )
     assert_same_eigen_file(reference, run)
     assert run_hessov("summary", str(run)).stdout.count('"k": 120') >= 2  # layout and solve

@@ -67,8 +67,9 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     run_dir = Path(last_line(submitted.stdout))
     # One line per job, "NAME ID", in the order of the stage graph `hessov plan` lists.
     jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
-    # train, layout, per step and split: 2 arrays, basis, solve, analyze; then the report.
-    assert len(jobs) == 2 + 5 * len(SKETCHES) + 1
+    # train, layout, per step and split: 3 arrays (first, second, a-posteriori), basis,
+    # solve, analyze; then the report.
+    assert len(jobs) == 2 + 6 * len(SKETCHES) + 1
     # The jobs the local backend ran for the same config, array tasks folded into their job.
     ran = re.findall(r"\[job \d+/\d+\] (.+?)(?: task=\d+)?$", local_log(local_reference), re.M)
     assert list(jobs) == list(dict.fromkeys(ran))

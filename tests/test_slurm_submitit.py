@@ -138,8 +138,9 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     result = run_hessov("run", *TINY, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait")
     run = Path(last_line(result.stdout))
     own_jobs.append(run)
-    # 1 train, 1 layout; per step: 3 + 3 measurement tasks, basis, solve, analyze; the report.
-    expected = 2 + 2 * 9 + 1
+    # 1 train, 1 layout; per step: 3 + 3 measurement tasks, the a-posteriori round's task,
+    # basis, solve, analyze; the report.
+    expected = 2 + 2 * 10 + 1
     assert f"all {expected} jobs completed" in result.stderr  # the verdict, on stderr
     assert_same_eigenpairs(local_reference, run, [100, 300])
     (submission,) = submissions(run)
@@ -152,7 +153,8 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
 
     status = run_hessov("status", str(run)).stdout
     assert (
-        "step 300 train: first round 30/30 measured; second round 30/30 measured; solved" in status
+        "step 300 train: first round 30/30 measured; second round 30/30 measured; "
+        "apost round 10/10 measured; solved" in status
     )
     for name, job in jobs.items():
         assert any(

@@ -73,7 +73,7 @@ def store(tmp_path) -> MeasurementStore:
         (7, 6, 2, "must satisfy 0 < k < s"),
         (0, 6, 2, "must satisfy 0 < k < s"),
         (0, 0, 2, "must be >= 1"),
-        (DIM + 1, 0, 2, "exceeds the dimension"),
+        (3, DIM + 1, 2, "exceeds the dimension"),
         (3, 6, 0, "block_size must be >= 1"),
     ],
 )
