@@ -85,15 +85,23 @@ def wait_until_gone(env: dict, job_ids: list[str], timeout: float = 900) -> floa
     raise RuntimeError(f"Slurm jobs {job_ids} still queued after {timeout} s")
 
 
-def failed_jobs(env: dict, job_ids: list[str]) -> list[str]:
-    """Jobs (array tasks included) that did not complete, from sacct."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
-        env=env,
-        capture_output=True,
-        text=True,
-    ).stdout
-    return [line for line in out.splitlines() if line and "COMPLETED" not in line]
+def failed_jobs(env: dict, job_ids: list[str], timeout: float = 60) -> list[str]:
+    """Jobs (array tasks included) that did not complete, from sacct, once sacct has their
+    final states: the accounting database may still say RUNNING after squeue has let go.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)],
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
+        lines = [line for line in out.splitlines() if line]
+        unsettled = any(state in line for line in lines for state in ("RUNNING", "PENDING"))
+        if not unsettled or time.monotonic() > deadline:
+            return [line for line in lines if "COMPLETED" not in line]
+        time.sleep(POLL_S)
 
 
 def laid_out_round(source: Path, name: str, workers: int) -> Path:
