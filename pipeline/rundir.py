@@ -121,6 +121,10 @@ class RunDir:
         """Eigenpairs of one step and split, with their provenance (solve)."""
         return self.root / "eigen" / f"step_{step}_{split}.h5"
 
+    def solve_scratch(self, step: int, split: str) -> Path:
+        """The out-of-core solve's ``D``-row scratch matrices, removed when it succeeds."""
+        return self.root / "eigen" / f"step_{step}_{split}.scratch.h5"
+
     def exhaustive(self, step: int, split: str) -> Path:
         """The exact-vs-sketch comparison of one step and split."""
         return self.root / "exhaustive" / f"step_{step}_{split}.h5"

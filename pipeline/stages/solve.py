@@ -114,7 +114,7 @@ def two_pass_eigenpairs_in_row_blocks(
     """
     layout = spec.layout
     ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
-    scratch_path = run.eigen(step, split).with_suffix(".scratch.h5")
+    scratch_path = run.solve_scratch(step, split)
     t0 = time.perf_counter()
     with (
         h5py.File(_require_basis(run, step, split), "r") as basis_file,
@@ -167,7 +167,7 @@ def single_pass_eigenpairs_in_row_blocks(
     layout = spec.layout
     shape = (layout.dim, layout.num_outer)
     ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
-    scratch_path = run.eigen(step, split).with_suffix(".scratch.h5")
+    scratch_path = run.solve_scratch(step, split)
     t0 = time.perf_counter()
     with (
         round_rows(run, spec, step, split, "first") as outer,
