@@ -37,6 +37,7 @@ from bench.common import (
     run_cli,
     run_parallel,
 )
+from hessov.rundir import RunDir
 
 PLUGIN = ROOT / "bench" / "scale_operator.py"
 DIM, K, BUDGET_GB, WORKERS = 10_000_000, 256, 2, 2
@@ -113,7 +114,7 @@ def accuracy(run, dim: int, k: int) -> tuple[list[list[str]], float]:
     """Relative errors of the top eigenvalues against the known spectrum."""
     from bench.scale_operator import top_eigenvalues
 
-    with h5py.File(run / "eigen" / "step_0_train.h5") as handle:
+    with h5py.File(RunDir(run).eigen(0, "train")) as handle:
         values = handle["eigenvalues"][:].astype(np.float64)
         apost = float(handle.attrs["apost_rel_err"])
     exact = np.asarray(top_eigenvalues(dim, k, min(NUM_LARGE, k // 2)), dtype=np.float64)
@@ -156,7 +157,6 @@ def section(settings: Settings) -> str:
     """Question 8's table (see the module docstring)."""
     from bench.scale_operator import disk_bandwidth
     from hessov.costs import GIB, in_memory_solve_bytes, machine_memory_bytes
-    from hessov.rundir import RunDir
     from hessov.sketchspec import load_spec
 
     dim, k = (QUICK_DIM, QUICK_K) if settings.quick else (DIM, K)

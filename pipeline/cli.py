@@ -15,10 +15,15 @@ import sys
 from pathlib import Path
 
 from hessov.config import load_run_config, override_run_config, problem_names, saved_run_config
+from hessov.costs import ROW_BLOCK_KEYS
 from hessov.errors import ConfigError, HessovError, MissingInputError
 from hessov.jobs import STAGES, is_config_file, open_run, run_job, split_arguments
 from hessov.rundir import RunDir
 from hessov.runlog import setup_terminal_logging
+
+#: What `hessov resume` may change: where and how to compute, Slurm's resources, and the
+#: memory budget or row block of the basis and solve.
+RESUME_KEYS = ("device", "threads", "slurm", *ROW_BLOCK_KEYS)
 
 OVERRIDES_HELP = (
     "KEY=VALUE overrides (omegaconf dotlist), e.g. problem=mnist_mini MAX_STEPS=2000 "
@@ -84,8 +89,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         # A run directory: what it is missing, from its files (as `hessov run RUN`); the
         # sbatch scripts resume a run with it.
         run = open_run(args.config)
-        cfg = override_run_config(saved_run_config(run), args.overrides, ("slurm",))
-        plan = plan_resume(run, cfg)
+        cfg = override_run_config(saved_run_config(run), args.overrides, ("slurm", *ROW_BLOCK_KEYS))
+        plan = plan_resume(run, cfg, row_overrides=args.overrides)
     else:
         cfg = load_run_config(args.overrides, args.config)
         plan = plan_run(cfg)
@@ -112,15 +117,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     backend = chosen.get("backend", "local")
     if backend not in ("local", "slurm"):
         raise ConfigError(f"backend: must be local or slurm, got {backend!r}")
-    cfg = override_run_config(saved_run_config(run), overrides, ("device", "threads", "slurm"))
+    cfg = override_run_config(saved_run_config(run), overrides, RESUME_KEYS)
     compute = [item for item in overrides if item.split("=")[0] in ("device", "threads")]
+    rows = [item for item in overrides if item.split("=")[0] in ROW_BLOCK_KEYS]
     if backend == "slurm":
         from hessov.launch.slurm import submit_resume
 
-        return submit_resume(run, cfg, compute, wait=args.wait)
+        return submit_resume(run, cfg, compute, wait=args.wait, row_overrides=rows)
     from hessov.launch.local import resume_local
 
-    return _print(str(resume_local(run, cfg, compute).root))
+    return _print(str(resume_local(run, cfg, compute, row_overrides=rows).root))
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hessov.analysis.rowblocks import DEFAULT_BUDGET_BYTES
 from hessov.config import RunConfig
 from hessov.errors import ConfigError
 from hessov.merge import CHUNK_ROWS
@@ -172,6 +173,24 @@ def row_block_solve_bytes(spec, row_block: int) -> int:
     return PROCESS_FLOOR_BYTES + rows + small + single_pass
 
 
+#: Overrides that choose the row block of a laid-out run again.
+ROW_BLOCK_KEYS = ("row_block", "memory_gb")
+
+
+def rechoose_row_block(cfg: RunConfig, spec, overrides) -> bool:
+    """Choose ``spec.row_block`` again when ``overrides`` (``KEY=VALUE``) set ``row_block`` or
+    ``memory_gb`` (already applied to ``cfg``): a new budget alone chooses automatically,
+    whatever row block the run's config saved. Returns whether it was chosen again.
+    """
+    keys = {item.split("=", 1)[0] for item in overrides}
+    if not keys & set(ROW_BLOCK_KEYS):
+        return False
+    if "row_block" not in keys:
+        cfg.row_block = 0
+    spec.row_block = choose_row_block(cfg, spec)
+    return True
+
+
 def choose_row_block(cfg: RunConfig, spec) -> int:
     """The layout's ``row_block``: 0 (in memory) when the in-memory solve fits the budget of
     the basis and solve jobs, else the largest multiple of :data:`ROW_BLOCK_ALIGN` rows whose
@@ -183,6 +202,11 @@ def choose_row_block(cfg: RunConfig, spec) -> int:
     if cfg.row_block > 0:
         if cfg.row_block < k:
             raise ConfigError(f"row_block: {cfg.row_block} rows is fewer than k={k}")
+        if spec.recovery == "two_pass" and 2 * k > spec.layout.dim:
+            raise ConfigError(
+                f"row_block: two-pass recovery in row blocks needs 2k <= D (k={k}, "
+                f"D={spec.layout.dim}); use row_block=-1 (in memory)"
+            )
         return min(cfg.row_block, spec.layout.dim)
     budget = min(memory_budget(cfg, stage)[0] for stage in ("basis", "solve"))
     if in_memory_solve_bytes(spec) <= budget or 2 * k > spec.layout.dim:
@@ -227,8 +251,8 @@ FIX_KEYS = {
 }
 #: matplotlib and the small arrays of the figures and reports.
 REPORT_BYTES = 200 * MIB
-#: What the analysis holds beside its D-vectors (see hessov.stages.analyze).
-ANALYSIS_BYTES = 256 * MIB
+#: What the analysis holds beside its D-vectors: its row blocks' budget.
+ANALYSIS_BYTES = DEFAULT_BUDGET_BYTES
 
 
 def _problem_bytes(facts: ProblemFacts, model_copies: int) -> int:
@@ -258,9 +282,10 @@ def _solve_memory(spec) -> int:
 
 
 def _solve_cost(spec, cfg, facts, job) -> JobCost:
-    return JobCost(
-        _solve_memory(spec), spec.layout.dim * spec.layout.num_outer * _itemsize(spec), 0
-    )
+    # Out of core, the solve's scratch P is on disk too while it runs.
+    matrices = 2 if spec.row_block and job.stage == "solve" else 1
+    matrix = spec.layout.dim * spec.layout.num_outer * _itemsize(spec)
+    return JobCost(_solve_memory(spec), matrices * matrix, 0)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:

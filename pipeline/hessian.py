@@ -1,6 +1,6 @@
 """The loss Hessian of a recorded training step, built from a run directory alone.
 
-Every Hessian stage (check-operator, measure, solve, exhaustive) needs the same object:
+Every Hessian stage (check-operator, measure, exhaustive) needs the same object:
 the problem's network with the trainable parameters and the buffers (BatchNorm's running
 statistics, any ``register_buffer``) recorded at step ``T`` (read from ``params.h5`` by
 :func:`hessov.paramstore.load_recorded_state`), the deterministic Hessian subset of the

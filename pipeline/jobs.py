@@ -99,14 +99,13 @@ def sketch_inputs(run: RunDir, overrides: list[str]):
     whose row block ``row_block=`` or ``memory_gb=`` may choose again: it decides how the
     basis and solve compute, not what is measured.
     """
-    from hessov.costs import choose_row_block
+    from hessov.costs import rechoose_row_block
     from hessov.sketchspec import load_spec
 
     cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
     spec = load_spec(run)
     cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
-    if any(item.startswith(("row_block=", "memory_gb=")) for item in overrides):
-        spec.row_block = choose_row_block(cfg, spec)
+    rechoose_row_block(cfg, spec, overrides)
     return cfg, spec
 
 

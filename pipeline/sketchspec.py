@@ -48,21 +48,30 @@ class SketchSpec:
 
     @property
     def num_tasks(self) -> int:
-        """Measurement array tasks per step, split and round: ceil(measurements / MEAS_PER_JOB)."""
+        """Measurement array tasks of the first round, per step and split (see
+        :meth:`round_tasks` for the others).
+        """
         return self.round_tasks("first")
 
     def round_tasks(self, round_name: str) -> int:
         """Array tasks of one round of one step and split."""
-        return -(-self.round_layout(round_name).num_measurements // self.meas_per_job)
+        return -(-self.round_layout(round_name).num_measurements // self._per_task(round_name))
+
+    def _per_task(self, round_name: str) -> int:
+        """``MEAS_PER_JOB``, rounded up to whole blocks of the round (the a-posteriori round's
+        blocks may be smaller), so that no two tasks write one part file.
+        """
+        block = self.round_layout(round_name).block_size
+        return -(-self.meas_per_job // block) * block
 
     def task_indices(self, task: int, round_name: str = "first") -> range:
         """Measurement indices of array task ``task`` (0-based) of a round."""
         count = self.round_tasks(round_name)
         if not 0 <= task < count:
             raise ConfigError(f"task: {task} outside 0..{count - 1} of the {round_name} round")
-        start = task * self.meas_per_job
+        per_task = self._per_task(round_name)
         total = self.round_layout(round_name).num_measurements
-        return range(start, min(total, start + self.meas_per_job))
+        return range(task * per_task, min(total, (task + 1) * per_task))
 
     def seeds(self) -> SeedRegistry:
         """Omega's and Psi's ranges cover every first-round measurement (s, or k for two-pass,

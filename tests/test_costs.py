@@ -13,6 +13,7 @@ from hessov.costs import (
     default_k,
     in_memory_solve_bytes,
     problem_facts,
+    rechoose_row_block,
     row_block_solve_bytes,
 )
 from hessov.errors import ConfigError
@@ -86,3 +87,28 @@ def test_run_refuses_a_job_over_its_budget_before_anything_starts(hessov, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nothing trained, nothing created
     lines = hessov("plan", *TINY, "memory_gb=4").stdout
     assert "basis and solve in memory" in lines and "per task" in lines
+
+
+def test_a_posteriori_tasks_own_whole_blocks():
+    _, spec = spec_for(7030, "k=20", "block_size=8", "MEAS_PER_JOB=0", "NUM_A_POSTERIORI=30")
+    tasks = [spec.task_indices(t, "apost") for t in range(spec.round_tasks("apost"))]
+    blocks = spec.round_layout("apost").blocks
+    starts = {block.start for block in blocks} | {30}
+    assert [i for rows in tasks for i in rows] == list(range(30))
+    assert all(rows.start in starts and rows.stop in starts for rows in tasks)  # no cut block
+
+
+def test_a_new_budget_chooses_the_row_block_again_over_the_saved_one():
+    cfg, spec = spec_for(10_000_000, "k=256", "memory_gb=2")
+    cfg.row_block = -1  # what a run started in memory saved into its config
+    assert rechoose_row_block(cfg, spec, ["threads=2"]) is False
+    spec.row_block = 0
+    assert rechoose_row_block(cfg, spec, ["memory_gb=2"]) is True
+    assert spec.row_block > 0
+    cfg.row_block = 8192
+    assert rechoose_row_block(cfg, spec, ["row_block=8192"]) and spec.row_block == 8192
+
+
+def test_row_blocks_forced_where_two_pass_cannot_use_them_are_refused():
+    with pytest.raises(ConfigError, match="row_block: two-pass recovery in row blocks needs 2k"):
+        spec_for(7030, "k=4000", "row_block=4096")

@@ -117,3 +117,29 @@ def test_the_layout_chooses_row_blocks_when_memory_does_not_fit(tiny_trained, tm
     large = laid_out(tiny_trained, tmp_path / "large", "memory_gb=1")
     assert json.loads((large / "measurements/sketch.json").read_text())["row_block"] == 0
     assert (large / "measurements/merged_train.h5").is_file()
+
+
+def test_a_run_laid_out_before_the_a_posteriori_round_is_finished_by_resume(first_round, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(first_round, run)
+    shutil.rmtree(run / "measurements/step_300_train/apost")
+    spec_file = run / "measurements/sketch.json"
+    spec = json.loads(spec_file.read_text())
+    del spec["row_block"]  # as an older layout wrote it
+    spec_file.write_text(json.dumps(spec))
+    assert "apost round 0/10 measured" in run_hessov("status", str(run)).stdout
+    run_hessov("resume", str(run))
+    status = run_hessov("status", str(run)).stdout
+    assert "apost round 10/10 measured; solved" in status
+
+
+def test_resume_takes_a_row_block_for_what_is_left(first_round, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(first_round, run)
+    refused = run_hessov("resume", str(run), "memory_gb=0.3", check=False)  # the analysis: 756 MiB
+    assert refused.returncode == 2 and "analyze: " in refused.stderr
+    run_hessov("resume", str(run), "row_block=4096")
+    assert json.loads((run / "measurements/sketch.json").read_text())["row_block"] == 4096
+    with h5py.File(run / "measurements/step_300_train/basis.h5") as basis:
+        assert basis.attrs["row_block"] == 4096
+    assert (run / EIGEN).is_file()

@@ -22,13 +22,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hessov.config import RunConfig, replay_jobs, save_config
-from hessov.costs import check_budgets, format_bytes, job_cost, problem_facts
+from hessov.costs import (
+    check_budgets,
+    format_bytes,
+    job_cost,
+    problem_facts,
+    rechoose_row_block,
+)
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramstore import ColumnStore
 from hessov.recording import refuse_unfinished_record
 from hessov.rundir import RunDir
-from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec
+from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec, save_spec
 
 #: Stages that take ``device=`` and ``threads=`` (the others read files only).
 COMPUTE_STAGES = frozenset({"layout", "measure", "basis", "solve", "exhaustive", "replay"})
@@ -228,7 +234,10 @@ def build_graph(
         trained = ("train",)
     _replay_jobs(graph, cfg, trained)
     laid_out = trained
-    if not done["layout"]:
+    # A layout made before the a-posteriori round existed lacks its part files: `hessov
+    # layout RUN` completes the layout on disk as it is.
+    incomplete = any(not item.stores_laid_out and not item.solved for item in items.values())
+    if not done["layout"] or incomplete:
         laid_out = graph.add("layout", "layout", (), trained, [run.params], [run.sketch_spec])
     analysed: tuple[str, ...] = ()
     for step in spec.steps:
@@ -330,9 +339,13 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     return RunPlan(run, spec, priced(build_graph(run, spec, status, cfg), spec, cfg, facts))
 
 
-def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
+def plan_resume(
+    run: RunDir, cfg: RunConfig, compute_args=(), row_overrides=(), save: bool = False
+) -> RunPlan:
     """What ``run`` is missing, from its files: the sketch its layout holds (or, before the
     layout, the config's), with ``compute_args`` passed on to every job after training.
+    ``row_overrides`` (``row_block=``, ``memory_gb=``, applied to ``cfg``) choose the row
+    block of a laid-out run again; with ``save``, into its layout for the jobs to read.
     """
     from hessov.problems import build_problem
 
@@ -341,6 +354,8 @@ def plan_resume(run: RunDir, cfg: RunConfig, compute_args=()) -> RunPlan:
     facts = problem_facts(build_problem(cfg))
     if status["layout"]:
         spec = load_spec(run)
+        if rechoose_row_block(cfg, spec, row_overrides) and save:
+            save_spec(run, spec)
     elif status["train"]:  # the steps training recorded: it may have stopped at a target
         params = ColumnStore(run.params)
         spec = resolve_spec(cfg, params.dim(), params.steps())

@@ -48,10 +48,10 @@ def run_local(cfg: RunConfig) -> RunDir:
     return _run_plan(plan)
 
 
-def resume_local(run: RunDir, cfg: RunConfig, compute_args=()) -> RunDir:
+def resume_local(run: RunDir, cfg: RunConfig, compute_args=(), row_overrides=()) -> RunDir:
     """Finish whatever ``run`` is missing, reusing everything already measured: the sketch
     of the layout on disk. ``compute_args`` (``device=``, ``threads=``) reach every job that
-    computes with the model.
+    computes with the model; ``row_overrides`` choose the basis and solve's row block again.
     """
     refuse_while_queued(run, unreachable_ok=True)
-    return _run_plan(plan_resume(run, cfg, compute_args))
+    return _run_plan(plan_resume(run, cfg, compute_args, row_overrides, save=True))

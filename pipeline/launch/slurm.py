@@ -250,11 +250,15 @@ def submit_run(cfg: RunConfig, wait: bool) -> int:
     return _submit_and_report(plan.run, cfg, plan, "run", wait)
 
 
-def submit_resume(run: RunDir, cfg: RunConfig, compute_args: list[str], wait: bool) -> int:
-    """``hessov resume RUN backend=slurm``: submit only what the run's files say is missing."""
+def submit_resume(
+    run: RunDir, cfg: RunConfig, compute_args: list[str], wait: bool, row_overrides=()
+) -> int:
+    """``hessov resume RUN backend=slurm``: submit only what the run's files say is missing
+    (``row_overrides``: ``row_block=`` or ``memory_gb=`` choose the row block again).
+    """
     require_clients()
     refuse_while_queued(run)
-    plan = plan_resume(run, cfg, compute_args)
+    plan = plan_resume(run, cfg, compute_args, row_overrides, save=True)
     if not plan.jobs:
         print(f"hessov: nothing to submit: {run.root} is complete", file=sys.stderr)
         print(run.root)

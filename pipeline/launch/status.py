@@ -38,6 +38,8 @@ class SketchStatus:
     rounds: dict[str, RoundStatus] = field(default_factory=dict)
     basis_written: bool = False
     solved: bool = False
+    #: Every round's part files exist: a layout made before a round was added lacks one.
+    stores_laid_out: bool = True
     exhaustive_done: bool = False
     analysed: bool = False
 
@@ -74,6 +76,9 @@ def run_status(run: RunDir) -> dict:
             item = SketchStatus(step, split)
             for round_name in spec.rounds:
                 item.rounds[round_name] = round_status(run, spec, step, split, round_name)
+            item.stores_laid_out = all(
+                spec.store(run, step, split, name).directory.is_dir() for name in spec.rounds
+            )
             item.basis_written = run.two_pass_basis(step, split).is_file()
             item.solved = run.eigen(step, split).is_file()
             item.exhaustive_done = run.exhaustive(step, split).is_file()
@@ -94,7 +99,7 @@ def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
     for item in status["sketches"]:
         where = f"step {item.step} {item.split}"
         for name, rnd in item.rounds.items():
-            if rnd.missing:
+            if rnd.missing and not item.solved:  # a solved step needs no more measurements
                 lines.append(
                     f"{where}: {name} round missing indices {describe_indices(rnd.missing)} "
                     f"(array tasks {rnd.tasks_missing})"

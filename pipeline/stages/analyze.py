@@ -27,7 +27,7 @@ figures and ``report.md`` from whatever is solved so far, and says which steps a
 Memory: the eigenvectors ``W`` (``D x K``, 80 GB in float64 at ``D = 10^7``, ``K = 1,000``)
 are never held whole. Every metric reads them from the HDF5 dataset ``row_block`` rows at a
 time (:mod:`hessov.analysis.rowblocks`; default :func:`row_block_for`, within
-``ROW_BLOCK_BYTES``): one pass per step for all its curves, two per pair of steps for the
+``DEFAULT_BUDGET_BYTES``): one pass per step for all its curves, two per pair of steps for the
 crystallization. A step needs ``O(row_block K + K^2)`` memory plus a few ``D``-vectors (the
 parameters, their magnitude ranking, a random permutation), and crystallization the same.
 """
@@ -77,16 +77,13 @@ NUM_RANDOM_SUBSPACES = 8
 NUM_RANDOM_MASK_PAIRS = 1000
 BASELINE_SEED = 0
 SIMILARITY_NAMES = ("overlap", *DISTANCE_NAMES)
-#: Memory for the row blocks of the eigenvectors, all their float64 copies counted
-#: (:data:`hessov.analysis.rowblocks.BLOCK_COPIES`).
-ROW_BLOCK_BYTES = 256 * 2**20
 
 
 def row_block_for(num_eigenpairs: int) -> int:
-    """Rows of ``W`` read at once: the default of ``K`` columns within ``ROW_BLOCK_BYTES``
+    """Rows of ``W`` read at once: the default of ``K`` columns within ``DEFAULT_BUDGET_BYTES``
     (at least ``K``).
     """
-    return default_row_block(num_eigenpairs, ROW_BLOCK_BYTES)
+    return default_row_block(num_eigenpairs)
 
 
 def reported_ks(num_eigenpairs: int) -> list[int]:

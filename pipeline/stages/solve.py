@@ -2,12 +2,12 @@
 
 Before anything else every part's flags and checksums are verified, in the same single
 read of each part that merges it into the split's monolithic arrays (allocated once by
-the layout), or a row block at a time when the layout fixed a ``row_block`` (the plan's
-choice when ``D x k`` matrices do not fit the memory budget: then every ``D``-row matrix
-is read and written in row blocks, :mod:`hessov.skerch_ext.rowblocks`); a missing or
-corrupt measurement stops the solve and names the indices (``hessov resume`` re-measures
-them), leaving the arrays untouched. Then single-pass
-SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``, the core
+the layout, or on first use), or a row block at a time when the layout fixed a
+``row_block`` (the plan's choice when ``D x k`` matrices do not fit the memory budget: then
+every ``D``-row matrix is read and written in row blocks,
+:mod:`hessov.skerch_ext.rowblocks`); a missing or corrupt measurement stops the solve and
+names the indices (``hessov resume`` re-measures them), leaving the arrays untouched.
+Then single-pass SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``, the core
 ``(Psi Q)^+ Z ((Omega^T Q)^+)^T`` from two least-squares solves with block transforms,
 symmetrised, ``eigh``, sorted by ``|lambda|``, ``W = Q U`` (or, two-pass, Rayleigh-Ritz on
 the basis stage's ``Q`` and the second round's ``H Q``). Finally the a-posteriori error is
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -76,6 +77,18 @@ def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) ->
     }
 
 
+@contextmanager
+def scratch_file(path):
+    """An HDF5 file for ``D``-row scratch matrices, removed when the context ends, whatever
+    ends it (10 GB at D = 10^7, k = 256).
+    """
+    try:
+        with h5py.File(path, "w") as handle:
+            yield handle
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def _require_basis(run: RunDir, step: int, split: str):
     path = run.two_pass_basis(step, split)
     if not path.is_file():
@@ -119,7 +132,7 @@ def two_pass_eigenpairs_in_row_blocks(
     with (
         h5py.File(_require_basis(run, step, split), "r") as basis_file,
         round_rows(run, spec, step, split, "second") as h_basis,
-        h5py.File(scratch_path, "w") as scratch,
+        scratch_file(scratch_path) as scratch,
     ):
         seconds["qr"] = float(basis_file.attrs["qr_seconds"])
         basis, _ = dataset_rows(basis_file["basis"])
@@ -132,7 +145,6 @@ def two_pass_eigenpairs_in_row_blocks(
         _, write = dataset_rows(dataset)
         for rows in row_pass(ranges, "row blocks: eigenvectors"):
             write(rows, basis(rows) @ top + extension[0](rows) @ bottom)
-    scratch_path.unlink()
     seconds["core_solve"] = time.perf_counter() - t0
     return eigenvalues
 
@@ -171,7 +183,7 @@ def single_pass_eigenpairs_in_row_blocks(
     t0 = time.perf_counter()
     with (
         round_rows(run, spec, step, split, "first") as outer,
-        h5py.File(scratch_path, "w") as scratch,
+        scratch_file(scratch_path) as scratch,
     ):
         basis_data = tall_dataset(scratch, "basis", shape, layout.dtype)
         basis, write_basis = dataset_rows(basis_data)
@@ -185,7 +197,6 @@ def single_pass_eigenpairs_in_row_blocks(
         _, write = dataset_rows(tall_dataset(handle, "eigenvectors", shape, layout.dtype))
         for rows in row_pass(ranges, "row blocks: eigenvectors"):
             write(rows, basis(rows) @ coefficients)
-    scratch_path.unlink()
     seconds["core_solve"] = time.perf_counter() - t0
     return eigenvalues
 
