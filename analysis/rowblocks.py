@@ -37,6 +37,8 @@ from typing import Any, Protocol
 
 import torch
 
+from hessov.skerch_ext.rowblocks import gram, row_ranges
+
 #: Float64 copies of a ``row_block x K`` block alive at once, at most, counted generously:
 #: in :func:`fold`, the block as read and in float64, then in one reduction at a time its
 #: squares, their cumulative sums, the energies picked from them and the merged candidates
@@ -84,10 +86,8 @@ def _ranges(rows: RowSource, row_block: int | None) -> Iterator[tuple[int, int]]
     """
     num_rows, num_columns = rows.shape
     row_block = default_row_block(num_columns) if row_block is None else row_block
-    if row_block < 1:
-        raise ValueError(f"row_block must be >= 1, got {row_block}")
-    for start in range(0, num_rows, row_block):
-        yield start, min(start + row_block, num_rows)
+    for block in row_ranges(num_rows, row_block):
+        yield block.start, block.stop
 
 
 def read_block(rows: RowSource, start: int, stop: int, columns: int | None = None):
@@ -294,12 +294,12 @@ def cross_product(
     """
     if rows_a.shape[0] != rows_b.shape[0]:
         raise ValueError(f"A has {rows_a.shape[0]} rows, B has {rows_b.shape[0]}")
-    sizes = [rows_a.shape[1], rows_b.shape[1]] if columns is None else [columns, columns]
-    cross = torch.zeros(sizes, dtype=torch.float64, device=device_of(rows_a))
-    for start, stop in _ranges(rows_a, row_block):
-        block_b = read_block(rows_b, start, stop, columns).to(cross.device)
-        cross += read_block(rows_a, start, stop, columns).T @ block_b
-    return cross
+    device = device_of(rows_a)
+    return gram(
+        lambda block: read_block(rows_a, block.start, block.stop, columns),
+        lambda block: read_block(rows_b, block.start, block.stop, columns).to(device),
+        [range(start, stop) for start, stop in _ranges(rows_a, row_block)],
+    )
 
 
 def residual_factors(

@@ -21,6 +21,7 @@ from hessov.errors import ConfigError, MissingInputError
 from hessov.fileio import atomic_write_json
 from hessov.rundir import RunDir
 from hessov.skerch_ext.random_matrices import SketchMatrices
+from hessov.skerch_ext.rowblocks import row_ranges
 from hessov.skerch_ext.seeds import SeedRegistry, sketch_seed_ranges
 from hessov.skerch_ext.storage import MeasurementStore, MonolithicArrays, SketchLayout
 
@@ -52,6 +53,16 @@ class SketchSpec:
         :meth:`round_tasks` for the others).
         """
         return self.round_tasks("first")
+
+    @property
+    def row_ranges(self) -> list[range]:
+        """The row blocks of the out-of-core basis and solve (at least ``k`` rows each); the
+        whole of ``D`` in one block in memory (``row_block`` 0).
+        """
+        dim = self.layout.dim
+        if not self.row_block:
+            return [range(dim)]
+        return row_ranges(dim, self.row_block, self.layout.num_outer)
 
     def round_tasks(self, round_name: str) -> int:
         """Array tasks of one round of one step and split."""

@@ -26,7 +26,7 @@ from hessov.fileio import atomic_write
 from hessov.merge import dataset_rows, merged_round, round_rows, tall_dataset
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
-from hessov.skerch_ext.rowblocks import row_ranges, tsqr
+from hessov.skerch_ext.rowblocks import tsqr
 from hessov.skerch_ext.solve import orthonormal_basis
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
@@ -70,7 +70,7 @@ def _basis_in_memory(run: RunDir, spec: SketchSpec, step: int, split: str, handl
 def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, handle) -> dict:
     """TSQR over row blocks of the round's parts, written to ``handle`` in row blocks."""
     layout = spec.layout
-    ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
+    ranges = spec.row_ranges
     t0 = time.perf_counter()
     with round_rows(run, spec, step, split, "first") as outer:
         dataset = tall_dataset(handle, "basis", (layout.dim, layout.num_outer), layout.dtype)

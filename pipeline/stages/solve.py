@@ -41,7 +41,7 @@ from hessov.skerch_ext.aposteriori import (
     gaussian_probe_rows,
     scree_bounds,
 )
-from hessov.skerch_ext.rowblocks import RowReader, row_pass, row_ranges, tsqr
+from hessov.skerch_ext.rowblocks import row_pass, tsqr
 from hessov.skerch_ext.solve import (
     block_krylov_core_rows,
     core_from_projections,
@@ -126,7 +126,7 @@ def two_pass_eigenpairs_in_row_blocks(
     a time (:func:`hessov.skerch_ext.solve.block_krylov_core_rows`).
     """
     layout = spec.layout
-    ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
+    ranges = spec.row_ranges
     scratch_path = run.solve_scratch(step, split)
     t0 = time.perf_counter()
     with (
@@ -178,7 +178,7 @@ def single_pass_eigenpairs_in_row_blocks(
     """
     layout = spec.layout
     shape = (layout.dim, layout.num_outer)
-    ranges = row_ranges(layout.dim, spec.row_block, layout.num_outer)
+    ranges = spec.row_ranges
     scratch_path = run.solve_scratch(step, split)
     t0 = time.perf_counter()
     with (
@@ -212,20 +212,13 @@ def _projections(spec: SketchSpec, basis) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(psi, dim=1), torch.cat(omega_t, dim=1)
 
 
-def eigenvector_rows(handle: h5py.File, spec: SketchSpec) -> tuple[RowReader, list[range]]:
-    """A reader of the written eigenvectors and the row blocks to read them in."""
-    dim = spec.layout.dim
-    ranges = row_ranges(dim, spec.row_block, spec.layout.num_outer) if spec.row_block else None
-    return dataset_rows(handle["eigenvectors"])[0], ranges or [range(dim)]
-
-
 def a_posteriori(run: RunDir, spec: SketchSpec, step, split, eigenvalues, handle, seconds) -> dict:
     """The a-posteriori error of the written eigenpairs from the ``apost`` round's products
     of ``NUM_A_POSTERIORI`` Gaussian probes, its failure probabilities and the scree bounds
     ``(k,)``.
     """
     t0 = time.perf_counter()
-    eigenvectors, ranges = eigenvector_rows(handle, spec)
+    eigenvectors = dataset_rows(handle["eigenvectors"])[0]
     seed_range = spec.seeds()["apost"]
     with round_rows(run, spec, step, split, "apost") as h_probes:
         estimate = apost_error_rows(
@@ -233,7 +226,7 @@ def a_posteriori(run: RunDir, spec: SketchSpec, step, split, eigenvalues, handle
             eigenvectors,
             lambda rows: gaussian_probe_rows(seed_range, rows),
             h_probes,
-            ranges,
+            spec.row_ranges,
         )
     scree_lo, scree_hi = scree_bounds(eigenvalues, estimate.error, estimate.frobenius)
     p_low, p_high = apost_failure_probabilities(spec.num_apost, 0.5)
