@@ -18,9 +18,10 @@ The rest is what the stage holds, counted as ``D``-row matrices of the storage d
   probes of the a-posteriori round and their copies);
 * basis and solve in memory: :data:`IN_MEMORY_COPIES` ``D x k`` matrices (merged round,
   ``Q``, residual, ``P`` twice, ``[Q, P]``, ``W``);
-* basis and solve in row blocks (:mod:`hessov.skerch_ext.rowblocks`): :data:`ROW_BLOCK_COPIES`
-  ``row_block x k`` blocks, the TSQR factors ``(D / row_block) x k x k`` and the ``2k x 2k``
-  core's ``eigh``.
+* basis and solve in row blocks (:mod:`hessov.rowpass`), per phase: a per-block phase
+  holds :data:`ROW_BLOCK_COPIES` ``row_block x k`` blocks; a combined one the blocks' small
+  results, e.g. the TSQR factors ``(D / row_block) x k x k``, and the ``2k x 2k`` core's
+  ``eigh``; single pass's ``ritz`` also ``D x block_size`` columns of ``Q``.
 
 bench/RESULTS.md (question 8) compares these estimates with each stage's measured peak RSS:
 at D = 10^7, k = 256 every task's RSS was 0.82-0.87 of its estimate.
@@ -163,14 +164,40 @@ def in_memory_solve_bytes(spec) -> int:
 
 
 def row_block_solve_bytes(spec, row_block: int) -> int:
-    """Peak memory of the out-of-core basis or solve with ``row_block`` rows per block."""
+    """Peak memory of the out-of-core basis or solve with ``row_block`` rows per block: a
+    bound on every phase's job (:func:`row_phase_bytes`), as if one process ran them all.
+    """
+    return PROCESS_FLOOR_BYTES + sum(_row_phase_parts(spec, row_block).values())
+
+
+def _row_phase_parts(spec, row_block: int) -> dict[str, int]:
+    """What the row-block phases hold beside the process: a block's rows (per-block
+    phases), the blocks' small results and the Ritz core (combined phases), and single
+    pass's ``D x block_size`` columns of ``Q`` for ``Psi Q`` and ``Omega^T Q``.
+    """
     dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
     size = _itemsize(spec)
     blocks = -(-dim // row_block)
-    rows = ROW_BLOCK_COPIES * row_block * k * size + 2 * row_block * spec.num_apost * 8
-    small = blocks * k * k * 8 + 4 * (2 * k) ** 2 * 8
-    single_pass = (4 * dim * spec.layout.block_size * size + 3 * inner**2 * size) if inner else 0
-    return PROCESS_FLOOR_BYTES + rows + small + single_pass
+    core = 4 * (2 * k) ** 2 * 8
+    return {
+        "rows": ROW_BLOCK_COPIES * row_block * k * size + 2 * row_block * spec.num_apost * 8,
+        "small": blocks * k * k * 8 + core,
+        "columns": (4 * dim * spec.layout.block_size * size + 3 * inner**2 * size) if inner else 0,
+    }
+
+
+def row_phase_bytes(spec, phase) -> int:
+    """Peak memory of one phase's job (:class:`hessov.rowpass.Phase`) of the row-block
+    basis or solve: a block's rows and the core's factors per block, the small results of
+    every block when combined (single pass's ``ritz`` with the columns of ``Q``).
+    """
+    parts = _row_phase_parts(spec, spec.row_block)
+    if phase.per_block:
+        return PROCESS_FLOOR_BYTES + parts["rows"] + 4 * (2 * spec.layout.num_outer) ** 2 * 8
+    if phase.name == "finish":  # copies W's blocks into the eigen file
+        return PROCESS_FLOOR_BYTES + parts["rows"] + parts["small"]
+    columns = parts["columns"] if phase.name == "ritz" else 0
+    return PROCESS_FLOOR_BYTES + parts["small"] + columns
 
 
 #: Overrides that choose the row block of a laid-out run again.
@@ -275,17 +302,20 @@ def _measure_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     return JobCost(memory, outer * _itemsize(spec), count)
 
 
-def _solve_memory(spec) -> int:
-    if spec.row_block:
-        return row_block_solve_bytes(spec, spec.row_block)
-    return in_memory_solve_bytes(spec)
-
-
 def _solve_cost(spec, cfg, facts, job) -> JobCost:
-    # Out of core, the solve's scratch P is on disk too while it runs.
-    matrices = 2 if spec.row_block and job.stage == "solve" else 1
+    """In memory, the output; in row blocks, each phase's job, the program's peak disk
+    counted on its last (the basis: ``Q``'s blocks; the solve: the eigen file and ``W``'s
+    blocks it is copied from, which outlast the other phases' consumed results).
+    """
+    from hessov.rowpass import program_phases
+
     matrix = spec.layout.dim * spec.layout.num_outer * _itemsize(spec)
-    return JobCost(_solve_memory(spec), matrices * matrix, 0)
+    if not spec.row_block:
+        return JobCost(in_memory_solve_bytes(spec), matrix, 0)
+    phases = {phase.name: phase for phase in program_phases(job.stage, spec.recovery)}
+    name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["phase"]
+    disk = (2 if job.stage == "solve" else 1) * matrix if name == "finish" else 0
+    return JobCost(row_phase_bytes(spec, phases[name]), disk, 0)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:

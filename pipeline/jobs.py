@@ -181,6 +181,28 @@ def measured_rounds(arguments: dict[str, str], spec) -> list[str]:
     return ["first", "apost"] if whole and "apost" in spec.rounds else ["first"]
 
 
+def row_phase(arguments: dict[str, str], spec, stage: str) -> tuple[str | None, list[int] | None]:
+    """``phase=`` of a row-block basis or solve and, for a per-block phase, its row block
+    ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``); ``(None, None)``: the whole program.
+    """
+    from hessov.rowpass import program_phases
+
+    if "phase" not in arguments:
+        return None, None
+    phases = {phase.name: phase for phase in program_phases(stage, spec.recovery)}
+    if not spec.row_block:
+        raise ConfigError(f"phase: the {stage} runs in memory (row_block=-1); it has no phases")
+    if arguments["phase"] not in phases:
+        raise ConfigError(f"phase: {arguments['phase']!r} is not one of {', '.join(phases)}")
+    task = arguments.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
+    if not phases[arguments["phase"]].per_block or task is None:
+        return arguments["phase"], None
+    number = int_argument({"task": task}, "task")
+    if not 0 <= number < len(spec.row_ranges):
+        raise ConfigError(f"task: {number} is not a row block (0-{len(spec.row_ranges) - 1})")
+    return arguments["phase"], [number]
+
+
 def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
     from hessov.stages.basis import basis
 
@@ -189,16 +211,18 @@ def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
         raise ConfigError(
             f"recovery: the basis stage is for two_pass, the layout is {spec.recovery}"
         )
+    phase, blocks = row_phase(arguments, spec, "basis")
     for step, split in steps_and_splits(arguments, spec):
-        basis(run, cfg, spec, step, split)
+        basis(run, cfg, spec, step, split, phase, blocks)
 
 
 def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
     from hessov.stages.solve import solve
 
     cfg, spec = sketch_inputs(run, overrides)
+    phase, blocks = row_phase(arguments, spec, "solve")
     for step, split in steps_and_splits(arguments, spec):
-        solve(run, cfg, spec, step, split)
+        solve(run, cfg, spec, step, split, phase, blocks)
 
 
 def _exhaustive(run: RunDir, arguments: dict, overrides: list[str]) -> None:
@@ -317,24 +341,30 @@ STAGES: dict[str, StageEntry] = {
     ),
     "basis": StageEntry(
         _basis,
-        ("step", "split"),
+        ("step", "split", "phase", "task"),
         "stage 4a (two-pass): the orthonormal basis Q of the first round",
         "For step=T split=train|test (default: every step and split of the layout): verify "
         "every flag and checksum of the first round, merge, and write Q = qr(H Omega) to "
         "RUN/measurements/step_T_SPLIT/basis.h5 for the second round: in memory, or by TSQR "
         "in row blocks when the layout chose a row block (row_block=N or memory_gb= choose "
-        "again, row_block=-1 forces memory). Also threads=.",
+        "again, row_block=-1 forces memory). In row blocks the basis is the phases local "
+        "(a task per row block), tree, apply (a task per row block) and finish; phase=NAME "
+        "[task=i or $SLURM_ARRAY_TASK_ID] runs one of them (the stage graph's jobs), "
+        "without phase= all in turn. Also threads=.",
     ),
     "solve": StageEntry(
         _solve,
-        ("step", "split"),
+        ("step", "split", "phase", "task"),
         "stage 4b: verify and merge the measurements, solve for the top-k eigenpairs",
         "Solve step=T split=train|test (default: every step and split of the layout): "
         "verify every flag and checksum, merge, then Rayleigh-Ritz on the basis and H Q "
         "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error from "
         "the apost round. In memory, or in row blocks when the layout chose a row block "
-        "(row_block=N or memory_gb= choose again, row_block=-1 forces memory). Writes "
-        "RUN/eigen/step_T_SPLIT.h5 and the 'solve' summary.",
+        "(row_block=N or memory_gb= choose again, row_block=-1 forces memory): then a "
+        "sequence of phases, each one task per row block or one job (`hessov plan` lists "
+        "them); phase=NAME [task=i or $SLURM_ARRAY_TASK_ID] runs one, without phase= all "
+        "in turn, skipping what is done. Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' "
+        "summary.",
     ),
     "exhaustive": StageEntry(
         _exhaustive,

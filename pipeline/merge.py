@@ -18,7 +18,6 @@ import torch
 
 from hessov.errors import MissingInputError
 from hessov.rundir import RunDir
-from hessov.skerch_ext.rowblocks import RowReader, RowWriter
 from hessov.skerch_ext.storage import IncompleteMeasurements
 from hessov.sketchspec import SketchSpec
 
@@ -75,21 +74,43 @@ def round_rows(run: RunDir, spec: SketchSpec, step: int, split: str, round_name:
         yield lambda rows: torch.from_numpy(read(rows))
 
 
+def round_block(run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str):
+    """A reader ``rows -> outer[rows]`` ``(len(rows), k)`` of the round's parts as stored
+    (numpy, unverified: a row-block phase checksums what it read, :func:`verify_round`),
+    opening the parts for each read.
+    """
+    store = spec.store(run, step, split, round_name)
+
+    def read(rows: range) -> np.ndarray:
+        with store.outer_rows() as outer:
+            return outer(rows)
+
+    return read
+
+
+def verify_round(run: RunDir, spec: SketchSpec, step: int, split: str, round_name: str):
+    """A check ``crcs -> None`` of the round from the column CRCs of its row blocks
+    ``(num_blocks, k)`` (``spec.row_ranges``), which names every missing or corrupt
+    measurement.
+
+    Raises:
+        MissingInputError: from the check, naming them.
+    """
+    store = spec.store(run, step, split, round_name)
+    counts = [len(rows) for rows in spec.row_ranges]
+
+    def verify(crcs: torch.Tensor) -> None:
+        problems = store.verify_segments(crcs.numpy().astype(np.uint32), counts)
+        if problems["missing"] or problems["corrupt"]:
+            err = IncompleteMeasurements(problems["missing"], problems["corrupt"])
+            raise MissingInputError(_incomplete_message(run, step, split, round_name, err))
+
+    return verify
+
+
 def tall_dataset(handle: h5py.File, name: str, shape: tuple[int, int], dtype) -> h5py.Dataset:
     """A ``(D, c)`` dataset chunked for both ways it is read: row blocks (the out-of-core
     passes, the analysis) and column blocks (the second round's measure tasks, the replay).
     """
     chunks = (min(shape[0], CHUNK_ROWS), min(shape[1], CHUNK_COLUMNS))
     return handle.create_dataset(name, shape, dtype=dtype, chunks=chunks)
-
-
-def dataset_rows(dataset: h5py.Dataset) -> tuple[RowReader, RowWriter]:
-    """A reader and a writer of row blocks of ``dataset``, as torch tensors."""
-
-    def read(rows: range) -> torch.Tensor:
-        return torch.from_numpy(dataset[rows.start : rows.stop])
-
-    def write(rows: range, block: torch.Tensor) -> None:
-        dataset[rows.start : rows.stop] = block.numpy()
-
-    return read, write

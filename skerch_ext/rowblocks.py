@@ -12,11 +12,12 @@ the stacked ``R_i`` combined in a tree of fan-in ``fan_in``, whose orthogonal fa
 each block a ``(k, k)`` matrix ``F_i`` with ``Q = [Q_1 F_1; Q_2 F_2; ...]``. Householder QR
 of every piece keeps TSQR as backward stable as a QR of the whole.
 
-Memory is ``O(row_block x k + num_blocks x k^2)``, independent of ``D`` for a given number
-of blocks: the blocks themselves are read from and written to storage by the callers'
-:class:`RowReader` and :class:`RowWriter`. Every block has at least ``k`` rows
-(:func:`row_ranges` folds a short remainder into the block before it), so every local
-``R_i`` is ``(k, k)``.
+This module holds the pieces: the row ranges, sums over row blocks (:func:`gram`) and the
+TSQR tree (:func:`tree_factors`); :mod:`hessov.rowsolve` builds the solve's phases from
+them, which :mod:`hessov.rowpass` runs a row block per task. Memory is
+``O(row_block x k + num_blocks x k^2)``, independent of ``D`` for a given number of blocks.
+Every block has at least ``k`` rows (:func:`row_ranges` folds a short remainder into the
+block before it), so every local ``R_i`` is ``(k, k)``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,6 @@ from tqdm import tqdm
 
 #: ``rows -> A[rows]``: a ``(len(rows), c)`` block of a tall matrix.
 RowReader = Callable[[range], torch.Tensor]
-#: ``(rows, block) -> None``: store ``block`` as rows ``rows`` of a tall matrix.
-RowWriter = Callable[[range, torch.Tensor], None]
 
 #: R factors stacked per node of the TSQR tree: 8 keeps each node's QR at ``8k x k``.
 DEFAULT_FAN_IN = 8
@@ -65,10 +64,19 @@ def gram(left: RowReader, right: RowReader, ranges: Sequence[range]) -> torch.Te
     return total
 
 
-def _tree_qr(r_factors: list[torch.Tensor], fan_in: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The TSQR tree over local ``R_i`` ``(k, k)``: each block's ``F_i`` ``(k, k)`` and the
-    final ``R`` ``(k, k)``, with ``stack(R_i) = blockdiag(F_i...)``-combined ``Q_tree R``.
+def tree_factors(
+    r_factors: torch.Tensor, fan_in: int = DEFAULT_FAN_IN
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The TSQR tree over the row blocks' local ``R_i``, stacked ``(num_blocks, k, k)``: each
+    block's factor ``F_i`` (stacked the same way) and the final ``R`` ``(k, k)``, so that
+    ``A = [Q_1 F_1; Q_2 F_2; ...] R`` when ``A_i = Q_i R_i``.
     """
+    factors, r = _tree_qr(list(r_factors), fan_in)
+    return torch.stack(factors), r
+
+
+def _tree_qr(r_factors: list[torch.Tensor], fan_in: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """One level of the tree and the levels above it, recursively."""
     if len(r_factors) == 1:
         return [torch.eye(r_factors[0].shape[1], dtype=r_factors[0].dtype)], r_factors[0]
     size = r_factors[0].shape[1]
@@ -80,34 +88,3 @@ def _tree_qr(r_factors: list[torch.Tensor], fan_in: int) -> tuple[list[torch.Ten
         group_rs.append(r)
     upper, r = _tree_qr(group_rs, fan_in)
     return [piece @ upper[g] for g, group in enumerate(pieces) for piece in group], r
-
-
-def tsqr(
-    source: RowReader,
-    target: RowWriter,
-    written: RowReader,
-    ranges: Sequence[range],
-    fan_in: int = DEFAULT_FAN_IN,
-) -> torch.Tensor:
-    """Orthonormal ``Q`` ``(D, k)`` of ``A = source`` by TSQR, stored through ``target``.
-
-    Pass one writes each block's local ``Q_i``; pass two reads it back through ``written``
-    (the same storage as ``target``) and overwrites it with ``Q_i F_i``. ``source`` and
-    ``target`` may share storage: each block is read before it is written. Returns ``R``
-    ``(k, k)`` with ``A = Q R``.
-    """
-    r_factors = None
-    for number, rows in enumerate(row_pass(ranges, "row blocks: TSQR local")):
-        q, r = torch.linalg.qr(source(rows), mode="reduced")
-        target(rows, q)
-        if r_factors is None:
-            r_factors = r.new_empty(len(ranges), *r.shape)
-        # Copied into one buffer allocated up front: small factors kept between the blocks'
-        # large temporaries fragment the heap (about 8 MB per block at D = 10^7, k = 256).
-        r_factors[number] = r
-    factors, r = _tree_qr(list(r_factors), fan_in)
-    if len(ranges) > 1:
-        for rows, factor in zip(row_pass(ranges, "row blocks: TSQR apply"), factors, strict=True):
-            local = written(rows)
-            target(rows, local @ factor.to(local.dtype))
-    return r

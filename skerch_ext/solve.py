@@ -29,11 +29,9 @@ more columns than the eigenpairs reported ("oversampled Q") is the main lever on
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
-
-from hessov.skerch_ext.rowblocks import RowReader, RowWriter, gram, tsqr
 
 #: ``X -> T X`` for a random test matrix ``T`` with ``s`` rows, applied to a ``(D, b)`` block.
 BlockTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -197,34 +195,6 @@ def seigh_two_pass(
     if not krylov_extension:
         return eigenpairs_from_core(basis, two_pass_core(basis, h_basis), num)
     return eigenpairs_from_core(*block_krylov_extension(basis, h_basis), num)
-
-
-def block_krylov_core_rows(
-    basis: RowReader,
-    h_basis: RowReader,
-    extension: tuple[RowReader, RowWriter],
-    ranges: Sequence[range],
-) -> torch.Tensor:
-    """:func:`block_krylov_extension` on row blocks: writes ``P`` ``(D, k)`` through
-    ``extension`` (a reader and a writer of the same scratch storage) and returns the core
-    ``(2k, 2k)`` of the basis ``[Q, P]``.
-
-    The same steps as in memory, each a pass over the rows: ``C0 = Q^T (H Q)``; ``P`` by
-    TSQR of ``H Q - Q C0``, then again of ``P - Q (Q^T P)``; ``E = P^T (H Q)``. Needs
-    ``2k <= D`` (the in-memory path handles the complement of a larger ``k``).
-    """
-    read_p, write_p = extension
-    c0 = gram(basis, h_basis, ranges)
-    tsqr(lambda rows: h_basis(rows) - basis(rows) @ c0, write_p, read_p, ranges)
-    overlap = gram(basis, read_p, ranges)
-    tsqr(lambda rows: read_p(rows) - basis(rows) @ overlap, write_p, read_p, ranges)
-    coupling = gram(read_p, h_basis, ranges)  # E, (k, k)
-    num = c0.shape[0]
-    core = torch.zeros(2 * num, 2 * num, dtype=c0.dtype)
-    core[:num, :num] = symmetrized(c0)
-    core[num:, :num] = coupling
-    core[:num, num:] = coupling.T
-    return core
 
 
 def ritz_coefficients(

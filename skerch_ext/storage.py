@@ -41,6 +41,7 @@ import h5py
 import numpy as np
 
 from hessov.fileio import atomic_write, exclusive_lock
+from hessov.skerch_ext.checksums import chained_checksums
 
 FLAG_INITIALIZED = 0
 FLAG_MEASURED = 2
@@ -292,10 +293,10 @@ class MeasurementStore:
         None, ``outer`` ``(D, P_outer)`` or None), so that a merge needs no second read.
         """
 
-        def read_whole(handle: h5py.File, count: int):
+        def read_whole(handle: h5py.File, block: range):
             inner = handle["inner"][:] if self.layout.num_inner else None
             outer = handle["outer"][:] if "outer" in handle else None
-            return column_checksums(inner, outer, count), (inner, outer)
+            return column_checksums(inner, outer, len(block)), (inner, outer)
 
         return self._verified(read_whole, sink)
 
@@ -304,11 +305,33 @@ class MeasurementStore:
         (checksums chained over the row blocks), for parts too large to hold whole.
         """
         return self._verified(
-            lambda handle, count: (_streamed_checksums(handle, count, row_block), None)
+            lambda handle, block: (_streamed_checksums(handle, len(block), row_block), None)
         )
 
+    def verify_segments(self, segments: np.ndarray, row_counts: list[int]) -> dict[str, list[int]]:
+        """:meth:`verify` from the CRC-32 of every row block of the outer columns, computed
+        where the blocks were read (:func:`hessov.skerch_ext.checksums.segment_checksums`):
+        ``segments`` ``(num_blocks, c)`` for the round's ``c`` outer columns in order, the
+        blocks of ``row_counts`` rows. Reads only the parts' flags, checksums and inner
+        columns.
+        """
+        itemsize = np.dtype(self.layout.dtype).itemsize
+        lengths = [count * itemsize for count in row_counts]
+
+        def combined(handle: h5py.File, block: range):
+            inner = handle["inner"][:] if "inner" in handle else None
+            sums = column_checksums(inner, None, len(block))
+            columns = slice(block.start, block.start + self._outer_count(block))
+            pieces = list(zip(segments[:, columns], lengths, strict=True))
+            sums[: columns.stop - columns.start] = chained_checksums(
+                sums[: columns.stop - columns.start], pieces
+            )
+            return sums, None
+
+        return self._verified(combined)
+
     def _verified(self, read, sink=None) -> dict[str, list[int]]:
-        """Check every part's flags and checksums, ``read(handle, count)`` giving the actual
+        """Check every part's flags and checksums, ``read(handle, block)`` giving the actual
         checksums and what ``sink`` receives of an intact part.
         """
         missing, corrupt = [], []
@@ -318,7 +341,7 @@ class MeasurementStore:
                 with h5py.File(path, "r") as handle:
                     flags = handle["flags"][:]
                     stored = handle["checksums"][:]
-                    actual, payload = read(handle, len(block))
+                    actual, payload = read(handle, block)
             except (OSError, KeyError):
                 (corrupt if path.is_file() else missing).extend(block)
                 continue

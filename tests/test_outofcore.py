@@ -1,6 +1,7 @@
 """The basis and solve in row blocks (``row_block``) on a real run: the same eigenpairs as in
 memory within the tolerances of skerch_ext/tolerances.py (tests/equivalence.py), whatever the
-row block, and a pass interrupted half-way leaves nothing behind and reruns to the same bits.
+row block, and a phase killed half-way leaves its finished row blocks, whose rerun does only
+the rest and gives the same bits.
 
 TSQR, block sums and a row-wise ``W = [Q, P] U`` are backward stable like their in-memory
 counterparts, so the two computations differ as two kernel paths do: by rounding, which the
@@ -9,15 +10,18 @@ equivalence tolerances bound (Weyl for the eigenvalues, Davis-Kahan for the gapp
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-import hessov.merge
-from conftest import TINY_SKETCH, laid_out, run_hessov
+from conftest import REPO, TINY_SKETCH, laid_out, run_hessov
 from equivalence import compare_eigen_files
-from hessov.jobs import run_job
 
 EIGEN = "eigen/step_300_train.h5"
 
@@ -57,51 +61,52 @@ def test_row_block_solve_equals_the_in_memory_one(first_round, in_memory, tmp_pa
         assert rows.attrs["apost_rel_err"] == pytest.approx(memory.attrs["apost_rel_err"], 1e-4)
     with h5py.File(run / "measurements/step_300_train/basis.h5") as basis:
         assert basis.attrs["row_block"] == row_block
-    assert not list((run / "eigen").glob("*.scratch.h5"))  # the scratch file is removed
+    assert not list((run / "measurements/step_300_train").glob("*_rows_*"))  # work removed
 
 
-def interrupting_writer(after: int):
-    """hessov.merge.dataset_rows whose writers raise after ``after`` row blocks in all."""
-    original = hessov.merge.dataset_rows
-    written = [0]
+def killed_when(args: list[str], watched: Path, pattern: str, count: int) -> None:
+    """Run ``hessov ARGS`` and SIGKILL it once ``count`` files match ``pattern`` in
+    ``watched``: a task killed by the scheduler or the out-of-memory killer, mid-phase.
+    """
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hessov.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if len(list(watched.glob(pattern))) >= count:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert process.wait() == -signal.SIGKILL, "the program finished before it was killed"
 
-    def dataset_rows(dataset):
-        read, write = original(dataset)
 
-        def failing_write(rows, block):
-            written[0] += 1
-            if written[0] > after:
-                raise RuntimeError("interrupted")
-            write(rows, block)
-
-        return read, failing_write
-
-    return dataset_rows
-
-
-@pytest.mark.parametrize("stage", ["basis", "solve"])
-def test_an_interrupted_row_block_pass_reruns_to_the_same_bits(
-    first_round, tmp_path, monkeypatch, stage
-):
+@pytest.mark.parametrize(("stage", "phase"), [("basis", "apply"), ("solve", "reorth_local")])
+def test_a_killed_row_block_task_reruns_to_the_same_bits(first_round, tmp_path, stage, phase):
     reference, run = tmp_path / "reference", tmp_path / "run"
     for target in (reference, run):
         shutil.copytree(first_round, target)
-    finish(reference, "row_block=1000")
-    args = [str(run), *TINY_SKETCH, "row_block=1000"]
+    finish(reference, "row_block=30")  # 234 row blocks
+    args = [str(run), *TINY_SKETCH, "row_block=30"]
     if stage == "solve":
         run_hessov("basis", *args)
         run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
-    for module in ("hessov.stages.basis", "hessov.stages.solve"):
-        monkeypatch.setattr(f"{module}.dataset_rows", interrupting_writer(after=5))
-    with pytest.raises(RuntimeError, match="interrupted"):
-        run_job([stage, *args])
-    monkeypatch.undo()
+    work = run / f"measurements/step_300_train/{stage}_rows_30"
+    killed_when([stage, *args], work, f"{phase}.block*.h5", 100)
     output = run / ("measurements/step_300_train/basis.h5" if stage == "basis" else EIGEN)
     assert not output.exists()  # nothing half-written under the output's name
+    before = {path.name: path.stat().st_mtime_ns for path in work.glob(f"{phase}.block*.h5")}
+    assert 100 <= len(before) < 234
+    run_hessov(stage, *args, f"phase={phase}")  # the killed phase alone: only what is missing
+    after = {path.name: path.stat().st_mtime_ns for path in work.glob(f"{phase}.block*.h5")}
+    assert len(after) == 234 and all(after[name] == mtime for name, mtime in before.items())
+    run_hessov(stage, *args)  # and everything after it
     if stage == "basis":
-        run_hessov("basis", *args)
         run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
-    run_hessov("solve", *args)
+        run_hessov("solve", *args)
+    assert not work.exists()  # removed with the outputs written
     # Bitwise by construction: the same blocks on the same machine and kernel path.
     with h5py.File(reference / EIGEN) as a, h5py.File(run / EIGEN) as b:
         for name in ("eigenvalues", "eigenvectors"):

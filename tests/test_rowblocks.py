@@ -1,5 +1,6 @@
-"""The out-of-core linear algebra (hessov.skerch_ext.rowblocks) and the row-block pieces of the
-solve against their in-memory counterparts, on synthetic matrices with known spectra.
+"""The out-of-core linear algebra (hessov.skerch_ext.rowblocks) and the row-block phases of the
+solve (hessov.rowsolve, run by hessov.rowpass with every result in a file) against their
+in-memory counterparts, on synthetic matrices with known spectra.
 
 Tolerances: TSQR and block sums are backward stable like a QR and a product of the whole, so
 both results are exact for inputs within ``g(n) = rounding_level(dtype, n)`` relative of the
@@ -13,31 +14,56 @@ import pytest
 import torch
 from test_sketch_math import low_rank_spectrum, symmetric_with_spectrum
 
+from hessov.rowpass import RowWork, program_phases, run_phases
+from hessov.rowsolve import tsqr_phases, two_pass_phases
 from hessov.skerch_ext.aposteriori import (
     apost_error,
     apost_error_rows,
     gaussian_probe_rows,
     gaussian_probes,
 )
-from hessov.skerch_ext.rowblocks import row_ranges, tsqr
+from hessov.skerch_ext.rowblocks import row_ranges, tree_factors
 from hessov.skerch_ext.seeds import SeedRange
-from hessov.skerch_ext.solve import (
-    block_krylov_core_rows,
-    block_krylov_extension,
-    ritz_coefficients,
-)
+from hessov.skerch_ext.solve import block_krylov_extension, ritz_coefficients
 from hessov.skerch_ext.tolerances import compare_eigenpairs, rounding_level
 
 DTYPES = (torch.float32, torch.float64)
 
 
-def in_memory_rows(matrix: torch.Tensor):
-    """A reader and a writer of row blocks of ``matrix``, as the HDF5 ones of hessov.merge."""
+def tsqr_by_phases(directory, matrix: torch.Tensor, ranges: list[range]):
+    """TSQR of ``matrix`` as the basis stage runs it, a phase at a time over row blocks with
+    every result in a file: ``Q`` ``(D, c)`` and ``R`` ``(c, c)``.
+    """
+    work = RowWork(directory, program_phases("basis", "two_pass"), ranges)
+    functions = tsqr_phases(work, "", lambda number, rows: (matrix[rows.start : rows.stop], {}))
+    result = {}
 
-    def write(rows: range, block: torch.Tensor) -> None:
-        matrix[rows.start : rows.stop] = block
+    def finish():
+        result["q"] = work.columns("apply", 0, matrix.shape[1])
+        result["r"] = work.read("tree")["r"]
 
-    return (lambda rows: matrix[rows.start : rows.stop].clone()), write
+    run_phases(work, {**functions, "finish": finish})
+    return result["q"], result["r"]
+
+
+def assert_qr_of(matrix: torch.Tensor, q: torch.Tensor, r: torch.Tensor) -> None:
+    """``q`` orthonormal and ``q r = matrix`` within ten ``g(D)``, ``r`` upper triangular, and
+    ``q`` spanning what the in-memory QR spans (up to column signs).
+    """
+    dtype, (dim, width) = matrix.dtype, matrix.shape
+    level = 10 * rounding_level(dtype, dim)
+    eye = torch.eye(width, dtype=dtype)
+    assert torch.linalg.matrix_norm(q.T @ q - eye, 2) <= level
+    norm = torch.linalg.matrix_norm(matrix, 2)
+    assert torch.linalg.matrix_norm(q @ r - matrix, 2) <= level * norm
+    assert torch.equal(r, r.triu())
+    whole = torch.linalg.qr(matrix, mode="reduced").Q
+    assert torch.allclose((whole.T @ q).abs(), eye, atol=level * width)
+
+
+def random_matrix(dim: int, width: int, seed: int, dtype) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(dim, width, generator=generator, dtype=torch.float64).to(dtype)
 
 
 def test_row_ranges_cover_every_row_with_at_least_min_rows():
@@ -50,57 +76,62 @@ def test_row_ranges_cover_every_row_with_at_least_min_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("row_block", "fan_in"), [(30, 2), (64, 8), (500, 8), (1000, 3)])
-def test_tsqr_is_a_qr_of_the_whole(dtype, row_block, fan_in):
-    dim, width = 1000, 30
-    generator = torch.Generator().manual_seed(row_block)
-    matrix = torch.randn(dim, width, generator=generator, dtype=torch.float64).to(dtype)
-    target = torch.full_like(matrix, float("nan"))
-    read, write = in_memory_rows(target)
-    ranges = row_ranges(dim, row_block, width)
-    r = tsqr(lambda rows: matrix[rows.start : rows.stop], write, read, ranges, fan_in)
-    level = 10 * rounding_level(dtype, dim)
-    eye = torch.eye(width, dtype=dtype)
-    assert torch.linalg.matrix_norm(target.T @ target - eye, 2) <= level
-    assert torch.linalg.matrix_norm(target @ r - matrix, 2) <= level * torch.linalg.matrix_norm(
-        matrix, 2
-    )
-    assert torch.equal(r, r.triu())
-    # The same span as the in-memory QR: Q_rows^T Q_whole is orthogonal up to column signs.
-    whole = torch.linalg.qr(matrix, mode="reduced").Q
-    assert torch.allclose((whole.T @ target).abs(), eye, atol=level * width)
+def test_the_tsqr_tree_gives_a_qr_of_the_whole(dtype, row_block, fan_in):
+    matrix = random_matrix(1000, 30, row_block, dtype)
+    ranges = row_ranges(1000, row_block, 30)
+    local = [torch.linalg.qr(matrix[rows.start : rows.stop], mode="reduced") for rows in ranges]
+    factors, r = tree_factors(torch.stack([piece.R for piece in local]), fan_in)
+    q = torch.cat([piece.Q @ factor for piece, factor in zip(local, factors, strict=True)])
+    assert_qr_of(matrix, q, r)
 
 
-def test_tsqr_of_a_rank_deficient_matrix_is_still_orthonormal():
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_block", [30, 128, 1000])
+def test_tsqr_by_phases_is_a_qr_of_the_whole(tmp_path, dtype, row_block):
+    matrix = random_matrix(1000, 30, row_block, dtype)
+    q, r = tsqr_by_phases(tmp_path / "work", matrix, row_ranges(1000, row_block, 30))
+    assert_qr_of(matrix, q, r)
+    assert not (tmp_path / "work").exists()  # the last phase removes the work directory
+
+
+def test_tsqr_of_a_rank_deficient_matrix_is_still_orthonormal(tmp_path):
     generator = torch.Generator().manual_seed(3)
     low = torch.randn(600, 5, generator=generator, dtype=torch.float64)
     matrix = low @ torch.randn(5, 20, generator=generator, dtype=torch.float64)  # rank 5
-    target = torch.empty_like(matrix)
-    read, write = in_memory_rows(target)
-    tsqr(lambda rows: matrix[rows.start : rows.stop], write, read, row_ranges(600, 100, 20), 2)
+    q, _ = tsqr_by_phases(tmp_path / "work", matrix, row_ranges(600, 100, 20))
     eye = torch.eye(20, dtype=torch.float64)
-    assert torch.linalg.matrix_norm(target.T @ target - eye, 2) <= 10 * rounding_level(
-        torch.float64, 600
-    )
+    assert torch.linalg.matrix_norm(q.T @ q - eye, 2) <= 10 * rounding_level(torch.float64, 600)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row_block", [40, 128, 1000])
-def test_block_krylov_in_row_blocks_equals_the_in_memory_one(dtype, row_block):
+def test_block_krylov_by_phases_equals_the_in_memory_one(tmp_path, dtype, row_block):
     dim, k = 300, 40
     hessian, exact, _ = symmetric_with_spectrum(low_rank_spectrum(12, dim), seed=4, dtype=dtype)
-    generator = torch.Generator().manual_seed(5)
-    omega = torch.randn(dim, k, generator=generator, dtype=torch.float64).to(dtype)
+    omega = random_matrix(dim, k, 5, dtype)
     basis = torch.linalg.qr(hessian @ omega, mode="reduced").Q
     h_basis = hessian @ basis
     values, vectors = _in_memory_pairs(basis, h_basis, k)
 
-    extension = torch.full((dim, k), float("nan"), dtype=dtype)
     ranges = row_ranges(dim, row_block, k)
-    core = block_krylov_core_rows(
-        in_memory_rows(basis)[0], in_memory_rows(h_basis)[0], in_memory_rows(extension), ranges
+    phases = program_phases("solve", "two_pass")
+    ritz = [phase.name for phase in phases].index("ritz")
+    work = RowWork(tmp_path / "work", (*phases[: ritz + 1], phases[-1]), ranges)
+    functions, eigenvector_rows = two_pass_phases(
+        work,
+        lambda rows: basis[rows.start : rows.stop],
+        lambda rows: h_basis[rows.start : rows.stop].numpy(),
+        lambda crcs: None,
+        k,
     )
-    values_rows, coefficients = ritz_coefficients(core, k)
-    vectors_rows = basis @ coefficients[:k] + extension @ coefficients[k:]
+    result = {}
+
+    def finish():
+        result["values"] = work.read("ritz")["eigenvalues"]
+        result["vectors"] = torch.cat([eigenvector_rows(n, rows) for n, rows in enumerate(ranges)])
+
+    run_phases(work, {**functions, "finish": finish})
+    values_rows, vectors_rows = result["values"], result["vectors"]
     agreement = compare_eigenpairs((values, vectors), (values_rows, vectors_rows), dtype)
     assert agreement.holds, agreement
     # Both recover the 12 nonzero eigenvalues: the same problem, solved as well.

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
-from slurm_cluster import sacct_jobs, slurm_cluster
+from slurm_cluster import sacct_jobs, slurm_cluster, wait_for_jobs
 
 pytestmark = pytest.mark.kernel_path
 
@@ -102,3 +102,47 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     again = hessov("resume", str(run_dir))  # submitted twice: nothing is measured twice
     assert "HVPs/s" not in again.stderr
     assert [p.stat().st_mtime_ns for p in parts] == before
+
+
+@pytest.mark.slurm
+def test_sbatch_chain_runs_the_row_block_phases_as_job_arrays(
+    slurm_cluster, local_reference, tmp_path
+):
+    """With row blocks (2 of them: 4,096 rows and the 2,934 left of D = 7,030), the basis and
+    solve are one job per phase, a per-block phase an array with a task per row block, and
+    the chain ends at the in-memory local run's eigenpairs within the equivalence tolerances.
+    """
+    env = {**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")}
+    config = [*TINY, "HESSIAN_STEPS=[300]", "row_block=4096", f"OUTPUT_DIR={tmp_path / 'runs'}"]
+    submitted = subprocess.run(
+        ["bash", "slurm/submit_chain.sh", *config],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    run_dir = Path(last_line(submitted.stdout))
+    jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
+    where = "step=300 split=train"
+    basis = [name for name in jobs if name.startswith("basis ")]
+    solve = [name for name in jobs if name.startswith("solve ")]
+    assert basis == [f"basis {phase} {where}" for phase in ("local", "tree", "apply", "finish")]
+    assert len(solve) == 14 and solve[-1] == f"solve finish {where}"
+    per_block = [
+        f"{phase} {where}"
+        for phase in ("basis local", "basis apply", "solve extend_local", "solve eigenvectors")
+    ]
+    tasks = {}
+    for name, job_id in jobs.items():
+        wait_until_dequeued(slurm_cluster, job_id, timeout=900)
+        # sacct may list an array's tasks a moment after they leave the queue.
+        records = wait_for_jobs(slurm_cluster, job_id, 2 if name in per_block else 1)
+        assert {state for state, _ in records.values()} == {"COMPLETED"}, (name, records)
+        tasks[name] = sorted(record.partition("_")[2] for record in records)
+    for name in per_block:
+        assert tasks[name] == ["0", "1"]  # an array task per row block
+    assert tasks[f"solve extend_tree {where}"] == [""]  # one job
+    assert_equivalent_runs(local_reference, run_dir, [(300, "train")])
+    assert not list(run_dir.glob("measurements/*/*_rows_*"))  # the work directories are gone

@@ -33,6 +33,7 @@ from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramstore import ColumnStore
 from hessov.recording import refuse_unfinished_record
+from hessov.rowpass import RowWork, program_phases
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec, save_spec
 
@@ -121,10 +122,10 @@ def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where,
     previous, beside = after, ()
     for round_name in spec.rounds:
         if round_name == "second" and not (item and item.basis_written):
-            previous = graph.add(
-                f"basis {label}",
-                "basis",
-                (f"step={step}", f"split={split}"),
+            previous = _stage_jobs(
+                graph,
+                spec,
+                ("basis", where),
                 previous,
                 [run.measurement_parts(step, split, "first")],
                 [run.two_pass_basis(step, split)],
@@ -152,6 +153,39 @@ def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where,
     return previous + beside
 
 
+def _stage_jobs(graph: _Builder, spec, what, after, inputs, outputs) -> tuple[str, ...]:
+    """The basis or solve (``what``: the stage, and the step and split) as one job, or in
+    row blocks one job per phase still to do (:mod:`hessov.rowpass`): a job array with a
+    task per row block for a per-block phase. Returns the last job's name.
+    """
+    stage, (step, split) = what
+    args = (f"step={step}", f"split={split}")
+    label = f"step={step} split={split}"
+    if not spec.row_block:
+        return graph.add(f"{stage} {label}", stage, args, after, inputs, outputs)
+    work_dir = graph.run.row_work(step, split, stage, spec.row_block)
+    work = RowWork(work_dir, program_phases(stage, spec.recovery), spec.row_ranges)
+    previous, reads = after, inputs
+    for phase in work.phases:
+        last = phase == work.phases[-1]
+        tasks = work.missing_blocks(phase) if phase.per_block else None
+        if (phase.per_block and not tasks) or (
+            not last and not phase.per_block and work.done(phase)
+        ):
+            continue
+        previous = graph.add(
+            f"{stage} {phase} {label}",
+            stage,
+            (*args, f"phase={phase}"),
+            previous,
+            reads,
+            outputs if last else [work_dir],
+            None if tasks is None else tuple(tasks),
+        )
+        reads = [work_dir]
+    return previous
+
+
 def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) -> tuple[str, ...]:
     """Every job of one step and split still needed; returns the names the report waits for."""
     run, (step, split) = graph.run, where
@@ -162,8 +196,8 @@ def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) ->
     if not solved:
         previous = _rounds(graph, spec, item, where, after)
         inputs = [run.measurement_parts(step, split, name) for name in spec.rounds]
-        previous = graph.add(
-            f"solve {label}", "solve", args, previous, inputs, [run.eigen(step, split)]
+        previous = _stage_jobs(
+            graph, spec, ("solve", where), previous, inputs, [run.eigen(step, split)]
         )
     waited: tuple[str, ...] = ()
     if exhaustive and not (item and item.exhaustive_done):

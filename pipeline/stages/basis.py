@@ -10,70 +10,106 @@ names the indices.
 Writes ``measurements/step_T_{split}/basis.h5`` (dataset ``basis`` ``(D, k)``, attributes
 ``merge_seconds`` and ``qr_seconds``), which the second round's measurement tasks read.
 When the layout fixed a ``row_block`` (the plan's choice when ``D x k`` does not fit the
-memory budget) the parts are verified and read in row blocks and ``Q`` comes from TSQR
-(:func:`hessov.skerch_ext.rowblocks.tsqr`), so no ``D x k`` matrix is held in memory.
+memory budget) ``Q`` comes from TSQR in row-block phases (:mod:`hessov.rowpass`: local QRs,
+the tree, the factors applied), one array task per row block on Slurm, so no ``D x k``
+matrix is held in memory; the parts are checksummed block by block as they are read.
+``Q``'s row blocks are then files of their own (``basis_block_*.h5``), which ``basis.h5``
+views as one virtual dataset.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import h5py
+import numpy as np
 import torch
 
 from hessov.config import RunConfig
 from hessov.fileio import atomic_write
-from hessov.merge import dataset_rows, merged_round, round_rows, tall_dataset
+from hessov.merge import merged_round, round_block, verify_round
+from hessov.rowpass import RowWork, program_phases, run_phases
+from hessov.rowsolve import round_tsqr_phases
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
-from hessov.skerch_ext.rowblocks import tsqr
 from hessov.skerch_ext.solve import orthonormal_basis
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
 
 
-def basis(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
+def basis(
+    run: RunDir,
+    cfg: RunConfig,
+    spec: SketchSpec,
+    step: int,
+    split: str,
+    phase: str | None = None,
+    blocks: list[int] | None = None,
+) -> dict:
     """Write the first round's basis ``Q`` ``(D, k)`` of ``step`` and ``split``; returns the
-    summary fields (``basis``: the file, ``seconds``: merge and QR).
+    summary fields (``basis``: the file, ``seconds``: merge and QR). In row blocks, only
+    ``phase`` (of its ``blocks``) when given: one job of the program.
     """
     set_cpu_threads(cfg.threads)
+    if spec.row_block:
+        return _basis_in_row_blocks(run, spec, step, split, phase, blocks)
     path = run.two_pass_basis(step, split)
-    write = _basis_in_row_blocks if spec.row_block else _basis_in_memory
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as handle:
-        seconds = write(run, spec, step, split, handle)
-        handle.attrs["merge_seconds"] = seconds["merge"]
-        handle.attrs["qr_seconds"] = seconds["qr"]
-        handle.attrs["row_block"] = spec.row_block
+        t0 = time.perf_counter()
+        outer, _ = merged_round(run, spec, step, split, "first")
+        handle.attrs["merge_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        q = orthonormal_basis(torch.from_numpy(outer))
+        handle.attrs["qr_seconds"] = time.perf_counter() - t0
+        handle.attrs["row_block"] = 0
+        handle.create_dataset("basis", data=q.numpy(), chunks=(q.shape[0], 1))
     get_logger().info(
-        "basis step %d %s: Q (%d x %d) of the first round written%s",
+        "basis step %d %s: Q (%d x %d) of the first round written",
         step,
         split,
         spec.layout.dim,
         spec.layout.num_outer,
-        f" in row blocks of {spec.row_block}" if spec.row_block else "",
     )
-    return {"basis": str(path), "seconds": seconds}
+    return {"basis": str(path)}
 
 
-def _basis_in_memory(run: RunDir, spec: SketchSpec, step: int, split: str, handle) -> dict:
-    """Merge the round into memory and take one QR: the fast path when ``D x k`` fits."""
-    t0 = time.perf_counter()
-    outer, _ = merged_round(run, spec, step, split, "first")
-    merge_seconds = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    q = orthonormal_basis(torch.from_numpy(outer))
-    qr_seconds = time.perf_counter() - t0
-    handle.create_dataset("basis", data=q.numpy(), chunks=(q.shape[0], 1))
-    return {"merge": merge_seconds, "qr": qr_seconds}
+def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, phase, blocks):
+    """TSQR over row blocks of the round's parts, ``Q``'s blocks viewed by ``basis.h5``."""
+    work = RowWork(
+        run.row_work(step, split, "basis", spec.row_block),
+        program_phases("basis", spec.recovery),
+        spec.row_ranges,
+    )
+    outer = round_block(run, spec, step, split, "first")
+    phases = round_tsqr_phases(work, outer, verify_round(run, spec, step, split, "first"))
+    phases["finish"] = lambda: _write_basis_view(run, spec, step, split, work)
+    run_phases(work, phases, phase, blocks, label=f"basis step {step} {split}: ")
+    return {"basis": str(run.two_pass_basis(step, split))}
 
 
-def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, handle) -> dict:
-    """TSQR over row blocks of the round's parts, written to ``handle`` in row blocks."""
+def _write_basis_view(run: RunDir, spec: SketchSpec, step: int, split: str, work: RowWork):
+    """Move ``Q``'s row blocks beside ``basis.h5`` and write it as their virtual view."""
     layout = spec.layout
-    ranges = spec.row_ranges
-    t0 = time.perf_counter()
-    with round_rows(run, spec, step, split, "first") as outer:
-        dataset = tall_dataset(handle, "basis", (layout.dim, layout.num_outer), layout.dtype)
-        read, write = dataset_rows(dataset)
-        tsqr(outer, write, read, ranges)
-    return {"merge": 0.0, "qr": time.perf_counter() - t0}
+    view = h5py.VirtualLayout((layout.dim, layout.num_outer), dtype=layout.dtype)
+    for number, rows in enumerate(spec.row_ranges):
+        target = run.basis_block(step, split, number)
+        if work.path("apply", number).is_file():  # a finish run again after a crash
+            os.replace(work.path("apply", number), target)
+        view[rows.start : rows.stop] = h5py.VirtualSource(
+            target.name, "block", shape=(len(rows), layout.num_outer)
+        )
+    seconds = work.seconds()
+    with atomic_write(run.two_pass_basis(step, split)) as tmp, h5py.File(tmp, "w") as handle:
+        handle.create_virtual_dataset("basis", view, fillvalue=np.nan)
+        handle.attrs["merge_seconds"] = 0.0
+        handle.attrs["qr_seconds"] = sum(seconds.values())
+        handle.attrs["row_block"] = spec.row_block
+    get_logger().info(
+        "basis step %d %s: Q (%d x %d) of the first round written in row blocks of %d",
+        step,
+        split,
+        layout.dim,
+        layout.num_outer,
+        spec.row_block,
+    )

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -32,22 +31,22 @@ from hessov import summary
 from hessov.config import RunConfig
 from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
-from hessov.merge import dataset_rows, merged_round, round_rows, tall_dataset
+from hessov.merge import merged_round, round_block, round_rows, tall_dataset, verify_round
+from hessov.rowpass import RowWork, program_phases, run_phases
+from hessov.rowsolve import Rows, apost_phases, single_pass_phases, two_pass_phases
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
 from hessov.skerch_ext.aposteriori import (
+    ApostEstimate,
     apost_error_rows,
     apost_failure_probabilities,
     gaussian_probe_rows,
     scree_bounds,
 )
-from hessov.skerch_ext.rowblocks import row_pass, tsqr
+from hessov.skerch_ext.rowblocks import row_pass
 from hessov.skerch_ext.solve import (
-    block_krylov_core_rows,
-    core_from_projections,
     eigenpairs_from_core,
     orthonormal_basis,
-    ritz_coefficients,
     seigh_two_pass,
     single_pass_core,
 )
@@ -77,18 +76,6 @@ def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) ->
     }
 
 
-@contextmanager
-def scratch_file(path):
-    """An HDF5 file for ``D``-row scratch matrices, removed when the context ends, whatever
-    ends it (10 GB at D = 10^7, k = 256).
-    """
-    try:
-        with h5py.File(path, "w") as handle:
-            yield handle
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _require_basis(run: RunDir, step: int, split: str):
     path = run.two_pass_basis(step, split)
     if not path.is_file():
@@ -99,10 +86,9 @@ def _require_basis(run: RunDir, step: int, split: str):
     return path
 
 
-def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds):
+def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
     """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
-    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)``; eigenvectors ``(D, k)`` are written
-    to ``handle``.
+    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``.
     """
     path = _require_basis(run, step, split)
     t0 = time.perf_counter()
@@ -114,44 +100,12 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, ha
     t0 = time.perf_counter()
     eigenvalues, eigenvectors = seigh_two_pass(q, torch.from_numpy(h_basis), spec.layout.num_outer)
     seconds["core_solve"] = time.perf_counter() - t0
-    handle.create_dataset("eigenvectors", data=eigenvectors.numpy(), chunks=(q.shape[0], 1))
-    return eigenvalues
+    return eigenvalues, eigenvectors
 
 
-def two_pass_eigenpairs_in_row_blocks(
-    run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds
-):
-    """:func:`two_pass_eigenpairs` out of core: every ``D``-row matrix (``Q``, ``H Q``, the
-    extension ``P`` in a scratch file, ``W``) is read and written ``spec.row_block`` rows at
-    a time (:func:`hessov.skerch_ext.solve.block_krylov_core_rows`).
-    """
-    layout = spec.layout
-    ranges = spec.row_ranges
-    scratch_path = run.solve_scratch(step, split)
-    t0 = time.perf_counter()
-    with (
-        h5py.File(_require_basis(run, step, split), "r") as basis_file,
-        round_rows(run, spec, step, split, "second") as h_basis,
-        scratch_file(scratch_path) as scratch,
-    ):
-        seconds["qr"] = float(basis_file.attrs["qr_seconds"])
-        basis, _ = dataset_rows(basis_file["basis"])
-        shape = (layout.dim, layout.num_outer)
-        extension = dataset_rows(tall_dataset(scratch, "extension", shape, layout.dtype))
-        core = block_krylov_core_rows(basis, h_basis, extension, ranges)
-        eigenvalues, coefficients = ritz_coefficients(core, layout.num_outer)
-        top, bottom = coefficients[: layout.num_outer], coefficients[layout.num_outer :]
-        dataset = tall_dataset(handle, "eigenvectors", shape, layout.dtype)
-        _, write = dataset_rows(dataset)
-        for rows in row_pass(ranges, "row blocks: eigenvectors"):
-            write(rows, basis(rows) @ top + extension[0](rows) @ bottom)
-    seconds["core_solve"] = time.perf_counter() - t0
-    return eigenvalues
-
-
-def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds):
+def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
     """Single-pass SEIGH from the first round's outer ``(D, k)`` and inner ``(s, s)`` sketches,
-    in memory: eigenvalues ``(k,)``; eigenvectors ``(D, k)`` are written to ``handle``.
+    in memory: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``.
     """
     t0 = time.perf_counter()
     outer, inner = merged_round(run, spec, step, split, "first")
@@ -165,72 +119,30 @@ def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str,
     core = single_pass_core(q, torch.from_numpy(inner), sketch.omega_t_apply, sketch.psi_apply)
     eigenvalues, eigenvectors = eigenpairs_from_core(q, core)
     seconds["core_solve"] = time.perf_counter() - t0
-    handle.create_dataset("eigenvectors", data=eigenvectors.numpy(), chunks=(q.shape[0], 1))
-    return eigenvalues
+    return eigenvalues, eigenvectors
 
 
-def single_pass_eigenpairs_in_row_blocks(
-    run: RunDir, spec: SketchSpec, step: int, split: str, handle, seconds
-):
-    """:func:`single_pass_eigenpairs` out of core: ``Q`` by TSQR into a scratch file, ``Psi Q``
-    and ``Omega^T Q`` a block of ``block_size`` columns at a time (the random matrices act
-    on whole columns, as in a measure task), ``W = Q U`` by row blocks.
+def a_posteriori(
+    run: RunDir, spec: SketchSpec, step: int, split: str, eigenvalues, eigenvectors: Rows
+) -> ApostEstimate:
+    """The a-posteriori error of the eigenpairs (``eigenvectors`` reads ``W``'s rows) from
+    the ``apost`` round's products of ``NUM_A_POSTERIORI`` Gaussian probes.
     """
-    layout = spec.layout
-    shape = (layout.dim, layout.num_outer)
-    ranges = spec.row_ranges
-    scratch_path = run.solve_scratch(step, split)
-    t0 = time.perf_counter()
-    with (
-        round_rows(run, spec, step, split, "first") as outer,
-        scratch_file(scratch_path) as scratch,
-    ):
-        basis_data = tall_dataset(scratch, "basis", shape, layout.dtype)
-        basis, write_basis = dataset_rows(basis_data)
-        tsqr(outer, write_basis, basis, ranges)
-        seconds["qr"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        inner = torch.from_numpy(spec.store(run, step, split).inner_matrix())
-        psi_basis, omega_t_basis = _projections(spec, basis_data)
-        core = core_from_projections(psi_basis, omega_t_basis, inner)
-        eigenvalues, coefficients = ritz_coefficients(core, layout.num_outer)
-        _, write = dataset_rows(tall_dataset(handle, "eigenvectors", shape, layout.dtype))
-        for rows in row_pass(ranges, "row blocks: eigenvectors"):
-            write(rows, basis(rows) @ coefficients)
-    seconds["core_solve"] = time.perf_counter() - t0
-    return eigenvalues
-
-
-def _projections(spec: SketchSpec, basis) -> tuple[torch.Tensor, torch.Tensor]:
-    """``Psi Q`` and ``Omega^T Q`` ``(s, k)``, from ``block_size`` columns of ``Q`` at a time."""
-    sketch = spec.matrices(getattr(torch, spec.layout.dtype), "cpu")
-    psi, omega_t = [], []
-    for start in range(0, basis.shape[1], spec.layout.block_size):
-        columns = torch.from_numpy(basis[:, start : start + spec.layout.block_size])
-        psi.append(sketch.psi_apply(columns))
-        omega_t.append(sketch.omega_t_apply(columns))
-    return torch.cat(psi, dim=1), torch.cat(omega_t, dim=1)
-
-
-def a_posteriori(run: RunDir, spec: SketchSpec, step, split, eigenvalues, handle, seconds) -> dict:
-    """The a-posteriori error of the written eigenpairs from the ``apost`` round's products
-    of ``NUM_A_POSTERIORI`` Gaussian probes, its failure probabilities and the scree bounds
-    ``(k,)``.
-    """
-    t0 = time.perf_counter()
-    eigenvectors = dataset_rows(handle["eigenvectors"])[0]
     seed_range = spec.seeds()["apost"]
     with round_rows(run, spec, step, split, "apost") as h_probes:
-        estimate = apost_error_rows(
+        return apost_error_rows(
             eigenvalues,
             eigenvectors,
             lambda rows: gaussian_probe_rows(seed_range, rows),
             h_probes,
             spec.row_ranges,
         )
+
+
+def apost_check(spec: SketchSpec, eigenvalues, estimate: ApostEstimate) -> dict:
+    """The estimate with its failure probabilities and the scree bounds ``(k,)``."""
     scree_lo, scree_hi = scree_bounds(eigenvalues, estimate.error, estimate.frobenius)
     p_low, p_high = apost_failure_probabilities(spec.num_apost, 0.5)
-    seconds["a_posteriori"] = time.perf_counter() - t0
     return {
         "estimate": estimate,
         "scree": (scree_lo, scree_hi),
@@ -278,22 +190,150 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
     }
 
 
-def solve(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
+def solve(
+    run: RunDir,
+    cfg: RunConfig,
+    spec: SketchSpec,
+    step: int,
+    split: str,
+    phase: str | None = None,
+    blocks: list[int] | None = None,
+) -> dict | None:
     """Solve one step and split (two-pass: after the basis stage and the second round; and
     after the a-posteriori round); writes the eigen file and the summary, and returns the
-    summary fields.
+    summary fields. In row blocks, only ``phase`` (of its ``blocks``) when given: one job of
+    the program, which returns the fields only when it was the last.
     """
     set_cpu_threads(cfg.threads)
+    if spec.row_block:
+        return solve_in_row_blocks(run, cfg, spec, step, split, phase, blocks)
     seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
+    recover = two_pass_eigenpairs if spec.recovery == "two_pass" else single_pass_eigenpairs
+    eigenvalues, eigenvectors = recover(run, spec, step, split, seconds)
+    t0 = time.perf_counter()
+    estimate = a_posteriori(run, spec, step, split, eigenvalues, _tensor_rows(eigenvectors))
+    seconds["a_posteriori"] = time.perf_counter() - t0
+
+    def write(handle: h5py.File) -> None:
+        data = eigenvectors.numpy()
+        handle.create_dataset("eigenvectors", data=data, chunks=(data.shape[0], 1))
+
+    return write_eigen_file(run, cfg, spec, (step, split), eigenvalues, write, estimate, seconds)
+
+
+def _tensor_rows(matrix: torch.Tensor) -> Rows:
+    return lambda rows: matrix[rows.start : rows.stop]
+
+
+def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase, blocks):
+    """The row-block program of the solve (:mod:`hessov.rowpass`, :mod:`hessov.rowsolve`):
+    its ``phase`` (all of them by default), the last writing the eigen file from ``W``'s
+    row blocks.
+    """
+    work = RowWork(
+        run.row_work(step, split, "solve", spec.row_block),
+        program_phases("solve", spec.recovery),
+        spec.row_ranges,
+    )
+    num = spec.layout.num_outer
     if spec.recovery == "two_pass":
-        recover = two_pass_eigenpairs_in_row_blocks if spec.row_block else two_pass_eigenpairs
+        with h5py.File(_require_basis(run, step, split), "r") as basis_file:
+            qr_seconds = float(basis_file.attrs["qr_seconds"])
+        phases, eigenvector_rows = two_pass_phases(
+            work,
+            _basis_rows(run, step, split),
+            round_block(run, spec, step, split, "second"),
+            verify_round(run, spec, step, split, "second"),
+            num,
+        )
     else:
-        recover = single_pass_eigenpairs_in_row_blocks if spec.row_block else single_pass_eigenpairs
+        qr_seconds = 0.0
+        phases, eigenvector_rows = single_pass_phases(
+            work,
+            round_block(run, spec, step, split, "first"),
+            verify_round(run, spec, step, split, "first"),
+            lambda columns: _projections(spec, columns),
+            lambda: torch.from_numpy(spec.store(run, step, split).inner_matrix()),
+            num,
+        )
+    result = {}
+
+    def finish(estimate: ApostEstimate) -> None:
+        result.update(_finish(run, cfg, spec, (step, split), work, estimate, qr_seconds))
+
+    seed_range = spec.seeds()["apost"]
+    phases |= apost_phases(
+        work,
+        eigenvector_rows,
+        lambda rows: gaussian_probe_rows(seed_range, rows),
+        round_block(run, spec, step, split, "apost"),
+        verify_round(run, spec, step, split, "apost"),
+        finish,
+    )
+    run_phases(work, phases, phase, blocks, label=f"solve step {step} {split}: ")
+    return result or None
+
+
+def _basis_rows(run: RunDir, step: int, split: str) -> Rows:
+    """Rows of the basis stage's ``Q`` (its virtual view over the row blocks)."""
+    path = _require_basis(run, step, split)
+
+    def read(rows: range) -> torch.Tensor:
+        with h5py.File(path, "r") as handle:
+            return torch.from_numpy(handle["basis"][rows.start : rows.stop])
+
+    return read
+
+
+def _projections(spec: SketchSpec, columns) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Psi Q`` and ``Omega^T Q`` ``(s, k)`` from ``columns(a, b) = Q[:, a:b]``, read
+    ``block_size`` columns at a time (the random matrices act on whole columns).
+    """
+    sketch = spec.matrices(getattr(torch, spec.layout.dtype), "cpu")
+    psi, omega_t = [], []
+    for start in range(0, spec.layout.num_outer, spec.layout.block_size):
+        block = columns(start, min(start + spec.layout.block_size, spec.layout.num_outer))
+        psi.append(sketch.psi_apply(block))
+        omega_t.append(sketch.omega_t_apply(block))
+    return torch.cat(psi, dim=1), torch.cat(omega_t, dim=1)
+
+
+def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate, qr_seconds) -> dict:
+    """The eigen file from the row-block program's results: ``W`` copied from its blocks."""
+    step, split = where
+    phase_seconds = work.seconds()
+    apost = ("apost_sum", "apost_residuals")
+    seconds = {
+        "layout": spec.layout_seconds,
+        **measurement_seconds(run, spec, step, split),
+        "merge": 0.0,
+        "qr": qr_seconds,
+        "core_solve": sum(t for name, t in phase_seconds.items() if name not in apost),
+        "a_posteriori": sum(phase_seconds.get(name, 0.0) for name in apost),
+    }
+    layout = spec.layout
+
+    def write(handle: h5py.File) -> None:
+        shape = (layout.dim, layout.num_outer)
+        dataset = tall_dataset(handle, "eigenvectors", shape, layout.dtype)
+        for number, rows in enumerate(row_pass(spec.row_ranges, "eigen file: W")):
+            dataset[rows.start : rows.stop] = work.read("eigenvectors", number, ["block"])["block"]
+
+    eigenvalues = work.read("ritz")["eigenvalues"]
+    return write_eigen_file(run, cfg, spec, where, eigenvalues, write, estimate, seconds)
+
+
+def write_eigen_file(run, cfg, spec, where, eigenvalues, write_eigenvectors, estimate, seconds):
+    """Write the eigen file of ``where`` (step, split) and its ``solve`` summary: the
+    eigenvalues ``(k,)``, what ``write_eigenvectors(handle)`` writes, the a-posteriori
+    ``estimate``'s bounds and the provenance; returns the summary fields.
+    """
+    step, split = where
+    check = apost_check(spec, eigenvalues, estimate)
+    seconds = {key: round(value, 4) for key, value in seconds.items()}
+    fields = summary_fields(spec, eigenvalues, check, seconds)
     with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
-        eigenvalues = recover(run, spec, step, split, handle, seconds)
-        check = a_posteriori(run, spec, step, split, eigenvalues, handle, seconds)
-        seconds = {key: round(value, 4) for key, value in seconds.items()}
-        fields = summary_fields(spec, eigenvalues, check, seconds)
+        write_eigenvectors(handle)
         handle.create_dataset("eigenvalues", data=eigenvalues.numpy())
         for name, bound in zip(("scree_lower", "scree_upper"), check["scree"], strict=True):
             handle.create_dataset(name, data=bound.numpy())
