@@ -10,7 +10,9 @@ config saying ``memory_gb=2`` (so the layout chooses row blocks, and ``hessov pl
 and would refuse every job against 2 GiB): train (step 0 only: the Hessian does not depend
 on the parameters), layout, the first round on ``WORKERS`` array tasks at once, the basis
 (TSQR over row blocks), the second round on ``WORKERS`` tasks, the a-posteriori round, and
-the solve in row blocks (block-Krylov Rayleigh-Ritz and the a-posteriori check).
+the solve in row blocks (block-Krylov Rayleigh-Ritz and the a-posteriori check). The basis
+and solve run as the plan's jobs, one per row-block phase, the array tasks of a per-block
+phase at once, as Slurm would run them.
 
 Reported: each task's peak RSS (``ru_maxrss``) against the budget and against the plan's
 estimate; the top-k's relative eigenvalue errors against the known spectrum; wall time per
@@ -44,7 +46,9 @@ DIM, K, BUDGET_GB, WORKERS = 10_000_000, 256, 2, 2
 #: Large eigenvalues of the spectrum, at most half of k (128 at k = 256): the sketch
 #: oversamples them twice, and the tail below them is what a sketch does not resolve.
 NUM_LARGE = 200
-QUICK_DIM, QUICK_K = 1 << 16, 64
+#: --quick: a budget below the in-memory solve's 0.9 GiB (and above the analysis's 0.75),
+#: so that the smoke run takes the row-block phases too.
+QUICK_DIM, QUICK_K, QUICK_BUDGET_GB = 1 << 18, 64, 0.8
 
 
 def _measure(run, round_name: str, tasks: int) -> list:
@@ -52,7 +56,7 @@ def _measure(run, round_name: str, tasks: int) -> list:
     return run_parallel([[HESSOV, "measure", *where, f"task={task}"] for task in range(tasks)])
 
 
-def run_chain(run, dim: int, k: int) -> dict:
+def run_chain(run, dim: int, k: int, budget_gb: float) -> dict:
     """Every stage of the chain as child processes; their ChildRuns by phase."""
     factory = f"problem_{dim}_{min(NUM_LARGE, k // 2)}"
     settings = [
@@ -66,20 +70,38 @@ def run_chain(run, dim: int, k: int) -> dict:
         f"k={k}",
         "block_size=1",
         f"MEAS_PER_JOB={k // WORKERS}",
-        f"memory_gb={BUDGET_GB}",
+        f"memory_gb={budget_gb}",
         f"RUN_DIR={run}",
     ]
     calls = {"train": [run_cli(["train", *settings])]}
     calls["plan"] = [run_cli(["plan", str(run), "--json"])]
+    jobs = json.loads(calls["plan"][0].stdout)["jobs"]
     calls["layout"] = [run_cli(["layout", str(run)])]
     log(f"scale: D={dim}, k={k}: first round on {WORKERS} tasks")
     calls["measure first"] = _measure(run, "first", WORKERS)
-    calls["basis"] = [run_cli(["basis", str(run), "step=0", "split=train"])]
+    log("scale: basis")
+    calls |= _row_phases(jobs, "basis")
     log("scale: second round")
     calls["measure second"] = _measure(run, "second", WORKERS)
     calls["measure apost"] = _measure(run, "apost", 1)
     log("scale: solve")
-    calls["solve"] = [run_cli(["solve", str(run), "step=0", "split=train"])]
+    calls |= _row_phases(jobs, "solve")
+    return calls
+
+
+def _row_phases(jobs: list[dict], stage: str) -> dict:
+    """The plan's jobs of ``stage``, one per row-block phase, as Slurm would run them: the
+    array tasks of a per-block phase at once; their ChildRuns by phase.
+    """
+    calls = {}
+    for job in jobs:
+        if job["stage"] == stage:
+            name = job["name"].split(" step=")[0]
+            if job["tasks"] is None:
+                calls[name] = [run_cli(job["argv"])]
+            else:
+                tasks = [[HESSOV, *job["argv"], f"task={task}"] for task in job["tasks"]]
+                calls[name] = run_parallel(tasks)
     return calls
 
 
@@ -125,24 +147,37 @@ def accuracy(run, dim: int, k: int) -> tuple[list[list[str]], float]:
     return rows, apost
 
 
-def throughput_rows(summary: dict, dim: int, k: int, disk: dict) -> list[list[str]]:
-    """Bytes the row-block passes move per second, against the disk's bandwidth."""
+#: ``D x k`` matrices each row-block pass reads and writes (from the algorithm; the
+#: a-posteriori probes, ``D x 30``, left out): a TSQR ``local`` reads its input (and ``Q``)
+#: and writes its local factor, ``apply`` reads it (and ``Q`` or ``H Q`` for a product) and
+#: writes the result; the solve's ``finish`` copies ``W`` into the eigen file.
+MATRICES_MOVED = {
+    "basis local": 2,
+    "basis apply": 2,
+    "solve project": 2,
+    "solve extend_local": 3,
+    "solve extend_apply": 3,
+    "solve reorth_local": 3,
+    "solve reorth_apply": 3,
+    "solve eigenvectors": 3,
+    "solve apost_residuals": 2,
+    "solve finish": 2,
+}
+
+
+def throughput_rows(calls: dict, dim: int, k: int, disk: dict) -> list[list[str]]:
+    """Bytes the row-block passes move per second of their wall time, against the disk."""
     matrix = dim * k * 4
-    solve = summary["solve"]["0"]["train"]["seconds_by_phase"]
-    basis_seconds = solve["qr"]  # the basis stage's verify and TSQR
-    # basis: verify (read Y), TSQR local (read Y, write Q), apply (read Q, write Q): 5 D x k.
-    # solve: verify H Q, C0 (Q, HQ), local (Q, HQ; write P), apply (P; P), Q^T P (Q, P),
-    # local (P, Q; P), apply (P; P), E (P, HQ), W (Q, P; W): 19 D x k.
-    passes = [
-        ("basis (TSQR)", 5 * matrix, basis_seconds),
-        ("solve", 19 * matrix, solve["core_solve"]),
-    ]
     rows = []
-    for label, moved, seconds in passes:
+    for label, count in MATRICES_MOVED.items():
+        if label not in calls:  # the plan kept the basis and solve in memory (--quick)
+            continue
+        moved = count * matrix
+        seconds = max(child.seconds for child in calls[label])
         rate = moved / seconds
         rows.append(
             [
-                label,
+                f"`{label}`",
                 fmt_bytes(moved),
                 f"{seconds:.0f} s",
                 f"{rate / 1e9:.2f} GB/s",
@@ -164,12 +199,12 @@ def section(settings: Settings) -> str:
     shutil.rmtree(run.parent, ignore_errors=True)
     run.parent.mkdir(parents=True)
     disk = disk_bandwidth(run.parent, 2 * GIB if not settings.quick else 64 * 2**20)
-    calls = run_chain(run, dim, k)
+    budget_gb = QUICK_BUDGET_GB if settings.quick else BUDGET_GB
+    calls = run_chain(run, dim, k, budget_gb)
     plan = json.loads(calls["plan"][0].stdout)
     planned = estimates(plan)
-    summary = json.loads(run_cli(["summary", str(run)]).stdout)
     spec = load_spec(RunDir(run))
-    budget = BUDGET_GB * GIB
+    budget = int(budget_gb * GIB)
     rows = []
     for phase, children in calls.items():
         if phase == "plan":
@@ -195,19 +230,19 @@ def section(settings: Settings) -> str:
     verdict = "every task within" if largest <= budget else "NOT every task within"
     return "\n\n".join(
         [
-            f"## 8. Scale: D = {dim:,}, k = {k}, a {BUDGET_GB} GB budget per task",
+            f"## 8. Scale: D = {dim:,}, k = {k}, a {budget_gb} GB budget per task",
             f"The chain of `bench/scale.py` on `{PLUGIN.name}` (a loss whose Hessian is "
-            f"`U diag(lam) U^T` with a known spectrum), in float32 with `memory_gb={BUDGET_GB}`: "
+            f"`U diag(lam) U^T` with a known spectrum), in float32 with `memory_gb={budget_gb}`: "
             f"the layout chose row blocks of {spec.row_block:,} rows, {WORKERS} measure tasks "
             f"ran at once per sketch round, blocks of 1 column. Every task's peak RSS against "
             f"the budget and against the plan's estimate (`hessov plan --json`, "
-            f"`memory_bytes`): **{verdict} {BUDGET_GB} GiB** (largest {fmt_bytes(largest)}).",
+            f"`memory_bytes`): **{verdict} {budget_gb} GiB** (largest {fmt_bytes(largest)}).",
             markdown_table(
                 [
                     "phase",
                     "wall",
                     "peak RSS",
-                    f"within {BUDGET_GB} GiB",
+                    f"within {budget_gb} GiB",
                     "plan's estimate",
                     "RSS / estimate",
                 ],
@@ -228,7 +263,7 @@ def section(settings: Settings) -> str:
             "(the QRs and products of each block).",
             markdown_table(
                 ["phase", "bytes moved", "wall", "rate", "rate / disk read", "rate / disk write"],
-                throughput_rows(summary, dim, k, disk),
+                throughput_rows(calls, dim, k, disk),
             ),
             "One test-matrix column at this D, drawn in this process (the measure tasks draw "
             "one per HVP column; the HVP itself costs the `measure` rows' wall time / "

@@ -182,8 +182,9 @@ def measured_rounds(arguments: dict[str, str], spec) -> list[str]:
 
 
 def row_phase(arguments: dict[str, str], spec, stage: str) -> tuple[str | None, list[int] | None]:
-    """``phase=`` of a row-block basis or solve and, for a per-block phase, its row block
-    ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``); ``(None, None)``: the whole program.
+    """``phase=`` of a row-block basis or solve and, for a per-block phase, the row blocks of
+    its array task ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``); ``(None, None)``: the whole
+    program.
     """
     from hessov.rowpass import program_phases
 
@@ -197,10 +198,7 @@ def row_phase(arguments: dict[str, str], spec, stage: str) -> tuple[str | None, 
     task = arguments.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
     if not phases[arguments["phase"]].per_block or task is None:
         return arguments["phase"], None
-    number = int_argument({"task": task}, "task")
-    if not 0 <= number < len(spec.row_ranges):
-        raise ConfigError(f"task: {number} is not a row block (0-{len(spec.row_ranges) - 1})")
-    return arguments["phase"], [number]
+    return arguments["phase"], list(spec.row_task_blocks(int_argument({"task": task}, "task")))
 
 
 def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
@@ -348,7 +346,7 @@ STAGES: dict[str, StageEntry] = {
         "RUN/measurements/step_T_SPLIT/basis.h5 for the second round: in memory, or by TSQR "
         "in row blocks when the layout chose a row block (row_block=N or memory_gb= choose "
         "again, row_block=-1 forces memory). In row blocks the basis is the phases local "
-        "(a task per row block), tree, apply (a task per row block) and finish; phase=NAME "
+        "(array tasks over the row blocks), tree, apply (the same) and finish; phase=NAME "
         "[task=i or $SLURM_ARRAY_TASK_ID] runs one of them (the stage graph's jobs), "
         "without phase= all in turn. Also threads=.",
     ),
@@ -361,7 +359,7 @@ STAGES: dict[str, StageEntry] = {
         "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error from "
         "the apost round. In memory, or in row blocks when the layout chose a row block "
         "(row_block=N or memory_gb= choose again, row_block=-1 forces memory): then a "
-        "sequence of phases, each one task per row block or one job (`hessov plan` lists "
+        "sequence of phases, each an array over the row blocks or one job (`hessov plan` lists "
         "them); phase=NAME [task=i or $SLURM_ARRAY_TASK_ID] runs one, without phase= all "
         "in turn, skipping what is done. Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' "
         "summary.",

@@ -12,7 +12,8 @@ memory budget), the basis and the solve of one step and split are sequences of p
   blocks, the TSQR tree that turns the local ``R_i`` into each block's factor ``F_i``
   (Demmel, Grigori, Hoemmen and Langou 2012), the Ritz problem.
 
-On Slurm every per-block phase is a job array with one task per row block and every
+On Slurm every per-block phase is a job array whose tasks share the row blocks, as many as
+the first measurement round has (:attr:`hessov.sketchspec.SketchSpec.row_tasks`), and every
 combined phase one job, so a TSQR round is three jobs (local QRs, tree, apply); locally the
 same phases run as a loop. Each result is one HDF5 file written atomically in the step's
 work directory (:meth:`hessov.rundir.RunDir.row_work`): a task killed at any point is run
@@ -35,6 +36,7 @@ import h5py
 import numpy as np
 import torch
 
+from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
 from hessov.merge import tall_dataset
 from hessov.runlog import get_logger
@@ -260,6 +262,7 @@ def _run_phase(work: RowWork, phase: Phase, function, numbers, label: str) -> No
     if phase.per_block:
         asked = work.numbers if numbers is None else numbers
         todo = [number for number in asked if not work.done(phase, number)]
+        _require_previous(work, phase, todo)
         for number in row_pass(todo, f"{label}{phase}"):
             started = time.perf_counter()
             work.write(work.path(phase.name, number), function(number, work.ranges[number]))
@@ -267,6 +270,8 @@ def _run_phase(work: RowWork, phase: Phase, function, numbers, label: str) -> No
             if phase.consumes:
                 work.path(phase.consumes, number).unlink(missing_ok=True)
         return
+    if last or not work.done(phase):
+        _require_previous(work, phase, work.numbers)
     if last:
         function()
         work.remove()
@@ -276,3 +281,24 @@ def _run_phase(work: RowWork, phase: Phase, function, numbers, label: str) -> No
         work.record_seconds(phase.name, time.perf_counter() - started)
     else:
         get_logger().debug("%s%s: done already", label, phase)
+
+
+def _require_previous(work: RowWork, phase: Phase, numbers) -> None:
+    """Refuse to run ``phase`` (for the blocks ``numbers``) before the phase it reads.
+
+    Raises:
+        MissingInputError: naming the phase to run first.
+    """
+    index = work.phases.index(phase)
+    if index == 0:
+        return
+    previous = work.phases[index - 1]
+    if previous.per_block:
+        missing = [number for number in numbers if not work.done(previous, number)]
+    else:
+        missing = [] if work.done(previous) else [None]
+    if missing:
+        raise MissingInputError(
+            f"phase {phase} needs phase {previous} first ({work.directory} has not its "
+            f"results{'' if missing == [None] else f' for row blocks {missing}'})"
+        )

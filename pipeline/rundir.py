@@ -131,6 +131,11 @@ class RunDir:
         """
         return self.measurements / f"step_{step}_{split}" / f"{stage}_rows_{row_block}"
 
+    def row_works(self, step: int, split: str, stage: str) -> dict[int, Path]:
+        """Every :meth:`row_work` directory of ``stage`` on disk, by its row block."""
+        found = (self.measurements / f"step_{step}_{split}").glob(f"{stage}_rows_*")
+        return {int(path.name.rpartition("_")[2]): path for path in found if path.is_dir()}
+
     def exhaustive(self, step: int, split: str) -> Path:
         """The exact-vs-sketch comparison of one step and split."""
         return self.root / "exhaustive" / f"step_{step}_{split}.h5"

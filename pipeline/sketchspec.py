@@ -64,6 +64,22 @@ class SketchSpec:
             return [range(dim)]
         return row_ranges(dim, self.row_block, self.layout.num_outer)
 
+    @property
+    def row_tasks(self) -> int:
+        """Array tasks of each per-block phase of the row-block basis and solve: as many as
+        the first round has (the parallelism ``MEAS_PER_JOB`` chose), at most one per row
+        block. A task runs its row blocks in turn (:meth:`row_task_blocks`): a block is
+        seconds of work, less than a process's start on a busy cluster.
+        """
+        return min(len(self.row_ranges), self.num_tasks)
+
+    def row_task_blocks(self, task: int) -> range:
+        """The row blocks' numbers that array task ``task`` of a per-block phase runs."""
+        count, blocks = self.row_tasks, len(self.row_ranges)
+        if not 0 <= task < count:
+            raise ConfigError(f"task: {task} outside 0..{count - 1} of a row-block phase")
+        return range(task * blocks // count, (task + 1) * blocks // count)
+
     def round_tasks(self, round_name: str) -> int:
         """Array tasks of one round of one step and split."""
         return -(-self.round_layout(round_name).num_measurements // self._per_task(round_name))

@@ -137,6 +137,63 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
     assert build_graph(plan.run, plan.spec, status, cfg) == []
 
 
+def test_row_block_phases_are_job_arrays_and_a_resume_holds_what_is_missing(tmp_path):
+    # D = 7,030 in 4 row blocks of 1,760 (+ 1,750): each per-block phase is an array of 3
+    # tasks (as many as the first round's), task 2 taking blocks 2 and 3.
+    cfg = load_run_config([*TINY, "HESSIAN_STEPS=[300]", "row_block=1760", f"RUN_DIR={tmp_path}"])
+    plan = plan_run(cfg)
+    jobs, where = by_name(plan.jobs), "step=300 split=train"
+    assert plan.spec.row_tasks == 3 and list(plan.spec.row_task_blocks(2)) == [2, 3]
+    names = [job.name for job in plan.jobs]
+    basis = [f"basis {phase} {where}" for phase in ("local", "tree", "apply", "finish")]
+    assert names[names.index(basis[0]) : names.index(basis[-1]) + 1] == basis
+    assert jobs[basis[0]].after == (f"measure first {where}",)
+    assert jobs[basis[0]].tasks == jobs[basis[2]].tasks == (0, 1, 2)
+    assert jobs[basis[1]].tasks is None and jobs[basis[1]].after == (basis[0],)
+    assert jobs[basis[-1]].outputs == (plan.run.two_pass_basis(300, "train"),)
+    assert jobs[f"measure second {where}"].after == (basis[-1],)
+    assert jobs[f"solve project {where}"].after == (
+        f"measure second {where}",
+        f"measure apost {where}",
+    )
+    assert jobs[f"solve finish {where}"].outputs == (plan.run.eigen(300, "train"),)
+    assert jobs[f"analyze {where}"].after == (f"solve finish {where}",)
+    assert jobs[f"solve extend_local {where}"].elements()[2][1][-2:] == [
+        "phase=extend_local",
+        "task=2",
+    ]
+    # Priced per phase: a per-block phase holds row blocks, a combined one only k x k pieces.
+    assert (
+        jobs[f"solve extend_tree {where}"].memory_bytes
+        < jobs[f"solve extend_local {where}"].memory_bytes
+    )
+
+    # A solve killed in its reorth_local phase after block 1: the tasks of blocks 0 and 1 (and
+    # every phase before) are done; task 2 holds blocks 2-3, so it runs again.
+    status = {
+        "train": True,
+        "layout": True,
+        "sketches": [
+            sketch_status(300, {"first": [], "second": [], "apost": []}, basis_written=True)
+        ],
+    }
+    work = plan.run.row_work(300, "train", "solve", 1760)
+    work.mkdir(parents=True)
+    for name in ("project_sum", "extend_tree", "overlap_sum"):
+        (work / f"{name}.h5").touch()
+    for number in (0, 1):
+        (work / f"reorth_local.block{number:05d}.h5").touch()
+    for number in (2, 3):
+        (work / f"extend_apply.block{number:05d}.h5").touch()
+    jobs = build_graph(plan.run, plan.spec, status, cfg)
+    assert [job.name for job in jobs][:3] == [
+        f"solve reorth_local {where}",
+        f"solve reorth_tree {where}",
+        f"solve reorth_apply {where}",
+    ]
+    assert jobs[0].tasks == (2,) and jobs[2].tasks == (0, 1, 2)
+
+
 def local_job_names(stderr: str) -> list[str]:
     """The jobs the local launcher ran, from its "[job i/N] NAME" log lines."""
     return re.findall(r"\[job \d+/\d+\] (.+)", stderr)

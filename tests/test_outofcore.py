@@ -99,6 +99,8 @@ def test_a_killed_row_block_task_reruns_to_the_same_bits(first_round, tmp_path, 
     assert not output.exists()  # nothing half-written under the output's name
     before = {path.name: path.stat().st_mtime_ns for path in work.glob(f"{phase}.block*.h5")}
     assert 100 <= len(before) < 234
+    status = run_hessov("status", str(run)).stdout
+    assert f"{stage}: phase {phase}, {len(before)}/234 row blocks done" in status
     run_hessov(stage, *args, f"phase={phase}")  # the killed phase alone: only what is missing
     after = {path.name: path.stat().st_mtime_ns for path in work.glob(f"{phase}.block*.h5")}
     assert len(after) == 234 and all(after[name] == mtime for name, mtime in before.items())
@@ -111,6 +113,24 @@ def test_a_killed_row_block_task_reruns_to_the_same_bits(first_round, tmp_path, 
     with h5py.File(reference / EIGEN) as a, h5py.File(run / EIGEN) as b:
         for name in ("eigenvalues", "eigenvectors"):
             assert np.array_equal(a[name][:], b[name][:])
+
+
+def test_a_corrupt_measurement_stops_the_row_block_solve_and_is_named(first_round, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(first_round, run)
+    args = [str(run), *TINY_SKETCH, "row_block=1000"]
+    run_hessov("basis", *args)
+    run_hessov("measure", str(run), *TINY_SKETCH, "round=second")
+    part = run / "measurements/step_300_train/second/part_00000.h5"
+    with h5py.File(part, "r+") as handle:
+        handle["outer"][6500, 3] += 1.0  # a flipped value in the last row block, column 3
+    refused = run_hessov("solve", *args, check=False)
+    assert refused.returncode == 2
+    assert "second round): measurements missing: none; corrupt: 3." in refused.stderr
+    assert not (run / EIGEN).exists()
+    # What was built on the bad column is gone: a rerun after re-measuring starts afresh.
+    work = run / "measurements/step_300_train/solve_rows_1000"
+    assert not list(work.glob("project.block*.h5"))
 
 
 def test_the_layout_chooses_row_blocks_when_memory_does_not_fit(tiny_trained, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_sketch_math import low_rank_spectrum, symmetric_with_spectrum
 
+from hessov.errors import MissingInputError
 from hessov.rowpass import RowWork, program_phases, run_phases
 from hessov.rowsolve import tsqr_phases, two_pass_phases
 from hessov.skerch_ext.aposteriori import (
@@ -92,6 +93,19 @@ def test_tsqr_by_phases_is_a_qr_of_the_whole(tmp_path, dtype, row_block):
     q, r = tsqr_by_phases(tmp_path / "work", matrix, row_ranges(1000, row_block, 30))
     assert_qr_of(matrix, q, r)
     assert not (tmp_path / "work").exists()  # the last phase removes the work directory
+
+
+def test_a_phase_is_refused_before_the_phase_it_reads(tmp_path):
+    matrix = random_matrix(100, 5, 0, torch.float64)
+    work = RowWork(tmp_path / "work", program_phases("basis", "two_pass"), row_ranges(100, 50, 5))
+    source = tsqr_phases(work, "", lambda number, rows: (matrix[rows.start : rows.stop], {}))
+    functions = {**source, "finish": lambda: None}
+    run_phases(work, functions, only="local", numbers=[0])  # block 1 not yet
+    with pytest.raises(MissingInputError, match=r"phase tree needs phase local first.*\[1\]"):
+        run_phases(work, functions, only="tree")
+    run_phases(work, functions, only="local")  # only block 1 is left to do
+    run_phases(work, functions, only="tree")
+    assert work.done(work.phases[1]) and not work.done(work.phases[2], 0)
 
 
 def test_tsqr_of_a_rank_deficient_matrix_is_still_orthonormal(tmp_path):

@@ -3,7 +3,9 @@
 A run's work is a list of jobs in dependency order: train; the replays (one job per seed)
 and their comparison; the layout; for every step and split the first round of measurement
 tasks, then (two-pass) the basis and the second round, then the solve, the exhaustive check
-(``EXHAUSTIVE=true``) and the step's analysis; finally the figures and report. Each
+(``EXHAUSTIVE=true``) and the step's analysis; finally the figures and report. A basis or
+solve in row blocks is one job per phase (:mod:`hessov.rowpass`), a job array for a phase
+over the row blocks. Each
 :class:`Job` carries the ``hessov`` arguments of its stage (:func:`hessov.jobs.run_job`
 runs them), the files it reads and writes (named by :class:`~hessov.rundir.RunDir`), the
 jobs it waits for and its resources key (``slurm.stages.STAGE``).
@@ -168,7 +170,7 @@ def _stage_jobs(graph: _Builder, spec, what, after, inputs, outputs) -> tuple[st
     previous, reads = after, inputs
     for phase in work.phases:
         last = phase == work.phases[-1]
-        tasks = work.missing_blocks(phase) if phase.per_block else None
+        tasks = _missing_tasks(spec, work, phase) if phase.per_block else None
         if (phase.per_block and not tasks) or (
             not last and not phase.per_block and work.done(phase)
         ):
@@ -184,6 +186,12 @@ def _stage_jobs(graph: _Builder, spec, what, after, inputs, outputs) -> tuple[st
         )
         reads = [work_dir]
     return previous
+
+
+def _missing_tasks(spec: SketchSpec, work: RowWork, phase) -> list[int]:
+    """The array tasks of a per-block phase with a row block still to do."""
+    missing = set(work.missing_blocks(phase))
+    return [t for t in range(spec.row_tasks) if missing & set(spec.row_task_blocks(t))]
 
 
 def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) -> tuple[str, ...]:

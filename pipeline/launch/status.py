@@ -8,8 +8,9 @@ scheduler's memory of a job.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from hessov.rowpass import RowWork, program_phases
 from hessov.rundir import RunDir
 from hessov.skerch_ext.storage import describe_indices
 from hessov.sketchspec import SketchSpec, load_spec
@@ -42,6 +43,30 @@ class SketchStatus:
     stores_laid_out: bool = True
     exhaustive_done: bool = False
     analysed: bool = False
+    #: Where an unfinished row-block basis or solve stands, e.g. ``"solve: phase
+    #: extend_apply, 93/234 row blocks done"`` (:func:`row_progress`).
+    row_progress: list[str] = field(default_factory=list)
+
+
+def row_progress(run: RunDir, spec: SketchSpec, step: int, split: str, stage: str) -> list[str]:
+    """Where each row-block ``stage`` that has started and not finished stands: its first
+    phase not done, with the row blocks done for a per-block phase (one line per row block
+    it was started with).
+    """
+    lines = []
+    for row_block, work_dir in sorted(run.row_works(step, split, stage).items()):
+        ranges = replace(spec, row_block=row_block).row_ranges
+        work = RowWork(work_dir, program_phases(stage, spec.recovery), ranges)
+        for phase in work.phases:
+            missing = work.missing_blocks(phase) if phase.per_block else []
+            if missing:
+                done = f"{len(ranges) - len(missing)}/{len(ranges)} row blocks done"
+                lines.append(f"{stage}: phase {phase}, {done}")
+                break
+            if not phase.per_block and not work.done(phase):
+                lines.append(f"{stage}: phase {phase}")
+                break
+    return lines
 
 
 def round_status(
@@ -83,6 +108,8 @@ def run_status(run: RunDir) -> dict:
             item.solved = run.eigen(step, split).is_file()
             item.exhaustive_done = run.exhaustive(step, split).is_file()
             item.analysed = run.analysis_step(step, split).is_file()
+            for stage, done in (("basis", item.basis_written), ("solve", item.solved)):
+                item.row_progress += [] if done else row_progress(run, spec, step, split, stage)
             status["sketches"].append(item)
     return status
 
@@ -132,5 +159,6 @@ def describe_status(status: dict) -> str:
         state = "solved" if item.solved else "not solved"
         if item.solved:
             state += ", analysed" if item.analysed else ", not analysed"
+        state += "".join(f" ({progress})" for progress in item.row_progress)
         lines.append(f"  step {item.step} {item.split}: {'; '.join(parts)}; {state}")
     return "\n".join(lines)

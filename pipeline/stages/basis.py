@@ -75,7 +75,12 @@ def basis(
 
 
 def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, phase, blocks):
-    """TSQR over row blocks of the round's parts, ``Q``'s blocks viewed by ``basis.h5``."""
+    """TSQR over row blocks of the round's parts, ``Q``'s blocks viewed by ``basis.h5``. A
+    single phase's job after ``basis.h5`` is written (a requeued task) has nothing to do.
+    """
+    if phase is not None and run.two_pass_basis(step, split).is_file():
+        get_logger().info("basis step %d %s: written already, phase %s skipped", step, split, phase)
+        return {"basis": str(run.two_pass_basis(step, split))}
     work = RowWork(
         run.row_work(step, split, "basis", spec.row_block),
         program_phases("basis", spec.recovery),

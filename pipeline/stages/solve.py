@@ -228,8 +228,12 @@ def _tensor_rows(matrix: torch.Tensor) -> Rows:
 def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase, blocks):
     """The row-block program of the solve (:mod:`hessov.rowpass`, :mod:`hessov.rowsolve`):
     its ``phase`` (all of them by default), the last writing the eigen file from ``W``'s
-    row blocks.
+    row blocks. A single phase's job after the eigen file is written (a requeued task) has
+    nothing to do.
     """
+    if phase is not None and run.eigen(step, split).is_file():
+        get_logger().info("solve step %d %s: solved already, phase %s skipped", step, split, phase)
+        return None
     work = RowWork(
         run.row_work(step, split, "solve", spec.row_block),
         program_phases("solve", spec.recovery),
