@@ -19,9 +19,10 @@ The rest is what the stage holds, counted as ``D``-row matrices of the storage d
 * basis and solve in memory: :data:`IN_MEMORY_COPIES` ``D x k`` matrices (merged round,
   ``Q``, residual, ``P`` twice, ``[Q, P]``, ``W``);
 * basis and solve in row blocks (:mod:`hessov.rowpass`), per phase: a per-block phase
-  holds :data:`ROW_BLOCK_COPIES` ``row_block x k`` blocks; a combined one the blocks' small
-  results, e.g. the TSQR factors ``(D / row_block) x k x k``, and the ``2k x 2k`` core's
-  ``eigh``; single pass's ``ritz`` also ``D x block_size`` columns of ``Q``.
+  holds :data:`ROW_BLOCK_COPIES` ``row_block x k`` blocks; a combined one a group of
+  ``fan_in`` TSQR factors ``k x k`` at a time (the tree's levels go to disk) and the
+  ``2k x 2k`` core's ``eigh``, ``O(k^2)`` whatever ``D``; single pass's ``ritz`` also
+  ``D x block_size`` columns of ``Q``.
 
 bench/RESULTS.md (question 8) compares these estimates with each stage's measured peak RSS:
 at D = 10^7, k = 256 every task's RSS was 0.82-0.87 of its estimate.
@@ -50,6 +51,7 @@ from hessov.analysis.rowblocks import DEFAULT_BUDGET_BYTES
 from hessov.config import RunConfig
 from hessov.errors import ConfigError
 from hessov.merge import CHUNK_ROWS
+from hessov.skerch_ext.rowblocks import DEFAULT_FAN_IN
 
 MIB, GIB = 2**20, 2**30
 #: Interpreter, torch, h5py and one autograd call (bench/RESULTS.md, section 5: 277 MiB).
@@ -172,29 +174,32 @@ def row_block_solve_bytes(spec, row_block: int) -> int:
 
 def _row_phase_parts(spec, row_block: int) -> dict[str, int]:
     """What the row-block phases hold beside the process: a block's rows (per-block
-    phases), the blocks' small results and the Ritz core (combined phases), and single
-    pass's ``D x block_size`` columns of ``Q`` for ``Psi Q`` and ``Omega^T Q``.
+    phases); a group of the TSQR tree, the Ritz core and the blocks' checksums (combined
+    phases, which read the blocks' small results one at a time); and single pass's
+    ``D x block_size`` columns of ``Q`` for ``Psi Q`` and ``Omega^T Q``.
     """
     dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
     size = _itemsize(spec)
     blocks = -(-dim // row_block)
     core = 4 * (2 * k) ** 2 * 8
+    tree = 3 * DEFAULT_FAN_IN * k * k * 8  # a group of R_i stacked, its Q and its pieces
     return {
         "rows": ROW_BLOCK_COPIES * row_block * k * size + 2 * row_block * spec.num_apost * 8,
-        "small": blocks * k * k * 8 + core,
+        "small": tree + core + blocks * k * 8,  # and every block's column checksums
         "columns": (4 * dim * spec.layout.block_size * size + 3 * inner**2 * size) if inner else 0,
     }
 
 
-def row_phase_bytes(spec, phase) -> int:
+def row_phase_bytes(spec, stage: str, phase) -> int:
     """Peak memory of one phase's job (:class:`hessov.rowpass.Phase`) of the row-block
-    basis or solve: a block's rows and the core's factors per block, the small results of
-    every block when combined (single pass's ``ritz`` with the columns of ``Q``).
+    ``stage`` (basis or solve): a block's rows and the Ritz coefficients for a per-block
+    phase; a tree group, the core and the checksums for a combined one (single pass's
+    ``ritz`` with the columns of ``Q``; the solve's ``finish`` with a block it copies).
     """
     parts = _row_phase_parts(spec, spec.row_block)
     if phase.per_block:
         return PROCESS_FLOOR_BYTES + parts["rows"] + 4 * (2 * spec.layout.num_outer) ** 2 * 8
-    if phase.name == "finish":  # copies W's blocks into the eigen file
+    if phase.name == "finish" and stage == "solve":  # copies W's blocks into the eigen file
         return PROCESS_FLOOR_BYTES + parts["rows"] + parts["small"]
     columns = parts["columns"] if phase.name == "ritz" else 0
     return PROCESS_FLOOR_BYTES + parts["small"] + columns
@@ -315,7 +320,7 @@ def _solve_cost(spec, cfg, facts, job) -> JobCost:
     phases = {phase.name: phase for phase in program_phases(job.stage, spec.recovery)}
     name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["phase"]
     disk = (2 if job.stage == "solve" else 1) * matrix if name == "finish" else 0
-    return JobCost(row_phase_bytes(spec, phases[name]), disk, 0)
+    return JobCost(row_phase_bytes(spec, job.stage, phases[name]), disk, 0)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:

@@ -145,11 +145,6 @@ class RowWork:
             keys = list(handle) if names is None else names
             return {key: torch.from_numpy(handle[key][()]) for key in keys}
 
-    def read_row(self, phase: str, name: str, index: int) -> torch.Tensor:
-        """Entry ``index`` of the first axis of result ``name`` of combined ``phase``."""
-        with h5py.File(self.path(phase), "r") as handle:
-            return torch.from_numpy(handle[name][index])
-
     def columns(self, phase: str, start: int, stop: int) -> torch.Tensor:
         """Columns ``start:stop`` of per-block ``phase``'s tall result ``block``, every
         block's rows stacked: ``(D, stop - start)``.

@@ -6,9 +6,9 @@ says what each computes, the same arithmetic in the same order as the in-memory 
 (:mod:`hessov.skerch_ext.solve`), so the two agree within the hardware's rounding.
 
 * TSQR of a tall ``A`` (``(D, c)``; Demmel, Grigori, Hoemmen and Langou 2012): ``local``
-  takes ``A_i = Q_i R_i`` per block, ``tree`` turns the stacked ``R_i`` into each block's
-  ``F_i`` (:func:`hessov.skerch_ext.rowblocks.tree_factors`), ``apply`` writes
-  ``Q_i F_i``.
+  takes ``A_i = Q_i R_i`` per block, ``tree`` turns the ``R_i`` into each block's ``F_i``
+  (:func:`hessov.skerch_ext.rowblocks.tree_factors`, a group of ``R_i`` at a time), ``apply``
+  writes ``Q_i F_i``.
 * Two-pass Rayleigh-Ritz on the block Krylov space ``span(Q, H Q)``
   (:func:`hessov.skerch_ext.solve.block_krylov_extension`): ``C0 = Q^T (H Q)`` summed over
   the blocks; ``P`` by TSQR of ``H Q - Q C0``, then again of ``P - Q (Q^T P)``;
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import h5py
 import numpy as np
 import torch
 
@@ -54,10 +55,13 @@ def _crc(stored: np.ndarray) -> np.ndarray:
 
 def block_sum(work: RowWork, phase: str, name: str) -> torch.Tensor:
     """The small result ``name`` of per-block ``phase`` summed over the blocks in row order."""
-    parts = work.stacked(phase, name)
-    total = parts[0].clone()
-    for part in parts[1:]:
-        total += part
+    total = None
+    for number in work.numbers:  # one block's at a time: O(k^2) however many blocks
+        part = work.read(phase, number, [name])[name]
+        if total is None:
+            total = part
+        else:
+            total += part
     return total
 
 
@@ -99,12 +103,22 @@ def tsqr_phases(
     def tree() -> dict:
         if verify is not None:
             verify()
-        factors, r = tree_factors(work.stacked(local_name, "r"))
-        return {"factors": factors, "r": r}
+        scratch_path = work.path(f"{tree_name}_scratch")  # the tree's levels, O(D / row_block)
+        with h5py.File(scratch_path, "w") as scratch:
+            r = tree_factors(
+                lambda number: work.read(local_name, number, ["r"])["r"],
+                len(work.ranges),
+                scratch,
+                lambda number, factor: work.write(
+                    work.path(f"{tree_name}_factor", number), {"factor": factor}
+                ),
+            )
+        scratch_path.unlink()
+        return {"r": r}
 
     def apply(number: int, rows: range) -> dict:
         local_q = work.read(local_name, number, ["block"])["block"]
-        factor = work.read_row(tree_name, "factors", number)
+        factor = work.read(f"{tree_name}_factor", number)["factor"]
         q = local_q @ factor.to(local_q.dtype)
         return {"block": q, **(after(number, rows, q) if after else {})}
 

@@ -22,8 +22,9 @@ block before it), so every local ``R_i`` is ``(k, k)``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -65,26 +66,51 @@ def gram(left: RowReader, right: RowReader, ranges: Sequence[range]) -> torch.Te
 
 
 def tree_factors(
-    r_factors: torch.Tensor, fan_in: int = DEFAULT_FAN_IN
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The TSQR tree over the row blocks' local ``R_i``, stacked ``(num_blocks, k, k)``: each
-    block's factor ``F_i`` (stacked the same way) and the final ``R`` ``(k, k)``, so that
+    r_factor: Callable[[int], torch.Tensor],
+    count: int,
+    scratch: MutableMapping,
+    write_factor: Callable[[int, torch.Tensor], None],
+    fan_in: int = DEFAULT_FAN_IN,
+) -> torch.Tensor:
+    """The TSQR tree over ``count`` row blocks' local ``R_i`` ``(k, k)``, read one group at a
+    time through ``r_factor(i)``: writes each block's factor ``F_i`` ``(k, k)`` through
+    ``write_factor(i, F_i)`` and returns the final ``R`` ``(k, k)``, so that
     ``A = [Q_1 F_1; Q_2 F_2; ...] R`` when ``A_i = Q_i R_i``.
+
+    Level by level, each group of ``fan_in`` factors is stacked and factored,
+    ``[R_a; ...; R_b] = [P_a; ...; P_b] R_g``, the pieces ``P_i`` and the ``R_g`` kept in
+    ``scratch`` (a mapping of arrays: an HDF5 group, or a dict); then, from the root down,
+    each node's factor is its piece times its parent's (kept in ``scratch`` too). Memory is
+    ``O(fan_in k^2)`` whatever the number of blocks.
     """
-    factors, r = _tree_qr(list(r_factors), fan_in)
-    return torch.stack(factors), r
+    read = r_factor
+    counts = [count]
+    while counts[-1] > 1:  # up: the pieces of level ``level`` and the R of level + 1
+        level = len(counts) - 1
+        groups = range(0, counts[-1], fan_in)
+        for group, start in enumerate(groups):
+            stacked = [read(i) for i in range(start, min(start + fan_in, counts[-1]))]
+            q, r = torch.linalg.qr(torch.cat(stacked), mode="reduced")
+            for offset, piece in enumerate(q.split(r.shape[1])):
+                scratch[f"piece_{level}_{start + offset}"] = piece.numpy()
+            scratch[f"r_{level + 1}_{group}"] = r.numpy()
+        counts.append(len(groups))
+        read = _scratch_reader(scratch, f"r_{level + 1}_")
+    top = read(0)
+    root = len(counts) - 1
+    scratch[f"factor_{root}_0"] = torch.eye(top.shape[1], dtype=top.dtype).numpy()
+    for level in range(root - 1, -1, -1):  # down: each node's piece times its parent's
+        parent = _scratch_reader(scratch, f"factor_{level + 1}_")
+        for i in range(counts[level]):
+            factor = _scratch_reader(scratch, f"piece_{level}_")(i) @ parent(i // fan_in)
+            if level:
+                scratch[f"factor_{level}_{i}"] = factor.numpy()
+            else:
+                write_factor(i, factor)
+    if not root:
+        write_factor(0, _scratch_reader(scratch, "factor_0_")(0))
+    return top
 
 
-def _tree_qr(r_factors: list[torch.Tensor], fan_in: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One level of the tree and the levels above it, recursively."""
-    if len(r_factors) == 1:
-        return [torch.eye(r_factors[0].shape[1], dtype=r_factors[0].dtype)], r_factors[0]
-    size = r_factors[0].shape[1]
-    pieces, group_rs = [], []
-    for start in range(0, len(r_factors), fan_in):
-        group = r_factors[start : start + fan_in]
-        q, r = torch.linalg.qr(torch.cat(group), mode="reduced")
-        pieces.append(list(q.split(size)))
-        group_rs.append(r)
-    upper, r = _tree_qr(group_rs, fan_in)
-    return [piece @ upper[g] for g, group in enumerate(pieces) for piece in group], r
+def _scratch_reader(scratch: MutableMapping, prefix: str) -> Callable[[int], torch.Tensor]:
+    return lambda i: torch.from_numpy(np.asarray(scratch[f"{prefix}{i}"][()]))

@@ -81,9 +81,12 @@ def test_the_tsqr_tree_gives_a_qr_of_the_whole(dtype, row_block, fan_in):
     matrix = random_matrix(1000, 30, row_block, dtype)
     ranges = row_ranges(1000, row_block, 30)
     local = [torch.linalg.qr(matrix[rows.start : rows.stop], mode="reduced") for rows in ranges]
-    factors, r = tree_factors(torch.stack([piece.R for piece in local]), fan_in)
-    q = torch.cat([piece.Q @ factor for piece, factor in zip(local, factors, strict=True)])
+    factors, scratch = {}, {}
+    r = tree_factors(lambda i: local[i].R, len(local), scratch, factors.__setitem__, fan_in)
+    q = torch.cat([piece.Q @ factors[i] for i, piece in enumerate(local)])
     assert_qr_of(matrix, q, r)
+    # Every level's pieces and factors went to the scratch mapping, not to memory.
+    assert sum(name.startswith("piece_0_") for name in scratch) == (len(local) > 1) * len(local)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
