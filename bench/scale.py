@@ -150,10 +150,11 @@ def accuracy(run, dim: int, k: int) -> tuple[list[list[str]], float]:
 #: ``D x k`` matrices each row-block pass reads and writes (from the algorithm; the
 #: a-posteriori probes, ``D x 30``, left out): a TSQR ``local`` reads its input (and ``Q``)
 #: and writes its local factor, ``apply`` reads it (and ``Q`` or ``H Q`` for a product) and
-#: writes the result; the solve's ``finish`` copies ``W`` into the eigen file.
+#: writes the result; each ``finish`` copies ``Q`` or ``W`` into the basis or eigen file.
 MATRICES_MOVED = {
     "basis local": 2,
     "basis apply": 2,
+    "basis finish": 2,
     "solve project": 2,
     "solve extend_local": 3,
     "solve extend_apply": 3,
@@ -215,7 +216,7 @@ def extrapolation_rows(calls: dict, measured, cores: int) -> tuple[list[list[str
     with its arithmetic: ``D k^2`` for a per-block phase (its QRs and products; the passes
     here were bound by arithmetic, not the disk), ``(D / row_block) k^3`` for a TSQR tree,
     ``k^3`` for the Ritz problem, ``(D / row_block) k^2`` for a sum over the blocks, ``D k``
-    for the copy of the solve's ``finish``; then they are spread over the phase's tasks of
+    for the copy of a ``finish``; then they are spread over the phase's tasks of
     ``TASK_CORES`` cores. Returns the rows and the total wall in minutes.
     """
     from hessov.costs import format_bytes, row_phase_bytes
@@ -233,7 +234,7 @@ def extrapolation_rows(calls: dict, measured, cores: int) -> tuple[list[list[str
             label, tasks = f"{stage} {phase}", spec.row_tasks if phase.per_block else 1
             if phase.per_block:
                 scale = d_ratio * k_ratio**2
-            elif phase.name == "finish":
+            elif phase.name == "finish":  # a copy
                 scale = d_ratio * k_ratio
             elif phase.name.endswith("tree"):
                 scale = blocks_ratio * k_ratio**3
@@ -243,7 +244,7 @@ def extrapolation_rows(calls: dict, measured, cores: int) -> tuple[list[list[str
                 scale = blocks_ratio * k_ratio**2
             work = max(0.0, walls[label] - start) * cores * scale / (tasks * TASK_CORES)
             total += start + work
-            memory = format_bytes(row_phase_bytes(spec, stage, phase))
+            memory = format_bytes(row_phase_bytes(spec, phase))
             rows.append([f"`{label}`", str(tasks), memory, f"{(start + work) / 60:.1f} min"])
     return rows, total / 60
 

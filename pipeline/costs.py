@@ -190,16 +190,16 @@ def _row_phase_parts(spec, row_block: int) -> dict[str, int]:
     }
 
 
-def row_phase_bytes(spec, stage: str, phase) -> int:
+def row_phase_bytes(spec, phase) -> int:
     """Peak memory of one phase's job (:class:`hessov.rowpass.Phase`) of the row-block
-    ``stage`` (basis or solve): a block's rows and the Ritz coefficients for a per-block
+    basis or solve: a block's rows and the Ritz coefficients for a per-block
     phase; a tree group, the core and the checksums for a combined one (single pass's
-    ``ritz`` with the columns of ``Q``; the solve's ``finish`` with a block it copies).
+    ``ritz`` with the columns of ``Q``; ``finish`` with a block it copies).
     """
     parts = _row_phase_parts(spec, spec.row_block)
     if phase.per_block:
         return PROCESS_FLOOR_BYTES + parts["rows"] + 4 * (2 * spec.layout.num_outer) ** 2 * 8
-    if phase.name == "finish" and stage == "solve":  # copies W's blocks into the eigen file
+    if phase.name == "finish":  # copies Q's or W's blocks into the basis or eigen file
         return PROCESS_FLOOR_BYTES + parts["rows"] + parts["small"]
     columns = parts["columns"] if phase.name == "ritz" else 0
     return PROCESS_FLOOR_BYTES + parts["small"] + columns
@@ -309,8 +309,8 @@ def _measure_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
 
 def _solve_cost(spec, cfg, facts, job) -> JobCost:
     """In memory, the output; in row blocks, each phase's job, the program's peak disk
-    counted on its last (the basis: ``Q``'s blocks; the solve: the eigen file and ``W``'s
-    blocks it is copied from, which outlast the other phases' consumed results).
+    counted on its last (the basis: ``Q``; the solve: the eigen file and ``W``'s blocks it
+    is copied from, which outlast the other phases' consumed results).
     """
     from hessov.rowpass import program_phases
 
@@ -320,7 +320,7 @@ def _solve_cost(spec, cfg, facts, job) -> JobCost:
     phases = {phase.name: phase for phase in program_phases(job.stage, spec.recovery)}
     name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["phase"]
     disk = (2 if job.stage == "solve" else 1) * matrix if name == "finish" else 0
-    return JobCost(row_phase_bytes(spec, job.stage, phases[name]), disk, 0)
+    return JobCost(row_phase_bytes(spec, phases[name]), disk, 0)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:

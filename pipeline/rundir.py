@@ -121,10 +121,6 @@ class RunDir:
         """Eigenpairs of one step and split, with their provenance (solve)."""
         return self.root / "eigen" / f"step_{step}_{split}.h5"
 
-    def basis_block(self, step: int, split: str, number: int) -> Path:
-        """Row block ``number`` of an out-of-core basis ``Q``, which ``basis.h5`` views."""
-        return self.measurements / f"step_{step}_{split}" / f"basis_block_{number:05d}.h5"
-
     def row_work(self, step: int, split: str, stage: str, row_block: int) -> Path:
         """The results of the row-block phases of ``stage`` (``basis``, ``solve``) at
         ``row_block``, removed when its outputs are written (:mod:`hessov.rowpass`).

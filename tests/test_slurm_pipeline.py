@@ -50,23 +50,28 @@ def wait_until_dequeued(env: dict, job_id: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-@pytest.mark.slurm
-def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
-    slurm_cluster, local_reference, tmp_path, hessov
-):
-    env = {**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")}
+def submit_chain(slurm_cluster: dict, tmp_path: Path, *settings: str) -> tuple[Path, dict]:
+    """slurm/submit_chain.sh on the tiny config with ``settings``: the run directory and the
+    jobs, ``{NAME: ID}`` in the order of the stage graph `hessov plan` lists.
+    """
     submitted = subprocess.run(
-        ["bash", "slurm/submit_chain.sh", *TINY, f"OUTPUT_DIR={tmp_path / 'runs'}"],
+        ["bash", "slurm/submit_chain.sh", *TINY, *settings, f"OUTPUT_DIR={tmp_path / 'runs'}"],
         cwd=REPO,
-        env=env,
+        env={**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")},
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    run_dir = Path(last_line(submitted.stdout))
-    # One line per job, "NAME ID", in the order of the stage graph `hessov plan` lists.
     jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
+    return Path(last_line(submitted.stdout)), jobs
+
+
+@pytest.mark.slurm
+def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
+    slurm_cluster, local_reference, tmp_path, hessov
+):
+    run_dir, jobs = submit_chain(slurm_cluster, tmp_path)
     # train, layout, per step and split: 3 arrays (first, second, a-posteriori), basis,
     # solve, analyze; then the report.
     assert len(jobs) == 2 + 6 * len(SKETCHES) + 1
@@ -76,7 +81,7 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     # The fault: task 1 of step 300's first measurement round dies (still pending behind
     # training, so it never runs); everything downstream of it is cancelled by Slurm.
     killed = jobs["measure first step=300 split=train"]
-    subprocess.run(["scancel", f"{killed}_1"], env=env, check=True, timeout=30)
+    subprocess.run(["scancel", f"{killed}_1"], env=slurm_cluster, check=True, timeout=30)
     states = {}
     for name, job_id in jobs.items():
         # Jobs cancelled while pending (the killed task, and everything that depended on it)
@@ -112,19 +117,7 @@ def test_sbatch_chain_runs_the_row_block_phases_as_job_arrays(
     solve are one job per phase, a per-block phase an array with a task per row block, and
     the chain ends at the in-memory local run's eigenpairs within the equivalence tolerances.
     """
-    env = {**slurm_cluster, "HESSOV": HESSOV, "HESSOV_SLURM_LOGS": str(tmp_path / "logs")}
-    config = [*TINY, "HESSIAN_STEPS=[300]", "row_block=4096", f"OUTPUT_DIR={tmp_path / 'runs'}"]
-    submitted = subprocess.run(
-        ["bash", "slurm/submit_chain.sh", *config],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    run_dir = Path(last_line(submitted.stdout))
-    jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
+    run_dir, jobs = submit_chain(slurm_cluster, tmp_path, "HESSIAN_STEPS=[300]", "row_block=4096")
     where = "step=300 split=train"
     basis = [name for name in jobs if name.startswith("basis ")]
     solve = [name for name in jobs if name.startswith("solve ")]

@@ -13,26 +13,24 @@ When the layout fixed a ``row_block`` (the plan's choice when ``D x k`` does not
 memory budget) ``Q`` comes from TSQR in row-block phases (:mod:`hessov.rowpass`: local QRs,
 the tree, the factors applied), one array task per row block on Slurm, so no ``D x k``
 matrix is held in memory; the parts are checksummed block by block as they are read.
-``Q``'s row blocks are then files of their own (``basis_block_*.h5``), which ``basis.h5``
-views as one virtual dataset.
+``Q``'s row blocks are copied into ``basis.h5`` at the end.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import h5py
-import numpy as np
 import torch
 
 from hessov.config import RunConfig
 from hessov.fileio import atomic_write
-from hessov.merge import merged_round, round_block, verify_round
+from hessov.merge import merged_round, round_block, tall_dataset, verify_round
 from hessov.rowpass import RowWork, program_phases, run_phases
 from hessov.rowsolve import round_tsqr_phases
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
+from hessov.skerch_ext.rowblocks import row_pass
 from hessov.skerch_ext.solve import orthonormal_basis
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
@@ -75,7 +73,7 @@ def basis(
 
 
 def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, phase, blocks):
-    """TSQR over row blocks of the round's parts, ``Q``'s blocks viewed by ``basis.h5``. A
+    """TSQR over row blocks of the round's parts, ``Q`` written to ``basis.h5`` at the end. A
     single phase's job after ``basis.h5`` is written (a requeued task) has nothing to do.
     """
     if phase is not None and run.two_pass_basis(step, split).is_file():
@@ -88,25 +86,23 @@ def _basis_in_row_blocks(run: RunDir, spec: SketchSpec, step: int, split: str, p
     )
     outer = round_block(run, spec, step, split, "first")
     phases = round_tsqr_phases(work, outer, verify_round(run, spec, step, split, "first"))
-    phases["finish"] = lambda: _write_basis_view(run, spec, step, split, work)
+    phases["finish"] = lambda: _write_basis(run, spec, step, split, work)
     run_phases(work, phases, phase, blocks, label=f"basis step {step} {split}: ")
     return {"basis": str(run.two_pass_basis(step, split))}
 
 
-def _write_basis_view(run: RunDir, spec: SketchSpec, step: int, split: str, work: RowWork):
-    """Move ``Q``'s row blocks beside ``basis.h5`` and write it as their virtual view."""
+def _write_basis(run: RunDir, spec: SketchSpec, step: int, split: str, work: RowWork) -> None:
+    """``basis.h5`` from ``Q``'s row blocks, copied a block at a time into one dataset: the
+    second round's tasks read its columns, which one chunked dataset serves with a single
+    file's caches (a virtual view over the blocks cost each task a gigabyte of caches at
+    D = 10^7, k = 256, bench/RESULTS.md question 8).
+    """
     layout = spec.layout
-    view = h5py.VirtualLayout((layout.dim, layout.num_outer), dtype=layout.dtype)
-    for number, rows in enumerate(spec.row_ranges):
-        target = run.basis_block(step, split, number)
-        if work.path("apply", number).is_file():  # a finish run again after a crash
-            os.replace(work.path("apply", number), target)
-        view[rows.start : rows.stop] = h5py.VirtualSource(
-            target.name, "block", shape=(len(rows), layout.num_outer)
-        )
     seconds = work.seconds()
     with atomic_write(run.two_pass_basis(step, split)) as tmp, h5py.File(tmp, "w") as handle:
-        handle.create_virtual_dataset("basis", view, fillvalue=np.nan)
+        dataset = tall_dataset(handle, "basis", (layout.dim, layout.num_outer), layout.dtype)
+        for number, rows in enumerate(row_pass(spec.row_ranges, "basis file: Q")):
+            dataset[rows.start : rows.stop] = work.read("apply", number, ["block"])["block"]
         handle.attrs["merge_seconds"] = 0.0
         handle.attrs["qr_seconds"] = sum(seconds.values())
         handle.attrs["row_block"] = spec.row_block
