@@ -49,11 +49,23 @@ def in_memory(first_round, tmp_path_factory):
     return finish(run)
 
 
-@pytest.mark.parametrize("row_block", [30, 1000, 4096, 7030])
-def test_row_block_solve_equals_the_in_memory_one(first_round, in_memory, tmp_path, row_block):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def rows_of_30(first_round, tmp_path_factory):
+    """The run finished uninterrupted in 234 row blocks of 30 rows."""
+    run = tmp_path_factory.mktemp("rows") / "run"
     shutil.copytree(first_round, run)
-    finish(run, f"row_block={row_block}")
+    return finish(run, "row_block=30")
+
+
+@pytest.mark.parametrize("row_block", [30, 1000, 4096, 7030])
+def test_row_block_solve_equals_the_in_memory_one(
+    first_round, in_memory, rows_of_30, tmp_path, row_block
+):
+    run = rows_of_30
+    if row_block != 30:
+        run = tmp_path / "run"
+        shutil.copytree(first_round, run)
+        finish(run, f"row_block={row_block}")
     compare_eigen_files(in_memory / EIGEN, run / EIGEN)
     with h5py.File(run / EIGEN) as rows, h5py.File(in_memory / EIGEN) as memory:
         assert rows["eigenvectors"].shape == memory["eigenvectors"].shape == (7030, 30)
@@ -84,11 +96,11 @@ def killed_when(args: list[str], watched: Path, pattern: str, count: int) -> Non
 
 
 @pytest.mark.parametrize(("stage", "phase"), [("basis", "apply"), ("solve", "reorth_local")])
-def test_a_killed_row_block_task_reruns_to_the_same_bits(first_round, tmp_path, stage, phase):
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    for target in (reference, run):
-        shutil.copytree(first_round, target)
-    finish(reference, "row_block=30")  # 234 row blocks
+def test_a_killed_row_block_task_reruns_to_the_same_bits(
+    first_round, rows_of_30, tmp_path, stage, phase
+):
+    run = tmp_path / "run"
+    shutil.copytree(first_round, run)
     args = [str(run), *TINY_SKETCH, "row_block=30"]
     if stage == "solve":
         run_hessov("basis", *args)
@@ -110,7 +122,7 @@ def test_a_killed_row_block_task_reruns_to_the_same_bits(first_round, tmp_path, 
         run_hessov("solve", *args)
     assert not work.exists()  # removed with the outputs written
     # Bitwise by construction: the same blocks on the same machine and kernel path.
-    with h5py.File(reference / EIGEN) as a, h5py.File(run / EIGEN) as b:
+    with h5py.File(rows_of_30 / EIGEN) as a, h5py.File(run / EIGEN) as b:
         for name in ("eigenvalues", "eigenvectors"):
             assert np.array_equal(a[name][:], b[name][:])
 
