@@ -3,9 +3,12 @@
 The basis and solve stages both start here: a single read of each part checks its flags and
 checksums and places its columns, so a missing or corrupt measurement stops the stage before
 any arithmetic and names the indices to re-measure. In memory (:func:`merged_round`) the
-columns go into the split's monolithic arrays; out of core (:func:`round_rows`, the plan's
-choice when ``D x k`` matrices do not fit the budget) the parts are verified a row block at
-a time and then read in row blocks. Also the tall datasets those passes write.
+columns go into the split's monolithic arrays; :func:`round_rows` verifies the parts a row
+block at a time, then reads them in row blocks (the a-posteriori round, which has no
+monolithic arrays). Out of core (the plan's choice when ``D x k`` matrices do not fit the
+budget) the row-block tasks read their rows as stored (:func:`round_block`) and checksum
+them, and :func:`verify_round` checks the chained checksums. Also the tall datasets those
+passes write.
 """
 
 from __future__ import annotations

@@ -2,11 +2,12 @@
 
 Before anything else every part's flags and checksums are verified, in the same single
 read of each part that merges it into the split's monolithic arrays (allocated once by
-the layout, or on first use), or a row block at a time when the layout fixed a
-``row_block`` (the plan's choice when ``D x k`` matrices do not fit the memory budget: then
-every ``D``-row matrix is read and written in row blocks,
-:mod:`hessov.skerch_ext.rowblocks`); a missing or corrupt measurement stops the solve and
-names the indices (``hessov resume`` re-measures them), leaving the arrays untouched.
+the layout, or on first use); a missing or corrupt measurement stops the solve and names
+the indices (``hessov resume`` re-measures them), leaving the arrays untouched. When the
+layout fixed a ``row_block`` (the plan's choice when ``D x k`` matrices do not fit the
+memory budget) the solve is instead a chain of row-block phases (:mod:`hessov.rowpass`,
+:mod:`hessov.rowsolve`), job arrays on Slurm, whose tasks checksum the rows they read and
+whose next combined job checks the chained checksums before anything is built on them.
 Then single-pass SEIGH (Fernandez et al.; Tropp et al. 2017): ``Q = qr(Y)``, the core
 ``(Psi Q)^+ Z ((Omega^T Q)^+)^T`` from two least-squares solves with block transforms,
 symmetrised, ``eigh``, sorted by ``|lambda|``, ``W = Q U`` (or, two-pass, Rayleigh-Ritz on
