@@ -159,9 +159,7 @@ class RowWork:
         """The small result ``name`` of per-block ``phase`` for every block, stacked
         ``(num_blocks, ...)`` in row order.
         """
-        return torch.stack(
-            [self.read(phase, number, [name])[name] for number in range(len(self.ranges))]
-        )
+        return torch.stack([self.read(phase, number, [name])[name] for number in self.numbers])
 
     def write(self, path: Path, results: Mapping) -> None:
         """``results`` into ``path``, atomically."""

@@ -76,6 +76,18 @@ def test_row_block_solve_equals_the_in_memory_one(
     assert not list((run / "measurements/step_300_train").glob("*_rows_*"))  # work removed
 
 
+def test_single_pass_in_row_blocks_equals_the_in_memory_one(tiny_trained, tmp_path):
+    memory = laid_out(tiny_trained, tmp_path / "memory", "recovery=single_pass", "row_block=-1")
+    run_hessov("measure", str(memory), *TINY_SKETCH)
+    rows = tmp_path / "rows"
+    shutil.copytree(memory, rows)
+    run_hessov("solve", str(memory), *TINY_SKETCH)
+    run_hessov("solve", str(rows), *TINY_SKETCH, "row_block=1000")  # 7 row blocks
+    compare_eigen_files(memory / EIGEN, rows / EIGEN)
+    with h5py.File(rows / EIGEN) as blocked, h5py.File(memory / EIGEN) as whole:
+        assert blocked.attrs["apost_rel_err"] == pytest.approx(whole.attrs["apost_rel_err"], 1e-4)
+
+
 def killed_when(args: list[str], watched: Path, pattern: str, count: int) -> None:
     """Run ``hessov ARGS`` and SIGKILL it once ``count`` files match ``pattern`` in
     ``watched``: a task killed by the scheduler or the out-of-memory killer, mid-phase.

@@ -242,8 +242,6 @@ def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase
     )
     num = spec.layout.num_outer
     if spec.recovery == "two_pass":
-        with h5py.File(_require_basis(run, step, split), "r") as basis_file:
-            qr_seconds = float(basis_file.attrs["qr_seconds"])
         phases, eigenvector_rows = two_pass_phases(
             work,
             _basis_rows(run, step, split),
@@ -252,7 +250,6 @@ def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase
             num,
         )
     else:
-        qr_seconds = 0.0
         phases, eigenvector_rows = single_pass_phases(
             work,
             round_block(run, spec, step, split, "first"),
@@ -264,7 +261,7 @@ def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase
     result = {}
 
     def finish(estimate: ApostEstimate) -> None:
-        result.update(_finish(run, cfg, spec, (step, split), work, estimate, qr_seconds))
+        result.update(_finish(run, cfg, spec, (step, split), work, estimate))
 
     seed_range = spec.seeds()["apost"]
     phases |= apost_phases(
@@ -303,9 +300,13 @@ def _projections(spec: SketchSpec, columns) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(psi, dim=1), torch.cat(omega_t, dim=1)
 
 
-def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate, qr_seconds) -> dict:
+def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate) -> dict:
     """The eigen file from the row-block program's results: ``W`` copied from its blocks."""
     step, split = where
+    qr_seconds = 0.0  # single pass: its TSQR is among the solve's phases
+    if spec.recovery == "two_pass":
+        with h5py.File(run.two_pass_basis(step, split), "r") as basis_file:
+            qr_seconds = float(basis_file.attrs["qr_seconds"])
     phase_seconds = work.seconds()
     apost = ("apost_sum", "apost_residuals")
     seconds = {
