@@ -32,7 +32,14 @@ from hessov import summary
 from hessov.config import RunConfig
 from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
-from hessov.merge import merged_round, round_block, round_rows, tall_dataset, verify_round
+from hessov.merge import (
+    merged_round,
+    read_column_chunks,
+    round_block,
+    round_rows,
+    tall_dataset,
+    verify_round,
+)
 from hessov.rowpass import RowWork, program_phases, run_phases
 from hessov.rowsolve import Rows, apost_phases, single_pass_phases, two_pass_phases
 from hessov.rundir import RunDir
@@ -95,7 +102,7 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, se
     t0 = time.perf_counter()
     h_basis, _ = merged_round(run, spec, step, split, "second")
     with h5py.File(path, "r") as basis_file:
-        q = torch.from_numpy(basis_file["basis"][:])
+        q = torch.from_numpy(read_column_chunks(basis_file["basis"]))
         seconds["merge"] = float(basis_file.attrs["merge_seconds"]) + time.perf_counter() - t0
         seconds["qr"] = float(basis_file.attrs["qr_seconds"])
     t0 = time.perf_counter()
