@@ -8,25 +8,92 @@ integer tensors (token ids, masks, labels) keep theirs. Targets go through the s
 functions (they are usually one tensor). Every stage that touches data goes through this
 module: the training loop, the chunked gradient, evaluation, the Hessian operator, the
 Hessian subsets and the replays.
+
+A tensor too large for memory (ImageNet's 1.28M training images are 770 GB in float32) can be
+a :class:`LazyRows` instead: it reads only the examples that are taken, when they are taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-#: A model's inputs: one tensor, a tuple of tensors or a dict of tensors, examples first.
-Inputs = torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
+
+class LazyRows(ABC):
+    """Examples ``(N, *row_shape)`` read on demand, in place of a tensor held in memory.
+
+    It answers what hessov asks of an input tensor: ``rows[index]`` with an int64 tensor
+    ``(n,)`` or a slice returns a real tensor ``(n, *row_shape)`` on :attr:`device` in
+    :attr:`dtype`; :attr:`shape`; ``rows.to(device=..., dtype=...)`` returns a copy that reads
+    to there. A subclass implements :meth:`read`. Its values are not scanned for NaN or inf
+    (that would read every example), so a subclass must produce finite values by construction.
+
+    Args:
+        count: ``N``, the number of examples.
+        row_shape: the shape of one example.
+    """
+
+    def __init__(self, count: int, row_shape: Sequence[int]):
+        self.count, self.row_shape = count, tuple(row_shape)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    @abstractmethod
+    def read(self, indices: list[int]) -> torch.Tensor:
+        """The examples ``indices``, in that order: float32 ``(n, *row_shape)`` on the CPU."""
+
+    @property
+    def shape(self) -> torch.Size:
+        """``(N, *row_shape)``."""
+        return torch.Size((self.count, *self.row_shape))
+
+    @property
+    def ndim(self) -> int:
+        """``1 + len(row_shape)``."""
+        return 1 + len(self.row_shape)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
+        if isinstance(index, slice):
+            indices = list(range(*index.indices(self.count)))
+        elif isinstance(index, torch.Tensor) and index.ndim == 1 and not index.is_floating_point():
+            indices = index.cpu().tolist()
+        else:
+            raise TypeError(f"{type(self).__name__} takes a slice or an int64 index tensor (n,)")
+        if any(not -self.count <= i < self.count for i in indices):
+            raise IndexError(f"index out of range for {self.count} examples")
+        rows = self.read([i % self.count for i in indices])
+        return rows.to(device=self.device, dtype=self.dtype)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """A copy that returns its rows on ``device`` in ``dtype`` (each kept when None)."""
+        moved = copy.copy(self)
+        moved.device = torch.device(device) if device is not None else self.device
+        moved.dtype = dtype or self.dtype
+        return moved
+
+    def is_floating_point(self) -> bool:
+        """True: the rows are floating tensors, which take the run's dtype."""
+        return True
+
+
+#: A model's inputs: one tensor, a tuple of tensors or a dict of tensors, examples first; any
+#: tensor may be a :class:`LazyRows`.
+Inputs = torch.Tensor | LazyRows | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]
 
 
 def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> Inputs:
     """``inputs`` with ``fn`` applied to every tensor, keeping the structure (a list becomes a
     tuple).
     """
-    if isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, torch.Tensor | LazyRows):
         return fn(inputs)
     if isinstance(inputs, Mapping):
         return {key: fn(value) for key, value in inputs.items()}
@@ -39,7 +106,7 @@ def map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], inputs: Inputs) -> I
 
 def tensors(inputs: Inputs) -> list[torch.Tensor]:
     """The tensors of ``inputs``, in order (a dict's in its key order)."""
-    if isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, torch.Tensor | LazyRows):
         return [inputs]
     values = inputs.values() if isinstance(inputs, Mapping) else inputs
     return list(values)
@@ -56,7 +123,7 @@ def take(inputs: Inputs, index: torch.Tensor) -> Inputs:
 
 
 def chunk(inputs: Inputs, start: int, stop: int) -> Inputs:
-    """The examples ``start:stop``, as views."""
+    """The examples ``start:stop``, as views (read, for a :class:`LazyRows`)."""
     return map_tensors(lambda tensor: tensor[start:stop], inputs)
 
 
@@ -121,9 +188,29 @@ def batch_loss(model: nn.Module, loss_fn, inputs: Inputs, targets: torch.Tensor)
 
 
 def non_finite_count(inputs: Inputs) -> int:
-    """How many values of the floating tensors of ``inputs`` are NaN or infinite."""
+    """How many values of the floating tensors of ``inputs`` are NaN or infinite (a
+    :class:`LazyRows` is finite by its contract, and not read).
+    """
     return sum(
         int((~torch.isfinite(tensor)).sum())
         for tensor in tensors(inputs)
-        if tensor.is_floating_point() or tensor.is_complex()
+        if isinstance(tensor, torch.Tensor) and (tensor.is_floating_point() or tensor.is_complex())
     )
+
+
+def resident_bytes(inputs: Inputs) -> int:
+    """Bytes ``inputs`` hold in memory (nothing for a :class:`LazyRows`)."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for tensor in tensors(inputs)
+        if isinstance(tensor, torch.Tensor)
+    )
+
+
+def example_bytes(inputs: Inputs) -> int:
+    """Bytes of one example of ``inputs`` once in memory (float32 for a :class:`LazyRows`)."""
+    total = 0
+    for tensor in tensors(inputs):
+        itemsize = tensor.element_size() if isinstance(tensor, torch.Tensor) else 4
+        total += math.prod(tensor.shape[1:]) * itemsize
+    return total

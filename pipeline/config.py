@@ -211,6 +211,7 @@ class RunConfig:
     data: str = ""  # problem-specific data source; "" = the problem's default
     loss: str = ""  # "ce" | "mse"; "" = the problem's default
     nqm_dim: int = 1000  # dimensions K of the trainable noisy quadratic model
+    image_size: int = 224  # image-folder problems (imagenet_resnet18): side of the center crop
     OBS_DATASETS: str | None = None  # falls back to the environment variable
     OUTPUT_DIR: str = "output"
     RUN_DIR: str | None = None  # an explicit run directory instead of a new one
@@ -223,6 +224,7 @@ class RunConfig:
     BATCH_SIZE: int = 128  # 0 = full batch (gradient descent)
     PHYSICAL_BATCH_SIZE: int = 0  # 0 = the whole (logical) batch in one pass
     EVAL_EVERY: int = 100
+    EVAL_DATAPOINTS: int = 0  # examples of each split an evaluation uses; 0 = the whole split
     RECORD_STEPS: list[int] = field(default_factory=lambda: [0])
     SNAPSHOT_STEPS: list[int] = field(default_factory=list)
     RECORD_GRADIENTS: bool = False
@@ -252,6 +254,8 @@ class RunConfig:
 
 
 BACKENDS = ("local", "slurm")
+#: The smallest crop ResNet-18 takes: its five halvings leave one pixel.
+MIN_IMAGE_SIZE = 32
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")
 #: Where ``KEY=VALUE`` overrides come from, in error messages.
@@ -437,6 +441,8 @@ def _validate_training(cfg: RunConfig) -> None:
     require(cfg.EVAL_EVERY > 0, "EVAL_EVERY", f"must be > 0, got {cfg.EVAL_EVERY}")
     require(cfg.NUM_HESSIAN_DATAPOINTS > 0, "NUM_HESSIAN_DATAPOINTS", "must be > 0")
     require(cfg.nqm_dim > 0, "nqm_dim", "must be > 0")
+    require(cfg.image_size >= MIN_IMAGE_SIZE, "image_size", f"must be >= {MIN_IMAGE_SIZE}")
+    require(cfg.EVAL_DATAPOINTS >= 0, "EVAL_DATAPOINTS", "must be >= 0 (0 = the whole split)")
     for key in ("RECORD_STEPS", "SNAPSHOT_STEPS"):
         steps = getattr(cfg, key)
         require(len(set(steps)) == len(steps), key, f"has repeated steps {steps}")

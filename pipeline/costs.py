@@ -52,6 +52,7 @@ from hessov.config import RunConfig
 from hessov.errors import ConfigError
 from hessov.merge import CHUNK_ROWS
 from hessov.skerch_ext.rowblocks import DEFAULT_FAN_IN
+from hessov.training import EVAL_CHUNK
 
 MIB, GIB = 2**20, 2**30
 #: Interpreter, torch, h5py and one autograd call (bench/RESULTS.md, section 5: 277 MiB).
@@ -83,16 +84,23 @@ class ProblemFacts:
 
     Attributes:
         dim: D, trainable parameters.
-        data_bytes: The problem's train and test tensors, which every such process loads.
+        data_bytes: The problem's train and test tensors held in memory, which every such
+            process loads (nothing for inputs read on demand, :class:`hessov.batching.LazyRows`).
         graph_bytes: Saved tensors of one gradient graph kept for double backward that do
             not grow with the batch (weights and the like).
         graph_bytes_per_example: Saved tensors per example of that graph.
+        example_bytes: One example's inputs in memory: what a taken subset (a batch, the
+            Hessian subset) costs per example.
+        lazy_inputs: Whether the inputs are read on demand, so that an evaluation holds its
+            chunk of examples too.
     """
 
     dim: int
     data_bytes: int
     graph_bytes: int
     graph_bytes_per_example: int
+    example_bytes: int = 0
+    lazy_inputs: bool = False
 
 
 def _saved_bytes(problem, count: int) -> int:
@@ -124,15 +132,19 @@ def problem_facts(problem) -> ProblemFacts:
     """Measure :class:`ProblemFacts` of a built problem: the graphs of one and two examples
     give the constant part and the part per example.
     """
-    from hessov.batching import tensors
+    from hessov.batching import LazyRows, example_bytes, resident_bytes, tensors
 
-    data = sum(
-        tensor.numel() * tensor.element_size()
-        for split in (problem.train, problem.test)
-        for tensor in [*tensors(split.inputs), split.targets]
-    )
+    splits = (problem.train, problem.test)
+    data = sum(resident_bytes(s.inputs) + resident_bytes(s.targets) for s in splits)
     one, two = _saved_bytes(problem, 1), _saved_bytes(problem, 2)
-    return ProblemFacts(problem.num_params, data, max(0, 2 * one - two), max(0, two - one))
+    return ProblemFacts(
+        problem.num_params,
+        data,
+        max(0, 2 * one - two),
+        max(0, two - one),
+        max(example_bytes(s.inputs) + example_bytes(s.targets) for s in splits),
+        any(isinstance(t, LazyRows) for s in splits for t in tensors(s.inputs)),
+    )
 
 
 def machine_memory_bytes() -> int:
@@ -299,6 +311,7 @@ def _measure_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     block = layout.block_size
     memory = (
         _problem_bytes(facts, 4)
+        + facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS
         + graph * (1 + block)
         + MEASURE_BLOCK_COPIES * facts.dim * block * 8
     )
@@ -329,9 +342,13 @@ def _layout_cost(spec, cfg, facts, job) -> JobCost:
 
 
 def _training_bytes(cfg: RunConfig, facts: ProblemFacts) -> int:
-    """The problem, model, gradient and optimizer state, and one physical batch's graph."""
+    """The problem, model, gradient and optimizer state, one physical batch's graph, the batch
+    taken and, for inputs read on demand, an evaluation's chunk of them.
+    """
     batch = cfg.PHYSICAL_BATCH_SIZE or cfg.BATCH_SIZE or 1
-    return _problem_bytes(facts, 5) + facts.graph_bytes + facts.graph_bytes_per_example * batch
+    taken = cfg.BATCH_SIZE + (EVAL_CHUNK if facts.lazy_inputs else 0)
+    graph = facts.graph_bytes + facts.graph_bytes_per_example * batch
+    return _problem_bytes(facts, 5) + graph + facts.example_bytes * taken
 
 
 def _train_cost(spec, cfg, facts, job) -> JobCost:

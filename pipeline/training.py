@@ -104,6 +104,10 @@ def loss_and_gradient(
     return loss_sum
 
 
+#: Examples per forward pass of an evaluation.
+EVAL_CHUNK = 2000
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -111,7 +115,8 @@ def evaluate(
     inputs: batching.Inputs,
     targets: torch.Tensor,
     num_classes: int,
-    chunk_size: int = 2000,
+    count: int = 0,
+    chunk_size: int = EVAL_CHUNK,
 ) -> tuple[float, float | None]:
     """Mean loss and accuracy (None for unlabelled problems) over a split, in eval mode.
 
@@ -121,20 +126,36 @@ def evaluate(
         inputs: the split's inputs, ``N`` examples (:mod:`hessov.batching`).
         targets: ``(N, ...)``, int64 labels ``(N,)`` for classification.
         num_classes: 0 for unlabelled problems (no accuracy).
+        count: evaluate :func:`evaluation_indices` ``(N, count)`` only (``EVAL_DATAPOINTS``);
+            0 or at least ``N``: the whole split.
         chunk_size: examples per forward pass.
     """
     was_training = model.training
     model.eval()
-    loss_sum, correct, total = 0.0, 0, batching.num_examples(inputs)
+    size = batching.num_examples(inputs)
+    indices = evaluation_indices(size, count).to(targets.device) if 0 < count < size else None
+    loss_sum, correct, total = 0.0, 0, size if indices is None else count
     for start in range(0, total, chunk_size):
-        x = batching.chunk(inputs, start, start + chunk_size)
-        y = batching.chunk(targets, start, start + chunk_size)
+        if indices is None:
+            x = batching.chunk(inputs, start, start + chunk_size)
+            y = batching.chunk(targets, start, start + chunk_size)
+        else:
+            x = batching.take(inputs, indices[start : start + chunk_size])
+            y = batching.take(targets, indices[start : start + chunk_size])
         loss, output = _loss_and_output(model, loss_fn, x, y, num_classes)
         loss_sum += float(loss) * batching.num_examples(x)
         if num_classes:
             correct += int((output.argmax(dim=1) == y).sum())
     model.train(was_training)
     return loss_sum / total, (correct / total if num_classes else None)
+
+
+def evaluation_indices(size: int, count: int) -> torch.Tensor:
+    """``count`` example indices spread evenly through a split of ``size``: ``(count,)`` int64,
+    ``floor(i * size / count)``. A split stored class by class (an image folder) gives each
+    class its share.
+    """
+    return torch.arange(count, dtype=torch.int64) * size // count
 
 
 def _loss_and_output(model: nn.Module, loss_fn, inputs, targets, num_classes: int):

@@ -105,10 +105,11 @@ def _collate(dataset: torch.utils.data.Dataset) -> tuple:
 
 def _is_inputs(inputs) -> bool:
     """Whether ``inputs`` is a tensor, or a non-empty tuple or dict of tensors."""
-    if isinstance(inputs, torch.Tensor):
+    tensor_types = torch.Tensor | batching.LazyRows
+    if isinstance(inputs, tensor_types):
         return True
     if isinstance(inputs, tuple | dict) and inputs:
-        return all(isinstance(t, torch.Tensor) for t in batching.tensors(inputs))
+        return all(isinstance(t, tensor_types) for t in batching.tensors(inputs))
     return False
 
 

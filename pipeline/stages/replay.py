@@ -551,16 +551,23 @@ def _recompute_eigenbasis(job: _ReplayJob, state: _LoopState, step: int) -> None
 
 
 def _evaluate_test(job: _ReplayJob, state: _LoopState, step: int) -> None:
-    """The loss and accuracy on the test split, logged."""
+    """The loss and accuracy on the test split (its ``EVAL_DATAPOINTS``), logged."""
     problem = job.problem
     state.test_loss, state.test_acc = evaluate(
-        problem.model, problem.loss, problem.test.inputs, problem.test.targets, problem.num_classes
+        problem.model,
+        problem.loss,
+        problem.test.inputs,
+        problem.test.targets,
+        problem.num_classes,
+        job.cfg.EVAL_DATAPOINTS,
     )
     job.events.write("eval", step=step, test_loss=state.test_loss, test_accuracy=state.test_acc)
 
 
 def _evaluate_train(job: _ReplayJob, state: _LoopState, step: int) -> None:
-    """The loss and accuracy on the whole train split after the last step, logged."""
+    """The loss and accuracy on the train split (its ``EVAL_DATAPOINTS``) after the last
+    step, logged.
+    """
     problem = job.problem
     state.train_loss, state.train_acc = evaluate(
         problem.model,
@@ -568,6 +575,7 @@ def _evaluate_train(job: _ReplayJob, state: _LoopState, step: int) -> None:
         problem.train.inputs,
         problem.train.targets,
         problem.num_classes,
+        job.cfg.EVAL_DATAPOINTS,
     )
     _write_step(job, state, step)
 

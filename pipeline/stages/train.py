@@ -297,17 +297,25 @@ def _record(t: _Training, step: int) -> None:
 
 
 def _evaluate(t: _Training, step: int) -> dict:
-    """Loss and accuracy on both splits, logged as an ``eval`` event."""
-    problem = t.problem
+    """Loss and accuracy on both splits (their ``EVAL_DATAPOINTS``), logged as an ``eval``
+    event.
+    """
+    problem, count = t.problem, t.cfg.EVAL_DATAPOINTS
     train_loss, train_acc = evaluate(
         problem.model,
         problem.loss,
         problem.train.inputs,
         problem.train.targets,
         problem.num_classes,
+        count,
     )
     test_loss, test_acc = evaluate(
-        problem.model, problem.loss, problem.test.inputs, problem.test.targets, problem.num_classes
+        problem.model,
+        problem.loss,
+        problem.test.inputs,
+        problem.test.targets,
+        problem.num_classes,
+        count,
     )
     metrics = {
         "train_loss": train_loss,
