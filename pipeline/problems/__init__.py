@@ -20,12 +20,13 @@ from torch import nn
 
 from hessov.config import RunConfig, is_plugin_problem
 from hessov.errors import ConfigError
-from hessov.problems import checks
+from hessov.problems import checks, imagefolder
 from hessov.problems import data as datasets
 from hessov.problems.losses import HalfSquaredLoss, HalfSquaredNorm, MeanOfOutput, cross_entropy
 from hessov.problems.networks import (
     MnistMiniMLP,
     QuadraticDeep,
+    ResNet18,
     ScaledDifference,
     deepobs_modules,
     eos_convolutional,
@@ -136,6 +137,27 @@ def _cifar10_splits(cfg: RunConfig) -> tuple[dict, str]:
 def _cifar100_splits(cfg: RunConfig) -> tuple[dict, str]:
     splits = datasets.cifar100(datasets.obs_datasets_dir(cfg.OBS_DATASETS))
     return splits, "CIFAR-100, not augmented"
+
+
+def build_imagenet_resnet18(cfg: RunConfig) -> Problem:
+    """ResNet-18 on ImageNet from ``$OBS_DATASETS/imagenet`` (class-per-folder), center crops
+    of ``image_size`` decoded on demand (:mod:`.imagefolder`). The network has one output per
+    class folder: 1,000 and 11,689,512 parameters on ImageNet.
+    """
+    if cfg.data not in ("", "default"):
+        raise ConfigError(
+            f"data: {cfg.problem} reads ImageNet image folders only, got {cfg.data!r}"
+        )
+    splits = imagefolder.imagenet_splits(
+        datasets.obs_datasets_dir(cfg.OBS_DATASETS), cfg.image_size
+    )
+    classes = len(splits["train"][0].classes)
+    note = (
+        f"ImageNet image folders, {classes} classes, not augmented: resize, center crop "
+        f"{cfg.image_size}, normalise"
+    )
+    train, test = (datasets.Split(*splits[name]) for name in ("train", "test"))
+    return Problem(ResNet18(classes), cross_entropy(), train, test, classes, cfg.problem, note)
 
 
 def build_mnist_mini(cfg: RunConfig) -> Problem:
@@ -265,6 +287,7 @@ BUILDERS: dict[str, Callable[[RunConfig], Problem]] = {
     "fmnist_2c2d": _deepobs_classifier("net_mnist_2c2d", _fashion_splits),
     "cifar10_3c3d": _deepobs_classifier("net_cifar10_3c3d", _cifar10_splits),
     "cifar100_allcnnc": _deepobs_classifier("net_cifar100_allcnnc", _cifar100_splits, 100),
+    "imagenet_resnet18": build_imagenet_resnet18,
     "quadratic_deep": build_quadratic_deep,
     "nqm": build_nqm,
     **{f"fc-{a}": _eos_builder("fc", a) for a in ("tanh", "relu", "elu")},

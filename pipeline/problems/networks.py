@@ -1,4 +1,4 @@
-"""Network definitions: DeepOBS's own PyTorch modules, the paper's 16x16 MLP, and the
+"""Network definitions: DeepOBS's own PyTorch modules, the paper's 16x16 MLP, ResNet-18 and the
 edge-of-stability architectures.
 
 DeepOBS (Schneider et al. 2019) ships its PyTorch networks in
@@ -136,3 +136,75 @@ class QuadraticDeep(nn.Module):
         """The per-example loss ``(N,)`` for the data points ``points`` ``(N, D)``."""
         diff = self.theta - points
         return 0.5 * ((diff @ self.hessian) * diff).sum(dim=1)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 convolutions with batch norm and a shortcut, ReLU after
+    the sum. The shortcut is a strided 1x1 convolution with batch norm where the shape changes.
+
+    Input ``(N, in_channels, H, W)``, output ``(N, channels, H / stride, W / stride)``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output ``(N, channels, H', W')``."""
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (He et al. 2016, "Deep Residual Learning for Image Recognition", table 1).
+
+    A 7x7 stride-2 convolution of 64 channels, batch norm, ReLU and 3x3 stride-2 max pooling,
+    then four stages of two basic blocks (64, 128, 256, 512 channels; stages 2-4 halve the
+    resolution in their first block), global average pooling and a linear layer. Module and
+    parameter names are torchvision's (``conv1``, ``layer1.0.bn2.weight``, ``fc.bias``), so its
+    ``state_dict`` loads torchvision's weights. 11,689,512 parameters for 1,000 classes.
+    Initialised as torchvision does: convolutions He-normal (fan out), batch norm scales 1 and
+    shifts 0, the linear layer PyTorch's default.
+
+    Input ``(N, 3, H, W)`` (224x224 on ImageNet; any size of at least 32 works, since the
+    pooling is adaptive), output logits ``(N, classes)``.
+    """
+
+    STAGES = ((64, 1), (128, 2), (256, 2), (512, 2))
+
+    def __init__(self, classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        width = 64
+        for number, (channels, stride) in enumerate(self.STAGES, start=1):
+            stage = nn.Sequential(
+                BasicBlock(width, channels, stride), BasicBlock(channels, channels)
+            )
+            setattr(self, f"layer{number}", stage)
+            width = channels
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, classes)`` of images ``(N, 3, H, W)``."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
