@@ -14,7 +14,9 @@ taken in the same run:
 6. GPU: the same tables with ``--device cuda`` on a machine with one;
 7. :mod:`bench.kernel_paths`: one sketch's numbers across kernel paths, thread counts and
    block widths, against the tolerances of ``hessov.skerch_ext.tolerances``;
-8. :mod:`bench.scale`: the out-of-core chain at D = 10^7 with a 2 GB budget per task.
+8. :mod:`bench.scale`: the out-of-core chain at D = 10^7 with a 2 GB budget per task;
+9. :mod:`bench.paper_configs`: the paper's three cluster experiments, as ``hessov plan``
+   prices them (no timing).
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -33,7 +35,7 @@ from pathlib import Path
 from bench.common import RESULTS, WORK, Settings, load_average, log, machine_lines, now
 
 #: Section modules of this package, in the order of the questions; each has ``section()``.
-SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths", "scale")
+SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths", "scale", "paper_configs")
 
 
 def gpu_section(settings: Settings) -> str:
@@ -67,6 +69,15 @@ def gpu_section(settings: Settings) -> str:
         '{"train": 200, "test": 500})\'\n'
         ".venv/bin/hessov run config/clusters/cifar10_3c3d_paper.yaml OBS_DATASETS=/tmp/cifar "
         "recovery=two_pass s=0 MAX_STEPS=0 RECORD_STEPS=[0] HESSIAN_SPLITS=[train]\n"
+        "```\n\n"
+        "The paper-configs issue's CUDA check, CIFAR-100 All-CNN-C as configured (single pass, "
+        "k = 1,000, s = 2,000, 1,000 Hessian points) on synthetic CIFAR-100 files, one step "
+        "and split, against the paper's 126 minutes:\n\n"
+        "```bash\n"
+        ".venv/bin/python -c 'from pathlib import Path; from bench.paper_configs import "
+        'write_synthetic_cifar100; write_synthetic_cifar100(Path("/tmp/cifar"))\'\n'
+        ".venv/bin/hessov run config/clusters/cifar100_allcnnc_paper.yaml "
+        "OBS_DATASETS=/tmp/cifar MAX_STEPS=0 RECORD_STEPS=[0] HESSIAN_SPLITS=[train]\n"
         "```"
     )
 
