@@ -11,8 +11,8 @@ A plan builds the problem once, to count D and to measure the gradient graph of 
 examples. No CIFAR or ImageNet can be had here, so the data are synthetic files in the real
 formats: CIFAR pickles of 50,000 + 10,000 random images, and an ImageNet image folder with
 the real 1,000 classes but only the 5 small JPEGs per class and split that the 5,000-point
-Hessian subsets need (a plan reads the file names and two images; the index of the real
-1.28M names adds about 50 MB to every process). Nothing is timed: the costs are the plan's,
+Hessian subsets need (a plan lists the files and decodes a few images; the index of the
+real 1.28M names adds about 50 MB to every process). Nothing is timed: the costs are the plan's,
 and the minutes on a GPU cluster come from running the configs there.
 """
 

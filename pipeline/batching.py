@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+#: Index tensors a :class:`LazyRows` takes.
+INDEX_DTYPES = (torch.int64, torch.int32)
+
 
 class LazyRows(ABC):
     """Examples ``(N, *row_shape)`` read on demand, in place of a tensor held in memory.
@@ -63,9 +66,9 @@ class LazyRows(ABC):
     def __getitem__(self, index: torch.Tensor | slice) -> torch.Tensor:
         if isinstance(index, slice):
             indices = list(range(*index.indices(self.count)))
-        elif isinstance(index, torch.Tensor) and index.ndim == 1 and not index.is_floating_point():
+        elif isinstance(index, torch.Tensor) and index.ndim == 1 and index.dtype in INDEX_DTYPES:
             indices = index.cpu().tolist()
-        else:
+        else:  # a boolean mask, too, which tolist() would turn into the indices 0 and 1
             raise TypeError(f"{type(self).__name__} takes a slice or an int64 index tensor (n,)")
         if any(not -self.count <= i < self.count for i in indices):
             raise IndexError(f"index out of range for {self.count} examples")
@@ -73,7 +76,11 @@ class LazyRows(ABC):
         return rows.to(device=self.device, dtype=self.dtype)
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """A copy that returns its rows on ``device`` in ``dtype`` (each kept when None)."""
+        """A copy that returns its rows on ``device`` in ``dtype`` (each kept when None);
+        ``rows.to(torch.float64)`` sets the dtype, as for a tensor.
+        """
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         moved = copy.copy(self)
         moved.device = torch.device(device) if device is not None else self.device
         moved.dtype = dtype or self.dtype
@@ -208,9 +215,9 @@ def resident_bytes(inputs: Inputs) -> int:
 
 
 def example_bytes(inputs: Inputs) -> int:
-    """Bytes of one example of ``inputs`` once in memory (float32 for a :class:`LazyRows`)."""
+    """Bytes of one example of ``inputs`` once in memory (a :class:`LazyRows` in its dtype)."""
     total = 0
     for tensor in tensors(inputs):
-        itemsize = tensor.element_size() if isinstance(tensor, torch.Tensor) else 4
+        itemsize = torch.empty(0, dtype=tensor.dtype).element_size()
         total += math.prod(tensor.shape[1:]) * itemsize
     return total

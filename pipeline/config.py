@@ -254,7 +254,8 @@ class RunConfig:
 
 
 BACKENDS = ("local", "slurm")
-#: The smallest crop ResNet-18 takes: its five halvings leave one pixel.
+#: The smallest ``image_size`` accepted: ResNet-18's five halvings bring 32 pixels to 1x1;
+#: smaller crops would run, on padding more than on pixels.
 MIN_IMAGE_SIZE = 32
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64")

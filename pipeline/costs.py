@@ -11,6 +11,9 @@ interpreter with torch and h5py imported after one autograd call: 277 MiB measur
 bench/RESULTS.md, section 5). A process that builds the problem adds its data and the model.
 The rest is what the stage holds, counted as ``D``-row matrices of the storage dtype:
 
+* every process that builds the problem: the examples it takes out of the splits, at
+  :attr:`ProblemFacts.example_bytes` each (a training batch, the Hessian subset, for inputs
+  read on demand an evaluation's chunk);
 * measure: the kept gradient graph of one batch of Hessian points (measured once per
   problem by :func:`problem_facts` with ``saved_tensors_hooks``: a constant part and a part
   per example), which a block's batched second backward pass holds ``1 + block`` times over,
@@ -93,6 +96,7 @@ class ProblemFacts:
             Hessian subset) costs per example.
         lazy_inputs: Whether the inputs are read on demand, so that an evaluation holds its
             chunk of examples too.
+        train_examples: Examples in the train split (what a full batch takes).
     """
 
     dim: int
@@ -101,6 +105,7 @@ class ProblemFacts:
     graph_bytes_per_example: int
     example_bytes: int = 0
     lazy_inputs: bool = False
+    train_examples: int = 0
 
 
 def _saved_bytes(problem, count: int) -> int:
@@ -144,6 +149,7 @@ def problem_facts(problem) -> ProblemFacts:
         max(0, two - one),
         max(example_bytes(s.inputs) + example_bytes(s.targets) for s in splits),
         any(isinstance(t, LazyRows) for s in splits for t in tensors(s.inputs)),
+        len(problem.train),
     )
 
 
@@ -342,11 +348,16 @@ def _layout_cost(spec, cfg, facts, job) -> JobCost:
 
 
 def _training_bytes(cfg: RunConfig, facts: ProblemFacts) -> int:
-    """The problem, model, gradient and optimizer state, one physical batch's graph, the batch
-    taken and, for inputs read on demand, an evaluation's chunk of them.
+    """The problem, model, gradient and optimizer state, one physical batch's graph, and
+    the examples taken: the batch (the whole split for full batch), the Hessian subsets
+    whose gradients are recorded, and for inputs read on demand an evaluation's chunk.
     """
     batch = cfg.PHYSICAL_BATCH_SIZE or cfg.BATCH_SIZE or 1
-    taken = cfg.BATCH_SIZE + (EVAL_CHUNK if facts.lazy_inputs else 0)
+    taken = cfg.BATCH_SIZE or facts.train_examples
+    if cfg.RECORD_GRADIENTS:
+        taken += cfg.NUM_HESSIAN_DATAPOINTS
+    if facts.lazy_inputs:
+        taken += EVAL_CHUNK
     graph = facts.graph_bytes + facts.graph_bytes_per_example * batch
     return _problem_bytes(facts, 5) + graph + facts.example_bytes * taken
 
@@ -358,7 +369,8 @@ def _train_cost(spec, cfg, facts, job) -> JobCost:
 
 def _replay_cost(spec, cfg, facts, job) -> JobCost:
     filter_bytes = 2 * facts.dim * spec.layout.num_outer * 8  # eigenvectors in float64
-    return JobCost(_training_bytes(cfg, facts) + filter_bytes, 0, 0)
+    subset = facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS  # its eigensolver's data
+    return JobCost(_training_bytes(cfg, facts) + filter_bytes + subset, 0, 0)
 
 
 def _exhaustive_cost(spec, cfg, facts, job) -> JobCost:

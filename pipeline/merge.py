@@ -111,14 +111,22 @@ def verify_round(run: RunDir, spec: SketchSpec, step: int, split: str, round_nam
     return verify
 
 
-def read_column_chunks(dataset: h5py.Dataset, columns: range | None = None) -> np.ndarray:
-    """Columns ``columns`` (all by default) of a ``(D, c)`` dataset stored in ``(D, 1)``
-    chunks (the in-memory basis), ``(D, len(columns))``: one whole chunk per read. A
-    multi-column slice makes HDF5 scatter every value into a strided array, 25x slower at
-    D = 11M (10 s for two columns).
+def read_columns(dataset: h5py.Dataset, columns: range | None = None) -> np.ndarray:
+    """Columns ``columns`` (all by default) of a ``(D, c)`` dataset, ``(D, len(columns))``.
+
+    A dataset stored in ``(D, 1)`` chunks (the in-memory basis) is read one whole chunk per
+    column into a column-major array, then made row-major once: a multi-column slice of it
+    makes HDF5 scatter every value into a strided array, 25x slower at D = 11M (10 s for two
+    columns). Any other chunking (the row-block basis, in :func:`tall_dataset`'s chunks) is
+    read as one slice, which reads each chunk once.
     """
     chosen = range(dataset.shape[1]) if columns is None else columns
-    return np.stack([dataset[:, column] for column in chosen], axis=1)
+    if dataset.chunks is None or dataset.chunks[1] != 1:
+        return dataset[:, chosen.start : chosen.stop]
+    by_column = np.empty((len(chosen), dataset.shape[0]), dtype=dataset.dtype)
+    for row, column in enumerate(chosen):
+        dataset.read_direct(by_column[row], np.s_[:, column])
+    return np.ascontiguousarray(by_column.T)
 
 
 def tall_dataset(handle: h5py.File, name: str, shape: tuple[int, int], dtype) -> h5py.Dataset:

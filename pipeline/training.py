@@ -126,8 +126,8 @@ def evaluate(
         inputs: the split's inputs, ``N`` examples (:mod:`hessov.batching`).
         targets: ``(N, ...)``, int64 labels ``(N,)`` for classification.
         num_classes: 0 for unlabelled problems (no accuracy).
-        count: evaluate :func:`evaluation_indices` ``(N, count)`` only (``EVAL_DATAPOINTS``);
-            0 or at least ``N``: the whole split.
+        count: evaluate only the examples ``evaluation_indices(N, count)``
+            (``EVAL_DATAPOINTS``); 0 or at least ``N``: the whole split.
         chunk_size: examples per forward pass.
     """
     was_training = model.training
@@ -153,7 +153,7 @@ def evaluate(
 def evaluation_indices(size: int, count: int) -> torch.Tensor:
     """``count`` example indices spread evenly through a split of ``size``: ``(count,)`` int64,
     ``floor(i * size / count)``. A split stored class by class (an image folder) gives each
-    class its share.
+    class about its share of the split.
     """
     return torch.arange(count, dtype=torch.int64) * size // count
 

@@ -9,6 +9,7 @@ import pytest
 from hessov.config import load_run_config
 from hessov.costs import (
     GIB,
+    _training_bytes,
     choose_row_block,
     default_k,
     in_memory_solve_bytes,
@@ -62,6 +63,23 @@ def test_problem_facts_of_mnist_mini():
     inputs = problem.train.inputs.numel() + problem.test.inputs.numel()
     assert facts.dim == 7030 and facts.data_bytes >= 4 * inputs
     assert facts.graph_bytes_per_example > 0 and facts.graph_bytes > 0
+
+
+def test_examples_taken_out_of_the_splits_are_priced():
+    cfg = load_run_config([*TINY, "BATCH_SIZE=10"])
+    facts = problem_facts(build_problem(cfg))
+    assert facts.example_bytes == 16 * 16 * 4 + 8 and facts.train_examples == 4000
+    assert not facts.lazy_inputs
+    batch = _training_bytes(cfg, facts)
+    full = _training_bytes(load_run_config([*TINY, "BATCH_SIZE=0"]), facts)
+    # Full batch takes the 4,000 examples instead of 10; its graph is one example's (no
+    # PHYSICAL_BATCH_SIZE: 1) against 10.
+    graph = facts.graph_bytes_per_example * (1 - 10)
+    assert full - batch == facts.example_bytes * (4000 - 10) + graph
+    gradients = _training_bytes(
+        load_run_config([*TINY, "BATCH_SIZE=10", "RECORD_GRADIENTS=true"]), facts
+    )
+    assert gradients - batch == facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS
 
 
 def test_the_default_mnist_mlp_plan_fits_a_24_gb_machine(hessov):

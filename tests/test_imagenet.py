@@ -20,12 +20,13 @@ from hessov.problems import build_problem
 from hessov.problems.imagefolder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    cropped_pixels,
     evaluation_transform,
     imagenet_splits,
     scan_split,
 )
 from hessov.problems.networks import ResNet18
-from hessov.training import evaluation_indices
+from hessov.training import evaluate, evaluation_indices
 
 #: Two ImageNet class folders (wnids), in sorted order.
 WNIDS = ("n01440764", "n01443537")
@@ -124,6 +125,22 @@ def test_evaluation_transform_resizes_the_short_side_and_crops_the_centre():
     assert torch.allclose(middle + middle.flip(0), black[0] + white[0], atol=1e-2)
 
 
+def test_the_resize_truncates_the_long_side_and_the_crop_offset_rounds_half_to_even():
+    # 224 x 301 (width x height) at crop 32: the short side becomes round(32 * 256 / 224) =
+    # 37, the long one int(37 * 301 / 224) = 49 (49.72 truncated). The crop's top offset is
+    # round((49 - 32) / 2) = round(8.5) = 8 and its left one round(2.5) = 2, so the row of
+    # white pixels at 8/49 of the height (resized row 8) is the crop's first row.
+    pixels = np.zeros((301, 224, 3), dtype=np.uint8)
+    rows = np.arange(301)
+    pixels[(rows * 49 // 301) == 8] = 255
+    out = cropped_pixels(Image.fromarray(pixels), 32)
+    assert out.shape == (3, 32, 32)
+    brightness = out[0].float().mean(dim=1)
+    # Resized rows 7, 8, 9 average 16, 184 and 48 (the filter's blur): an offset of 7 or 9
+    # would start the crop on 16 or 48.
+    assert int(brightness.argmax()) == 0 and brightness[0] > 128
+
+
 def test_evaluation_transform_of_a_constant_image_is_exactly_the_normalised_colour():
     colour = (10, 128, 250)
     out = evaluation_transform(Image.new("RGB", (50, 90), colour), 32)
@@ -176,9 +193,19 @@ def test_the_problem_has_one_output_per_class_folder(image_folder):
         load_run_config(["problem=imagenet_resnet18", "image_size=16"])
 
 
-def test_evaluation_indices_spread_over_the_split():
+def test_an_evaluation_of_count_examples_averages_over_those_spread_through_the_split():
     assert evaluation_indices(12, 4).tolist() == [0, 3, 6, 9]
-    assert evaluation_indices(1_281_167, 10_000)[-1] == 1_281_167 * 9_999 // 10_000
+    torch.manual_seed(0)
+    model, loss = torch.nn.Linear(3, 2), torch.nn.CrossEntropyLoss()
+    inputs, targets = torch.randn(12, 3), torch.randint(0, 2, (12,))
+    # In chunks of 3 over 4 chosen examples (2 chunks), against one pass over them.
+    mean, accuracy = evaluate(model, loss, inputs, targets, 2, count=4, chunk_size=3)
+    chosen = torch.tensor([0, 3, 6, 9])
+    with torch.no_grad():
+        logits = model(inputs[chosen])
+    assert mean == pytest.approx(float(loss(logits, targets[chosen])), rel=1e-6)
+    assert accuracy == float((logits.argmax(1) == targets[chosen]).float().mean())
+    assert evaluate(model, loss, inputs, targets, 2, count=0)[0] != pytest.approx(mean)
 
 
 def test_imagenet_resnet18_trains_and_sketches_through_the_tiny_preset(image_folder, tmp_path):

@@ -43,7 +43,7 @@ IDX_FILES = {
 
 @dataclass
 class Split:
-    """One split of a dataset held in memory: what the model is called with, and its targets.
+    """One split of a dataset: what the model is called with, and its targets.
 
     Attributes:
         inputs: the model's inputs (:data:`hessov.batching.Inputs`): a tensor ``(N, ...)``

@@ -49,11 +49,16 @@ LAYOUT_HINT = (
 
 
 def evaluation_transform(image: Image.Image, crop: int) -> torch.Tensor:
-    """Resize, center crop and normalise one image: float32 ``(3, crop, crop)``.
+    """Resize, center crop and normalise one image: float32 ``(3, crop, crop)``."""
+    return normalise(cropped_pixels(image, crop)[None])[0]
+
+
+def cropped_pixels(image: Image.Image, crop: int) -> torch.Tensor:
+    """The resized, center-cropped RGB pixels of one image: uint8 ``(3, crop, crop)``.
 
     The shorter side becomes ``round(crop * 256 / 224)`` and the longer one keeps the aspect
     ratio (truncated to an integer); the crop's offsets are rounded as torchvision rounds
-    them.
+    them (Python's ``round``, half to even).
     """
     image = image.convert("RGB")
     short = round(crop * 256 / 224)
@@ -66,11 +71,17 @@ def evaluation_transform(image: Image.Image, crop: int) -> torch.Tensor:
     left = int(round((size[0] - crop) / 2.0))
     top = int(round((size[1] - crop) / 2.0))
     image = image.crop((left, top, left + crop, top + crop))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
-    scaled = pixels.float().div(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return scaled.sub(mean).div(std)
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels ``(n, 3, H, W)`` as float32 in ``[0, 1]`` normalised per channel with
+    ImageNet's mean and std, as torchvision's ``ToTensor`` and ``Normalize`` compute them.
+    Elementwise float32 operations, so the same bits on every CPU kernel path.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return pixels.float().div(255.0).sub(mean).div(std)
 
 
 class ImageFolderRows(LazyRows):
@@ -98,22 +109,25 @@ class ImageFolderRows(LazyRows):
         """The file of example ``index``."""
         return self.directory / self.classes[self.labels[index]] / self.names[index].decode()
 
-    def _decode(self, index: int) -> torch.Tensor:
+    def _decode_into(self, pixels: torch.Tensor, row: int, index: int) -> None:
         path = self.path(index)
         try:
             with Image.open(path) as image:
-                return evaluation_transform(image, self.crop)
+                pixels[row] = cropped_pixels(image, self.crop)
         except (OSError, ValueError) as err:
             raise DatasetNotFoundError(f"{path}: not a readable image ({err})") from None
 
     def read(self, indices: list[int]) -> torch.Tensor:
-        """Decode the examples ``indices``: float32 ``(n, 3, crop, crop)``."""
+        """Decode the examples ``indices``: float32 ``(n, 3, crop, crop)``.
+
+        The threads only decode and crop (Pillow, without the GIL) into one uint8 buffer;
+        the normalisation runs once on the whole batch, on torch's own threads.
+        """
+        pixels = torch.empty((len(indices), *self.row_shape), dtype=torch.uint8)
         workers = max(1, min(len(indices), torch.get_num_threads()))
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            images = list(pool.map(self._decode, indices))
-        if not images:
-            return torch.zeros((0, *self.row_shape))
-        return torch.stack(images)
+            list(pool.map(self._decode_into, [pixels] * len(indices), range(len(indices)), indices))
+        return normalise(pixels)
 
 
 def _image_names(directory: Path) -> list[str]:
@@ -160,9 +174,9 @@ def imagenet_splits(obs_dir: Path | None, crop: int) -> dict[str, tuple]:
         DatasetNotFoundError: a missing folder, or splits whose classes differ, with the
             expected layout.
     """
-    root = (obs_dir or Path("$OBS_DATASETS")) / "imagenet"
     if obs_dir is None:
         raise DatasetNotFoundError(f"ImageNet not found: OBS_DATASETS is not set.\n{LAYOUT_HINT}")
+    root = obs_dir / "imagenet"
     splits = {split: scan_split(root / folder, crop) for split, folder in SPLIT_FOLDERS.items()}
     train_classes, test_classes = (splits[s][0].classes for s in ("train", "test"))
     if train_classes != test_classes:

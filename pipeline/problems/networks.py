@@ -142,7 +142,8 @@ class BasicBlock(nn.Module):
     """ResNet's basic block: two 3x3 convolutions with batch norm and a shortcut, ReLU after
     the sum. The shortcut is a strided 1x1 convolution with batch norm where the shape changes.
 
-    Input ``(N, in_channels, H, W)``, output ``(N, channels, H / stride, W / stride)``.
+    Input ``(N, in_channels, H, W)``, output ``(N, channels, ceil(H / stride), ceil(W /
+    stride))``.
     """
 
     def __init__(self, in_channels: int, channels: int, stride: int = 1):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from hessov.config import RunConfig
 from hessov.errors import ConfigError, MissingInputError
 from hessov.hessian import hessian_at_step
-from hessov.merge import read_column_chunks
+from hessov.merge import read_columns
 from hessov.rundir import RunDir
 from hessov.runlog import EventLog, get_logger
 from hessov.skerch_ext.aposteriori import gaussian_probe_rows
@@ -73,7 +73,7 @@ def read_basis_columns(run: RunDir, step: int, split: str, block: range) -> np.n
             f"`hessov basis {run.root} step={step} split={split}` writes after the first round"
         )
     with h5py.File(path, "r") as handle:
-        return read_column_chunks(handle["basis"], block)
+        return read_columns(handle["basis"], block)
 
 
 def measure(

@@ -34,7 +34,7 @@ from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
 from hessov.merge import (
     merged_round,
-    read_column_chunks,
+    read_columns,
     round_block,
     round_rows,
     tall_dataset,
@@ -102,7 +102,7 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, se
     t0 = time.perf_counter()
     h_basis, _ = merged_round(run, spec, step, split, "second")
     with h5py.File(path, "r") as basis_file:
-        q = torch.from_numpy(read_column_chunks(basis_file["basis"]))
+        q = torch.from_numpy(read_columns(basis_file["basis"]))
         seconds["merge"] = float(basis_file.attrs["merge_seconds"]) + time.perf_counter() - t0
         seconds["qr"] = float(basis_file.attrs["qr_seconds"])
     t0 = time.perf_counter()
