@@ -1,0 +1,244 @@
+"""Block Krylov Rayleigh-Ritz over ``q`` rounds of products, with an error bound on every
+eigenvalue it reports.
+
+Round 1 measures ``Y = H Omega`` (``k`` columns); its orthonormal basis is the first block
+``Q_0``. Round ``j + 1`` measures ``H Q_j``, and the next block ``Q_{j+1}`` is an orthonormal
+basis of ``(I - V V^T) H Q_j``, ``V = [Q_0, ..., Q_j]`` (block Lanczos, Golub and Underwood
+1977; randomized block Krylov, Musco and Musco 2015, "Randomized block Krylov methods for
+stronger and faster approximate singular value decomposition"). After ``q`` rounds:
+
+* ``V = [Q_0, ..., Q_{q-2}]`` spans ``span(H Omega, ..., H^{q-1} Omega)`` and its projected
+  operator ``V^T H V`` is known exactly, since every ``H Q_j`` was measured;
+* the last block ``Q_{q-1}``, from ``H Q_{q-2}``, extends the space to ``H^q Omega``. Its
+  coupling ``Q_{q-1}^T H V`` is known; its own block ``Q_{q-1}^T H Q_{q-1}`` would take ``k``
+  more products and is set to zero, as in
+  :func:`hessov.skerch_ext.solve.block_krylov_extension` (which is this module at ``q = 2``).
+
+The reported eigenpairs are the Rayleigh-Ritz pairs of the extended space. Their bounds come
+from the exactly projected space ``V``, whose Ritz pairs ``(theta_i, v_i)`` have residuals
+``r_i = ||H v_i - theta_i v_i||`` computable from the measured products alone, with no
+further HVP (:func:`residual_norms`). For symmetric ``H``:
+
+* some eigenvalue of ``H`` lies within ``r_i`` of ``theta_i`` (the residual bound, e.g.
+  Parlett, *The Symmetric Eigenvalue Problem*, theorem 4.5.1);
+* if no other eigenvalue lies within ``delta_i`` of ``theta_i``, that eigenvalue is within
+  ``r_i^2 / delta_i`` (Kato 1949, Temple 1928; Parlett theorem 11.7.1).
+
+The gap ``delta_i`` is estimated from the other Ritz values of ``V``, each moved towards
+``theta_i`` by its own residual: ``delta_i = min_j (|theta_j - theta_i| - r_j)``. That
+holds when every eigenvalue of ``H`` near ``theta_i`` has been found by some Ritz value,
+which a random start block makes the rule (an eigenvector orthogonal to the whole Krylov
+space is a probability-zero event). A pair whose residual reaches its gap is not resolved
+yet: the eigenvalue of its rank may lie anywhere (an unfound cluster above it, a bulk
+eigenvalue within its residual), and its bound is ``inf``, which says "another round". A
+resolved pair's reported eigenvalue ``mu_i`` of the extended space is within
+``b_i = |mu_i - theta_i| + r_i^2 / delta_i`` of the eigenvalue of its rank in ``|lambda|``
+(:func:`error_bounds`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hessov.skerch_ext.solve import (
+    complement_basis,
+    orthonormal_basis,
+    ritz_coefficients,
+    symmetrized,
+)
+from hessov.skerch_ext.tolerances import rounding_level
+
+#: ``X -> H X`` on a ``(D, b)`` block: one round's products.
+MatMat = Callable[[torch.Tensor], torch.Tensor]
+#: The name of the bound, in summaries.
+BOUND_THEOREM = (
+    "Kato-Temple on the Ritz pairs of the exactly projected Krylov space, gaps from its "
+    "Ritz values less their residuals, plus the distance to the reported Ritz value"
+)
+
+
+def next_block(basis: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """The next Krylov block: an orthonormal basis of ``(I - V V^T) H Q_last``.
+
+    Args:
+        basis: ``V``, the blocks so far, orthonormal, ``(D, n)``.
+        product: ``H Q_last``, the last block's products, ``(D, b)``.
+
+    Returns:
+        ``(D, r)``, orthogonal to ``V``: ``r = b`` while ``n + b <= D``, else the residual's
+        directions outside ``span(V)`` (:func:`~hessov.skerch_ext.solve.complement_basis`).
+        Projected twice, for numerical orthogonality.
+    """
+    residual = product - basis @ (basis.T @ product)
+    if basis.shape[1] + product.shape[1] > basis.shape[0]:
+        return complement_basis(basis, residual)
+    block = orthonormal_basis(residual)
+    return orthonormal_basis(block - basis @ (basis.T @ block))
+
+
+def extended_core(
+    basis: torch.Tensor, products: torch.Tensor, extension: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis ``[V, E]`` ``(D, n + r)`` and core ``(n + r, n + r)`` of the extended space:
+    ``[[V^T H V, (E^T H V)^T], [E^T H V, 0]]`` from ``V`` ``(D, n)``, ``H V`` ``(D, n)`` and
+    the last block ``E`` ``(D, r)``.
+    """
+    num = basis.shape[1]
+    coupling = extension.T @ products  # (r, n)
+    size = num + extension.shape[1]
+    core = torch.zeros(size, size, dtype=basis.dtype, device=basis.device)
+    core[:num, :num] = symmetrized(basis.T @ products)
+    core[num:, :num] = coupling
+    core[:num, num:] = coupling.T
+    return torch.cat([basis, extension], dim=1), core
+
+
+def residual_norms(
+    basis: torch.Tensor, products: torch.Tensor, values: torch.Tensor, coefficients: torch.Tensor
+) -> torch.Tensor:
+    """``||H V u_i - theta_i V u_i||`` of the Ritz pairs of ``V`` ``(D, n)``, from ``H V``
+    ``(D, n)``, the Ritz values ``(r,)`` and coefficients ``U`` ``(n, r)``: ``(r,)``.
+    """
+    residual = products @ coefficients - (basis @ coefficients) * values
+    return torch.linalg.vector_norm(residual, dim=0)
+
+
+def error_bounds(
+    reported: torch.Tensor,
+    ritz: torch.Tensor,
+    residuals: torch.Tensor,
+    count: int,
+    rounding: float = 0.0,
+) -> torch.Tensor:
+    """Absolute bounds ``(count,)`` on the reported eigenvalues (see the module doc); ``inf``
+    where a pair is not resolved.
+
+    Ritz values whose residual intervals ``theta_j +- r_j`` overlap form a cluster, bounded
+    as one (Mathias 1998, "Quadratic residual bounds for the Hermitian eigenvalue problem"):
+    with ``rho^2`` the sum of its squared residuals and ``delta`` the gap from its values to
+    the other intervals, each member is within ``rho^2 / delta`` of an eigenvalue of its rank.
+    A cluster is resolved when ``delta > rho``, its members' magnitudes stay clear of the
+    other intervals (so that ranks in ``|lambda|`` match), it does not hold the smallest
+    ``|theta|`` (that cluster borders the spectrum the space has not explored, with more
+    eigenvalues than Ritz values), and every pair of larger magnitude is resolved too.
+
+    Args:
+        reported: ``mu``, the reported eigenvalues, by ``|lambda|`` descending, ``(>= count,)``.
+        ritz: ``theta``, every Ritz value of the exactly projected space, by ``|lambda|``
+            descending, ``(n,)`` with ``n >= count``.
+        residuals: their residual norms, ``(n,)``.
+        count: how many reported eigenvalues to bound.
+        rounding: added to every bound: the rounding error of the computed values.
+    """
+    ritz, residuals = ritz.double(), residuals.double()
+    cluster = _clusters(ritz, residuals)
+    same = cluster[:count, None] == cluster[None, :]
+    squared = torch.zeros(int(cluster.max()) + 1, dtype=torch.float64)
+    rho2 = squared.index_add_(0, cluster, residuals**2)[cluster[:count]]
+    gaps = _gaps(ritz, residuals, same, magnitude=False)
+    clear = _gaps(ritz, residuals, same, magnitude=True) > residuals[:count]
+    # The cluster of the smallest |theta| borders the unexplored spectrum, whose
+    # eigenvalues outnumber its Ritz values: never resolved.
+    frontier = cluster[ritz.abs().argmin()]
+    resolved = (gaps > rho2.sqrt()) & clear & (cluster[:count] != frontier)
+    resolved = torch.cummin(resolved.int(), dim=0).values.bool()
+    quadratic = rho2 / gaps.clamp(min=torch.finfo(torch.float64).tiny)
+    distance = (reported[:count].double() - ritz[:count]).abs()
+    return torch.where(resolved, distance + quadratic + rounding, torch.inf)
+
+
+def _clusters(ritz: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+    """Each Ritz value's cluster id ``(n,)``: runs of values, in increasing order, whose
+    intervals ``theta +- r`` overlap.
+    """
+    order = ritz.argsort()
+    low, high = ritz[order] - residuals[order], ritz[order] + residuals[order]
+    reach = torch.cummax(high, dim=0).values
+    starts = torch.cat([torch.ones(1, dtype=torch.bool), low[1:] > reach[:-1]])
+    ids = torch.empty_like(order)
+    ids[order] = torch.cumsum(starts.long(), dim=0) - 1
+    return ids
+
+
+def _gaps(ritz, residuals, same: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """``min_j (|t_j - t_i| - r_j)`` over the values ``t = theta`` (or ``|theta|``) outside
+    the cluster of each of the first ``count = same.shape[0]`` values, clamped at 0, and 0
+    where no value is outside: ``(count,)``.
+    """
+    values = ritz.abs() if magnitude else ritz
+    count = same.shape[0]
+    distances = (values[:count, None] - values[None, :]).abs() - residuals[None, :]
+    gaps = distances.masked_fill(same, torch.inf).min(dim=1).values
+    # A cluster holding every Ritz value is clear of nothing known: unresolved.
+    return gaps.nan_to_num(posinf=0.0).clamp(min=0.0)
+
+
+@dataclass
+class KrylovResult:
+    """What :func:`block_krylov` returns.
+
+    Attributes:
+        eigenvalues: ``(r,)``, by ``|lambda|`` descending.
+        eigenvectors: ``(D, r)``, orthonormal.
+        error_bounds: ``(r,)``, absolute, float64 (:func:`error_bounds`).
+        residual_norms: ``(r,)``, float64: those of the exactly projected space's Ritz pairs
+            of the same rank, which the bounds use.
+        hvps: products taken, ``q k``.
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    error_bounds: torch.Tensor
+    residual_norms: torch.Tensor
+    hvps: int
+
+
+def krylov_blocks(apply_h: MatMat, start: torch.Tensor, rounds: int) -> tuple:
+    """``q = rounds`` rounds of products from the start block ``Omega`` ``(D, k)``: the
+    exactly projected basis ``V`` ``(D, n)``, its products ``H V`` ``(D, n)`` and the last
+    block ``(D, r)``. ``rounds >= 2``.
+    """
+    if rounds < 2:  # noqa: PLR2004 (round 1 only builds Q_0)
+        raise ValueError(f"rounds: block Krylov needs at least 2, got {rounds}")
+    blocks = [orthonormal_basis(apply_h(start))]
+    products = []
+    for _ in range(rounds - 1):
+        products.append(apply_h(blocks[-1]))
+        blocks.append(next_block(_joined(blocks), products[-1]))
+    return _joined(blocks[:-1]), _joined(products), blocks[-1]
+
+
+def _joined(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """The blocks side by side; one block as it is, since a copy can change the last bits
+    of the products taken with it (BLAS kernels depend on alignment), and two rounds must
+    give :func:`~hessov.skerch_ext.solve.block_krylov_extension`'s bits.
+    """
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+
+
+def block_krylov(
+    apply_h: MatMat, start: torch.Tensor, rounds: int, num_eigenpairs: int | None = None
+) -> KrylovResult:
+    """Top-``|lambda|`` eigenpairs of a symmetric ``H`` by ``q = rounds`` rounds of ``k``
+    products each, from the start block ``start`` ``(D, k)``, with an error bound on each.
+
+    Returns:
+        :class:`KrylovResult` with ``r = num_eigenpairs or k`` pairs.
+    """
+    basis, products, extension = krylov_blocks(apply_h, start, rounds)
+    count = min(num_eigenpairs or start.shape[1], basis.shape[1])
+    ritz, coefficients = ritz_coefficients(symmetrized(basis.T @ products), None)
+    residuals = residual_norms(basis, products, ritz, coefficients)
+    full_basis, core = extended_core(basis, products, extension)
+    values, full_coefficients = ritz_coefficients(core, count)
+    rounding = rounding_level(products.dtype, products.shape[0]) * float(ritz.abs().max())
+    return KrylovResult(
+        values,
+        full_basis @ full_coefficients,
+        error_bounds(values, ritz, residuals, count, rounding),
+        residuals[:count].double(),
+        rounds * start.shape[1],
+    )
