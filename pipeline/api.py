@@ -40,6 +40,8 @@ class Eigenpairs:
         scree_upper: ``(k,)`` upper bounds.
         recovery: ``"two_pass"`` or ``"single_pass"``.
         hvps: Hessian-vector products spent on the sketch (probes excluded).
+        error_bounds: ``(k,)`` absolute bound on each eigenvalue, ``inf`` where not resolved
+            (two-pass; :mod:`hessov.skerch_ext.krylov`); None for single pass.
     """
 
     eigenvalues: np.ndarray
@@ -51,6 +53,7 @@ class Eigenpairs:
     scree_upper: np.ndarray
     recovery: str
     hvps: int
+    error_bounds: np.ndarray | None = None
 
     @classmethod
     def from_file(cls, path: str | Path) -> Eigenpairs:
@@ -67,6 +70,7 @@ class Eigenpairs:
                 handle["scree_upper"][:],
                 str(attrs["recovery"]),
                 int(attrs["hvps"]),
+                handle["error_bounds"][:] if "error_bounds" in handle else None,
             )
 
 
@@ -134,6 +138,7 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
         result.scree_upper.cpu().numpy(),
         recovery,
         result.hvps["sketch"] + result.hvps.get("second_pass", 0),
+        None if result.bounds is None else result.bounds.error_bounds.numpy(),
     )
 
 

@@ -37,6 +37,7 @@ import torch
 from hessov.rowpass import PhaseFunction, RowWork
 from hessov.skerch_ext.aposteriori import ApostEstimate
 from hessov.skerch_ext.checksums import segment_checksums
+from hessov.skerch_ext.krylov import core_bounds
 from hessov.skerch_ext.rowblocks import tree_factors
 from hessov.skerch_ext.solve import core_from_projections, ritz_coefficients, symmetrized
 
@@ -158,10 +159,17 @@ def two_pass_phases(
         core[num:, :num] = coupling
         core[:num, num:] = coupling.T
         eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
-        return {"eigenvalues": eigenvalues, "coefficients": coefficients}
+        dim = work.ranges[-1].stop
+        bounds, residuals = core_bounds(core, num, eigenvalues, core.dtype, dim)
+        return {
+            "eigenvalues": eigenvalues,
+            "coefficients": coefficients,
+            "error_bounds": bounds,
+            "residual_norms": residuals,
+        }
 
     def eigenvector_rows(number: int, rows: range) -> torch.Tensor:
-        coefficients = work.read("ritz")["coefficients"]
+        coefficients = work.read("ritz", names=["coefficients"])["coefficients"]
         top, bottom = coefficients.split(coefficients.shape[0] // 2)
         return basis(rows) @ top + work.read("reorth_apply", number, ["block"])["block"] @ bottom
 

@@ -10,8 +10,9 @@ approximation"; Halko, Martinsson and Tropp 2011, "Finding structure with random
 
 * ``"single_pass"``: ``s`` HVPs (``k`` of them recycled as outer sketch), SEIGH core.
 * ``"two_pass"``: ``k`` HVPs for ``Q``, ``k`` more for ``H Q``, Rayleigh-Ritz on the block
-  Krylov space ``span(Q, H Q)`` (:func:`hessov.skerch_ext.solve.seigh_two_pass`); the most
-  accurate per HVP.
+  Krylov space ``span(Q, H Q)`` (:func:`hessov.skerch_ext.solve.block_krylov_extension`);
+  the most accurate per HVP, and with an error bound on every eigenvalue
+  (:mod:`hessov.skerch_ext.krylov`).
 
 Then ``num_apost`` Gaussian probes give the a-posteriori error and scree bounds.
 """
@@ -24,16 +25,21 @@ from dataclasses import dataclass, field
 import torch
 
 from hessov.skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
+from hessov.skerch_ext.krylov import EigenvalueBounds, core_bounds
 from hessov.skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
 from hessov.skerch_ext.operator import MatMat
 from hessov.skerch_ext.options import RECOVERIES
 from hessov.skerch_ext.random_matrices import SketchMatrices
 from hessov.skerch_ext.seeds import sketch_seed_ranges
 from hessov.skerch_ext.solve import (
+    block_krylov_extension,
+    eigenpairs_from_core,
     orthonormal_basis,
     seigh_single_pass,
-    seigh_two_pass,
 )
+
+#: Where the in-core two-pass bounds come from.
+IN_CORE_BOUNDS = "the second pass's products H Q (the Ritz pairs of span(Q)), no extra HVP"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,8 @@ class SketchedEighResult:
         scree_upper: ``(r,)``.
         hvps: HVPs per phase (``"sketch"``, ``"second_pass"``, ``"apost"``).
         seconds: Wall-clock seconds per phase (``"measure"``, ``"solve"``, ``"apost"``).
+        bounds: Two-pass: an error bound on every eigenvalue
+            (:class:`hessov.skerch_ext.krylov.EigenvalueBounds`); single pass: None.
     """
 
     eigenvalues: torch.Tensor
@@ -57,6 +65,7 @@ class SketchedEighResult:
     scree_upper: torch.Tensor
     hvps: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    bounds: EigenvalueBounds | None = None
 
     @property
     def relative_error(self) -> float:
@@ -115,13 +124,13 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
     sketch = SketchMatrices.from_seeds(
         dim, num_omega_columns, seeds, noise=noise, dtype=dtype, device=device
     )
-    seconds, hvps = {}, {}
+    seconds, hvps, bounds = {}, {}, None
     if single_pass:
         eigenvalues, eigenvectors = _single_pass(
             matmat, sketch, num_outer, num_inner, block_size, num_eigenpairs, seconds, hvps
         )
     else:
-        eigenvalues, eigenvectors = _two_pass(
+        eigenvalues, eigenvectors, bounds = _two_pass(
             matmat, sketch, num_outer, block_size, num_eigenpairs, seconds, hvps
         )
 
@@ -133,7 +142,7 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
     seconds["apost"] = time.perf_counter() - start
 
     return SketchedEighResult(
-        eigenvalues, eigenvectors, apost, scree_lower, scree_upper, hvps, seconds
+        eigenvalues, eigenvectors, apost, scree_lower, scree_upper, hvps, seconds, bounds
     )
 
 
@@ -169,9 +178,10 @@ def _two_pass(
     num_eigenpairs: int | None,
     seconds: dict[str, float],
     hvps: dict[str, int],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, EigenvalueBounds]:
     """Two passes: ``k`` HVPs for the basis ``Q``, ``k`` more for ``H Q``, then Rayleigh-Ritz
-    on ``span(Q, H Q)``; records each phase's seconds and HVPs in ``seconds`` and ``hvps``.
+    on ``span(Q, H Q)`` with a bound on every eigenvalue; records each phase's seconds and
+    HVPs in ``seconds`` and ``hvps``.
     """
     start = time.perf_counter()
     outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
@@ -180,6 +190,9 @@ def _two_pass(
     hvps["sketch"] = hvps["second_pass"] = num_outer
     seconds["measure"] = time.perf_counter() - start
     start = time.perf_counter()
-    result = seigh_two_pass(basis, h_basis, num_eigenpairs)
+    full_basis, core = block_krylov_extension(basis, h_basis)
+    num = basis.shape[1]
+    eigenvalues, eigenvectors = eigenpairs_from_core(full_basis, core, num_eigenpairs or num)
+    bounds = core_bounds(core, num, eigenvalues, basis.dtype, basis.shape[0])
     seconds["solve"] = time.perf_counter() - start
-    return result
+    return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, IN_CORE_BOUNDS)

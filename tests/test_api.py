@@ -59,6 +59,11 @@ def test_top_eigenpairs_of_a_least_squares_model_match_the_exact_ones():
     overlap = abs(result.eigenvectors[:, 0] @ exact.eigenvectors[:, -1].numpy())
     assert overlap > 1 - 1e-6
     assert 0 < result.apost_rel_err < 1e-2
+    # The top pairs are resolved, and each bound holds.
+    resolved = np.isfinite(result.error_bounds)
+    assert resolved[:3].all()
+    errors = np.abs(result.eigenvalues - exact.eigenvalues.flip(0)[:20].numpy())
+    assert (errors[resolved] <= result.error_bounds[resolved]).all()
 
 
 def test_load_reads_a_runs_results(tiny_run):
@@ -70,6 +75,9 @@ def test_load_reads_a_runs_results(tiny_run):
         assert np.array_equal(eigen.eigenvalues, handle["eigenvalues"][:])
         assert np.array_equal(eigen.eigenvectors, handle["eigenvectors"][:])
     assert eigen.recovery == "two_pass" and eigen.apost_rel_err > 0
+    assert eigen.error_bounds.shape == eigen.eigenvalues.shape and np.isfinite(
+        eigen.error_bounds[0]
+    )
     assert results.params(300).shape == (eigen.eigenvectors.shape[0],)
     assert sum(np.prod(p["shape"]) for p in results.parameter_layout()) == results.params(300).size
     assert "solve" in results.summary()

@@ -2,14 +2,29 @@
 known spectra: q = 2 is today's two-pass recovery bit for bit; every finite error bound holds
 on every reported pair (flat, power-law, indefinite and clustered spectra, several seeds and
 round counts, float64 and float32); pairs not yet resolved get an infinite bound; more rounds
-are more accurate.
+are more accurate. And the bounds the two-pass solve writes hold on the mnist_mini Hessian.
 """
 
+import dataclasses
+import json
+from pathlib import Path
+
+import h5py
 import pytest
 import torch
 
-from hessov.skerch_ext.krylov import block_krylov
-from hessov.skerch_ext.solve import orthonormal_basis, seigh_two_pass
+from conftest import run_hessov
+from hessov.config import saved_run_config
+from hessov.hessian import hessian_at_step
+from hessov.rundir import RunDir
+from hessov.skerch_ext.krylov import block_krylov, krylov_blocks
+from hessov.skerch_ext.operator import dense_matrix
+from hessov.skerch_ext.solve import (
+    orthonormal_basis,
+    ritz_coefficients,
+    seigh_two_pass,
+    symmetrized,
+)
 
 DIM, BLOCK, REPORTED = 300, 20, 10
 
@@ -66,6 +81,20 @@ def test_every_finite_bound_holds_on_every_pair(name, dtype):
     assert checked >= 3 * 2 * REPORTED  # at least the rounds 4 and 6 resolve every pair
 
 
+def test_residuals_from_the_core_are_the_explicit_ones():
+    generator = torch.Generator().manual_seed(3)
+    matrix, _ = operator(spectrum("indefinite", generator), generator, torch.float64)
+    start = torch.randn(DIM, BLOCK, dtype=torch.float64, generator=generator)
+    basis, products, _ = krylov_blocks(matrix.__matmul__, start, 3)
+    values, coefficients = ritz_coefficients(symmetrized(basis.T @ products), REPORTED)
+    explicit = products @ coefficients - (basis @ coefficients) * values
+    result = block_krylov(matrix.__matmul__, start, 3, REPORTED)
+    # Both are differences of products of norm <= |H| = 1: a few roundings of 1 apart.
+    torch.testing.assert_close(
+        result.residual_norms, torch.linalg.vector_norm(explicit, dim=0), atol=1e-13, rtol=0
+    )
+
+
 def test_unresolved_pairs_are_unbounded_and_more_rounds_resolve_them():
     generator = torch.Generator().manual_seed(1)
     matrix, true = operator(spectrum("flat", generator), generator, torch.float64)
@@ -86,3 +115,34 @@ def test_more_rounds_are_more_accurate_on_a_slowly_decaying_spectrum():
         result = block_krylov(lambda x: matrix @ x, start, rounds, REPORTED)
         errors.append(float(((result.eigenvalues - true[:REPORTED]) / true[:REPORTED]).abs().max()))
     assert errors == sorted(errors, reverse=True) and errors[-1] < 1e-3 < errors[0]
+
+
+@pytest.mark.parametrize("step", [100, 300])
+def test_every_bound_of_a_solved_mnist_mini_run_holds_against_its_dense_hessian(tiny_run, step):
+    """The pipeline's two-pass solve (preset=tiny: k = 30, float32 products) on the
+    7,030-parameter MLP: every finite bound in the eigen file holds against the dense float64
+    Hessian's eigenvalue of the same rank, and the summary names where the bounds come from.
+    """
+    run = RunDir(Path(tiny_run))
+    cfg = dataclasses.replace(saved_run_config(run), dtype="float64")
+    hessian = hessian_at_step(run, cfg, step, "train")
+    dense = dense_matrix(
+        hessian.matmat,
+        hessian.dim,
+        block_size=64,
+        dtype=torch.float64,
+        device="cpu",
+        progress=False,
+    )
+    exact = torch.linalg.eigvalsh(dense)
+    exact = exact[exact.abs().argsort(descending=True)]
+    with h5py.File(run.eigen(step, "train"), "r") as handle:
+        values = torch.from_numpy(handle["eigenvalues"][:]).double()
+        bounds = torch.from_numpy(handle["error_bounds"][:])
+    errors = (values - exact[: values.numel()]).abs()
+    finite = bounds.isfinite()
+    assert finite[0] and (errors[finite] <= bounds[finite]).all(), (errors, bounds)
+    fields = json.loads(run_hessov("summary", str(run.root)).stdout)["solve"][str(step)]["train"]
+    assert fields["error_bounds_resolved"] == int(finite.sum())
+    assert len(fields["eigenvalue_error_bounds"]) == len(fields["residual_norms"]) == 30
+    assert "no extra HVP" in fields["error_bounds_from"]

@@ -40,14 +40,17 @@ NUM_REPORTED_EIGENVALUES = 20
 
 def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split: str):
     """The pipeline's eigenpairs of ``step``/``split`` if solved, else the in-core sketch
-    with the same settings and seeds. Returns ``(eigenvalues (k,), W (D, k), source)``.
+    with the same settings and seeds. Returns ``(eigenvalues (k,), W (D, k), source,
+    bounds (k,) or None)``.
     """
     path = run.eigen(step, split)
     if path.is_file():
         with h5py.File(path, "r") as handle:
             values = torch.from_numpy(handle["eigenvalues"][:]).double()
             vectors = torch.from_numpy(handle["eigenvectors"][:]).double()
-        return values, vectors, "solve stage"
+            stored = handle.get("error_bounds")
+            bounds = None if stored is None else torch.from_numpy(stored[:])
+        return values, vectors, "solve stage", bounds
     layout = spec.layout
     result = sketched_eigh(
         hessian.matmat,
@@ -62,7 +65,33 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
         device=hessian.device,
         num_apost=spec.num_apost,
     )
-    return result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu(), "in-core"
+    bounds = None if result.bounds is None else result.bounds.error_bounds
+    values, vectors = result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu()
+    return values, vectors, "in-core", bounds
+
+
+def check_bounds(exact_values: torch.Tensor, values: torch.Tensor, bounds) -> dict:
+    """Whether every finite per-eigenvalue bound ``(k,)`` holds: ``|values_i - exact_i|`` for
+    eigenvalues of the same rank in ``|lambda|``. ``bounds_violated`` must be 0: a bound that
+    does not hold is a bug.
+    """
+    if bounds is None:
+        return {
+            "bounds_checked": 0,
+            "bounds_violated": 0,
+            "bounds_violated_at": [],
+            "bounds_over_errors": None,
+        }
+    errors = (values - exact_values[: values.shape[0]]).abs()
+    finite = bounds.isfinite()
+    violated = torch.nonzero(finite & (errors > bounds)).flatten()
+    ratios = bounds[finite] / errors[finite].clamp(min=torch.finfo(errors.dtype).tiny)
+    return {
+        "bounds_checked": int(finite.sum()),
+        "bounds_violated": int(violated.numel()),
+        "bounds_violated_at": violated[:10].tolist(),
+        "bounds_over_errors": float(ratios.median()) if finite.any() else None,
+    }
 
 
 def compare_with_exact(exact_values, exact_vectors, values, vectors) -> dict:
@@ -130,8 +159,9 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
     )
     k = spec.layout.num_outer
     sketch_hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
-    values, vectors, source = sketched_eigenpairs(run, spec, sketch_hessian, step, split)
+    values, vectors, source, bounds = sketched_eigenpairs(run, spec, sketch_hessian, step, split)
     fields = compare_with_exact(exact_values, exact_vectors, values, vectors)
+    fields |= check_bounds(exact_values, values, bounds)
     fields.update(
         {
             "exact_eigenvalues": exact_values[:NUM_REPORTED_EIGENVALUES].tolist(),

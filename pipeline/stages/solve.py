@@ -51,15 +51,19 @@ from hessov.skerch_ext.aposteriori import (
     gaussian_probe_rows,
     scree_bounds,
 )
+from hessov.skerch_ext.krylov import EigenvalueBounds, core_bounds
 from hessov.skerch_ext.rowblocks import row_pass
 from hessov.skerch_ext.solve import (
+    block_krylov_extension,
     eigenpairs_from_core,
     orthonormal_basis,
-    seigh_two_pass,
     single_pass_core,
 )
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
+
+#: Where two-pass bounds come from (:mod:`hessov.skerch_ext.krylov`).
+SECOND_ROUND_BOUNDS = "the second round's products H Q (the Ritz pairs of span(Q)), no extra HVP"
 
 
 def write_attrs(handle: h5py.File, attrs: dict) -> None:
@@ -96,7 +100,8 @@ def _require_basis(run: RunDir, step: int, split: str):
 
 def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
     """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
-    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``.
+    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)``, eigenvectors ``(D, k)`` and their
+    :class:`~hessov.skerch_ext.krylov.EigenvalueBounds`.
     """
     path = _require_basis(run, step, split)
     t0 = time.perf_counter()
@@ -106,14 +111,17 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, se
         seconds["merge"] = float(basis_file.attrs["merge_seconds"]) + time.perf_counter() - t0
         seconds["qr"] = float(basis_file.attrs["qr_seconds"])
     t0 = time.perf_counter()
-    eigenvalues, eigenvectors = seigh_two_pass(q, torch.from_numpy(h_basis), spec.layout.num_outer)
+    basis, core = block_krylov_extension(q, torch.from_numpy(h_basis))
+    eigenvalues, eigenvectors = eigenpairs_from_core(basis, core, spec.layout.num_outer)
+    bounds = core_bounds(core, q.shape[1], eigenvalues, q.dtype, q.shape[0])
     seconds["core_solve"] = time.perf_counter() - t0
-    return eigenvalues, eigenvectors
+    return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, SECOND_ROUND_BOUNDS)
 
 
 def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
     """Single-pass SEIGH from the first round's outer ``(D, k)`` and inner ``(s, s)`` sketches,
-    in memory: eigenvalues ``(k,)`` and eigenvectors ``(D, k)``.
+    in memory: eigenvalues ``(k,)``, eigenvectors ``(D, k)`` and no bounds (no product of
+    ``H`` on the basis was measured).
     """
     t0 = time.perf_counter()
     outer, inner = merged_round(run, spec, step, split, "first")
@@ -127,7 +135,7 @@ def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str,
     core = single_pass_core(q, torch.from_numpy(inner), sketch.omega_t_apply, sketch.psi_apply)
     eigenvalues, eigenvectors = eigenpairs_from_core(q, core)
     seconds["core_solve"] = time.perf_counter() - t0
-    return eigenvalues, eigenvectors
+    return eigenvalues, eigenvectors, None
 
 
 def a_posteriori(
@@ -177,6 +185,21 @@ def summary_fields(spec: SketchSpec, eigenvalues, check: dict, seconds: dict) ->
     }
 
 
+def bound_fields(bounds: EigenvalueBounds | None) -> dict:
+    """The summary's per-eigenvalue bound fields (:meth:`EigenvalueBounds.summary`), or for
+    single pass the same keys saying why there are none.
+    """
+    if bounds is not None:
+        return bounds.summary()
+    return {
+        "eigenvalue_error_bounds": None,
+        "residual_norms": None,
+        "error_bounds_resolved": 0,
+        "error_bound_theorem": None,
+        "error_bounds_from": "none: single pass measures no product of H on its basis",
+    }
+
+
 def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: dict) -> dict:
     """The eigen file's attributes: where the eigenpairs come from and how good they are."""
     return {
@@ -217,7 +240,7 @@ def solve(
         return solve_in_row_blocks(run, cfg, spec, step, split, phase, blocks)
     seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
     recover = two_pass_eigenpairs if spec.recovery == "two_pass" else single_pass_eigenpairs
-    eigenvalues, eigenvectors = recover(run, spec, step, split, seconds)
+    eigenvalues, eigenvectors, bounds = recover(run, spec, step, split, seconds)
     t0 = time.perf_counter()
     estimate = a_posteriori(run, spec, step, split, eigenvalues, _tensor_rows(eigenvectors))
     seconds["a_posteriori"] = time.perf_counter() - t0
@@ -226,7 +249,10 @@ def solve(
         data = eigenvectors.numpy()
         handle.create_dataset("eigenvectors", data=data, chunks=(data.shape[0], 1))
 
-    return write_eigen_file(run, cfg, spec, (step, split), eigenvalues, write, estimate, seconds)
+    where = (step, split)
+    return write_eigen_file(
+        run, cfg, spec, where, eigenvalues, write, estimate, seconds, bounds=bounds
+    )
 
 
 def _tensor_rows(matrix: torch.Tensor) -> Rows:
@@ -332,22 +358,35 @@ def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate) -> dict:
         for number, rows in enumerate(row_pass(spec.row_ranges, "eigen file: W")):
             dataset[rows.start : rows.stop] = work.read("eigenvectors", number, ["block"])["block"]
 
-    eigenvalues = work.read("ritz")["eigenvalues"]
-    return write_eigen_file(run, cfg, spec, where, eigenvalues, write, estimate, seconds)
+    ritz = work.read("ritz")
+    bounds = None
+    if "error_bounds" in ritz:
+        bounds = EigenvalueBounds(ritz["error_bounds"], ritz["residual_norms"], SECOND_ROUND_BOUNDS)
+    eigenvalues = ritz["eigenvalues"]
+    return write_eigen_file(
+        run, cfg, spec, where, eigenvalues, write, estimate, seconds, bounds=bounds
+    )
 
 
-def write_eigen_file(run, cfg, spec, where, eigenvalues, write_eigenvectors, estimate, seconds):
+def write_eigen_file(  # noqa: PLR0913 (the parts of an eigen file)
+    run, cfg, spec, where, eigenvalues, write_eigenvectors, estimate, seconds, *, bounds=None
+):
     """Write the eigen file of ``where`` (step, split) and its ``solve`` summary: the
     eigenvalues ``(k,)``, what ``write_eigenvectors(handle)`` writes, the a-posteriori
-    ``estimate``'s bounds and the provenance; returns the summary fields.
+    ``estimate``'s bounds, the per-eigenvalue ``bounds`` (an
+    :class:`~hessov.skerch_ext.krylov.EigenvalueBounds`; None for single pass) and the
+    provenance; returns the summary fields.
     """
     step, split = where
     check = apost_check(spec, eigenvalues, estimate)
     seconds = {key: round(value, 4) for key, value in seconds.items()}
-    fields = summary_fields(spec, eigenvalues, check, seconds)
+    fields = summary_fields(spec, eigenvalues, check, seconds) | bound_fields(bounds)
     with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
         write_eigenvectors(handle)
         handle.create_dataset("eigenvalues", data=eigenvalues.numpy())
+        if bounds is not None:
+            handle.create_dataset("error_bounds", data=bounds.error_bounds.numpy())
+            handle.create_dataset("residual_norms", data=bounds.residual_norms.numpy())
         for name, bound in zip(("scree_lower", "scree_upper"), check["scree"], strict=True):
             handle.create_dataset(name, data=bound.numpy())
         write_attrs(handle, provenance(spec, cfg, step, split, fields))
