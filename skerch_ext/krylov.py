@@ -28,13 +28,13 @@ further HVP: they are the coupling block of the extended core times the Ritz coe
 The gap ``delta_i`` is estimated from the other Ritz values of ``V``, each moved towards
 ``theta_i`` by its own residual: ``delta_i = min_j (|theta_j - theta_i| - r_j)``. That
 holds when every eigenvalue of ``H`` near ``theta_i`` has been found by some Ritz value,
-which a random start block makes the rule (an eigenvector orthogonal to the whole Krylov
-space is a probability-zero event). A pair whose residual reaches its gap is not resolved
-yet: the eigenvalue of its rank may lie anywhere (an unfound cluster above it, a bulk
-eigenvalue within its residual), and its bound is ``inf``, which says "another round"; so
-are the last :data:`OVERSAMPLING` pairs of the space, where an eigenvalue can go unseen. A
-resolved pair's reported eigenvalue ``mu_i`` of the extended space is within
-``b_i = |mu_i - theta_i| + r_i^2 / delta_i`` of the eigenvalue of its rank in ``|lambda|``
+which a random start block makes the rule for all but the last few pairs of the space. A
+pair whose residual reaches its gap is not resolved yet: the eigenvalue of its rank may lie
+anywhere (an unfound cluster above it, a bulk eigenvalue within its residual), and its
+bound is ``inf``, which says "another round"; so are the last :data:`OVERSAMPLING` pairs of
+the space, where an eigenvalue can go unseen. A resolved pair's reported eigenvalue
+``mu_i`` of the extended space is within ``b_i = |mu_i - theta_i| + r_i^2 / delta_i`` of the
+eigenvalue of its rank in ``|lambda|``
 (:func:`error_bounds`).
 """
 
@@ -59,12 +59,13 @@ MatMat = Callable[[torch.Tensor], torch.Tensor]
 #: eigenvalue there can be missed altogether, its Ritz value then approximating the next one
 #: down with a small residual (seen: the 18th of 20 on a spectrum decaying as 0.64^i). A
 #: random start block of ``r + p`` columns captures the top ``r`` with failure probability
-#: about ``6 p^-p`` (Halko, Martinsson and Tropp 2011, section 10), 4e-4 for ``p = 5``.
+#: about ``6 p^-p`` (Halko, Martinsson and Tropp 2011, section 10), 2e-3 for ``p = 5``.
 OVERSAMPLING = 5
 #: The name of the bound, in summaries.
 BOUND_THEOREM = (
-    "Kato-Temple on the Ritz pairs of the exactly projected Krylov space, gaps from its "
-    "Ritz values less their residuals, plus the distance to the reported Ritz value"
+    "Kato-Temple (Mathias' form for clusters) on the Ritz pairs of the exactly projected "
+    "Krylov space, gaps from its Ritz values less their residuals, plus the distance to the "
+    "reported Ritz value and a rounding term"
 )
 
 
