@@ -39,7 +39,7 @@ class Eigenpairs:
         scree_lower: ``(k,)`` lower bounds of the scree curve (Fernandez et al. 2025).
         scree_upper: ``(k,)`` upper bounds.
         recovery: ``"two_pass"`` or ``"single_pass"``.
-        hvps: Hessian-vector products spent on the sketch (probes excluded).
+        hvps: Hessian-vector products spent on the sketch, every round's (probes excluded).
         error_bounds: ``(k,)`` absolute bound on each eigenvalue, ``inf`` where not resolved
             (two-pass; :mod:`hessov.skerch_ext.krylov`); None for single pass.
     """
@@ -85,6 +85,7 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
     batch_size: int = 0,
     block_size: int | None = None,
     num_apost: int = 30,
+    rounds: int = 2,
 ) -> Eigenpairs:
     """Top-``k`` eigenpairs of the Hessian of the mean ``loss`` over ``data``.
 
@@ -99,13 +100,17 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
         data: ``(inputs, targets)``: ``inputs`` a tensor, tuple or dict of tensors ``(N, ...)``
             (README, "Your own model"), ``targets`` ``(N, ...)``; or a
             :class:`~hessov.problems.data.Split` or a ``Dataset``.
-        k: eigenpairs wanted, at most D; both recoveries spend ``2k`` HVPs.
+        k: eigenpairs wanted, at most D; both recoveries spend ``2k`` HVPs (two-pass:
+            ``rounds * k``).
         recovery: ``"two_pass"`` (the pipeline's default, most accurate per HVP: ``k`` HVPs,
             then ``k`` on the basis) or ``"single_pass"`` (one round of ``s = 2k``).
         seed: the seed of the random test matrices and probes.
         batch_size: examples per forward pass (0: all at once).
         block_size: columns per batched HVP (default: the pipeline's automatic choice).
         num_apost: Gaussian probes of the a-posteriori check.
+        rounds: two-pass only: ``q >= 2`` rounds of ``k`` HVPs (block Krylov,
+            :mod:`hessov.skerch_ext.krylov`); each round more is more accurate and tightens
+            ``error_bounds``.
     """
     from hessov.skerch_ext.incore import sketched_eigh
     from hessov.sketchspec import automatic_block_size
@@ -125,6 +130,7 @@ def top_eigenpairs(  # noqa: PLR0913 (the problem's three, then keyword-only set
             dtype=operator.dtype,
             device=operator.device,
             num_apost=num_apost,
+            rounds=rounds,
         )
     finally:
         model.train(was_training)

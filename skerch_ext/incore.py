@@ -25,21 +25,27 @@ from dataclasses import dataclass, field
 import torch
 
 from hessov.skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
-from hessov.skerch_ext.krylov import EigenvalueBounds, core_bounds
+from hessov.skerch_ext.krylov import (
+    EigenvalueBounds,
+    core_bounds,
+    extended_core,
+    krylov_blocks,
+)
 from hessov.skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
 from hessov.skerch_ext.operator import MatMat
 from hessov.skerch_ext.options import RECOVERIES
 from hessov.skerch_ext.random_matrices import SketchMatrices
 from hessov.skerch_ext.seeds import sketch_seed_ranges
 from hessov.skerch_ext.solve import (
-    block_krylov_extension,
     eigenpairs_from_core,
-    orthonormal_basis,
     seigh_single_pass,
 )
 
 #: Where the in-core two-pass bounds come from.
-IN_CORE_BOUNDS = "the second pass's products H Q (the Ritz pairs of span(Q)), no extra HVP"
+IN_CORE_BOUNDS = (
+    "the later rounds' products (the Ritz pairs of the exactly projected Krylov space), "
+    "no extra HVP"
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,7 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
     device: torch.device | str,
     num_apost: int = 30,
     num_eigenpairs: int | None = None,
+    rounds: int = 2,
 ) -> SketchedEighResult:
     """Sketched eigendecomposition of the symmetric operator ``matmat`` (D x D).
 
@@ -111,6 +118,9 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
         num_apost: Gaussian probes for the a-posteriori error (>= 1).
         num_eigenpairs: ``r``, eigenpairs to report (default ``k``); fewer than ``k`` makes the
             basis oversampled, which is what makes the top ``r`` accurate.
+        rounds: two-pass only: ``q >= 2`` rounds of ``k`` HVPs, block Krylov on
+            ``span(H Omega, ..., H^q Omega)`` (:mod:`hessov.skerch_ext.krylov`); 2 is the
+            two-pass recovery, more rounds are more accurate and tighten the bounds.
     """
     if recovery not in RECOVERIES:
         raise ValueError(f"unknown recovery '{recovery}', expected one of {RECOVERIES}")
@@ -119,6 +129,8 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
         raise ValueError(f"single pass needs num_inner > num_outer, got {num_inner}")
     if not single_pass and num_inner is not None:
         raise ValueError(f"{recovery} takes no num_inner (it spends 2 * num_outer HVPs)")
+    if rounds < 2 or (single_pass and rounds != 2):  # noqa: PLR2004 (two-pass's two rounds)
+        raise ValueError(f"rounds: two_pass takes 2 or more, single_pass none; got {rounds}")
     num_omega_columns = num_inner if single_pass else num_outer
     seeds = sketch_seed_ranges(seed, num_omega_columns, num_apost)
     sketch = SketchMatrices.from_seeds(
@@ -131,7 +143,7 @@ def sketched_eigh(  # noqa: PLR0913 (the sketch's settings, keyword-only and mos
         )
     else:
         eigenvalues, eigenvectors, bounds = _two_pass(
-            matmat, sketch, num_outer, block_size, num_eigenpairs, seconds, hvps
+            matmat, sketch, (num_outer, rounds), block_size, num_eigenpairs, seconds, hvps
         )
 
     start = time.perf_counter()
@@ -173,26 +185,30 @@ def _single_pass(
 def _two_pass(
     matmat: MatMat,
     sketch: SketchMatrices,
-    num_outer: int,
+    shape: tuple[int, int],
     block_size: int,
     num_eigenpairs: int | None,
     seconds: dict[str, float],
     hvps: dict[str, int],
 ) -> tuple[torch.Tensor, torch.Tensor, EigenvalueBounds]:
-    """Two passes: ``k`` HVPs for the basis ``Q``, ``k`` more for ``H Q``, then Rayleigh-Ritz
-    on ``span(Q, H Q)`` with a bound on every eigenvalue; records each phase's seconds and
-    HVPs in ``seconds`` and ``hvps``.
+    """``shape = (k, q)``: ``k`` HVPs for the basis ``Q``, ``k`` more in each of the ``q - 1``
+    later rounds (``H Q``, then ``H`` on each new Krylov block), then Rayleigh-Ritz on the
+    block Krylov space with a bound on every eigenvalue; records each phase's seconds and
+    HVPs (``"second_pass"``: the later rounds') in ``seconds`` and ``hvps``.
     """
+    num_outer, rounds = shape
     start = time.perf_counter()
-    outer = matmat_in_blocks(matmat, sketch.omega_columns(range(num_outer)), block_size)
-    basis = orthonormal_basis(outer)
-    h_basis = matmat_in_blocks(matmat, basis, block_size)
-    hvps["sketch"] = hvps["second_pass"] = num_outer
+    omega = sketch.omega_columns(range(num_outer))
+    basis, products, extension = krylov_blocks(
+        lambda block: matmat_in_blocks(matmat, block, block_size), omega, rounds
+    )
+    hvps["sketch"], hvps["second_pass"] = num_outer, (rounds - 1) * num_outer
     seconds["measure"] = time.perf_counter() - start
     start = time.perf_counter()
-    full_basis, core = block_krylov_extension(basis, h_basis)
+    full_basis, core = extended_core(basis, products, extension)
     num = basis.shape[1]
-    eigenvalues, eigenvectors = eigenpairs_from_core(full_basis, core, num_eigenpairs or num)
+    count = min(num_eigenpairs or num_outer, num)
+    eigenvalues, eigenvectors = eigenpairs_from_core(full_basis, core, count)
     bounds = core_bounds(core, num, eigenvalues, basis.dtype, basis.shape[0])
     seconds["solve"] = time.perf_counter() - start
     return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, IN_CORE_BOUNDS)

@@ -66,6 +66,37 @@ def test_top_eigenpairs_of_a_least_squares_model_match_the_exact_ones():
     assert (errors[resolved] <= result.error_bounds[resolved]).all()
 
 
+def test_more_rounds_tighten_the_bounds_and_the_eigenvalues():
+    """Least squares whose Hessian ``2 X^T X / N`` has the eigenvalues ``1/i`` (D = 300, the
+    noisy quadratic's spectrum; ``X = sqrt(D / 2) diag(1/sqrt(i)) R^T`` for a random rotation
+    ``R``): two rounds of k = 15 leave the top 5 at percent-level error and unresolved; four
+    rounds resolve them, every bound holding, with errors 100x smaller.
+    """
+    torch.manual_seed(0)
+    dim = 300
+    rotation = torch.linalg.qr(torch.randn(dim, dim, dtype=torch.float64)).Q
+    scales = torch.arange(1, dim + 1, dtype=torch.float64).rsqrt()
+    inputs = (dim / 2) ** 0.5 * scales[:, None] * rotation.T
+    targets = torch.zeros(dim, 1, dtype=torch.float64)
+    model = torch.nn.Linear(dim, 1, bias=False).double()
+    exact = 1.0 / np.arange(1, 6)
+    errors, bounds = [], []
+    for rounds in (2, 4):
+        result = hessov.top_eigenpairs(
+            model, torch.nn.MSELoss(), (inputs, targets), k=15, rounds=rounds
+        )
+        assert result.hvps == rounds * 15
+        error = np.abs(result.eigenvalues[:5] - exact)
+        finite = np.isfinite(result.error_bounds[:5])
+        assert (error[finite] <= result.error_bounds[:5][finite]).all()
+        errors.append(error.max())
+        bounds.append(result.error_bounds[:5].max())
+    assert errors[0] > 5e-3 and errors[1] < errors[0] / 100
+    assert np.isinf(bounds[0]) and bounds[1] < 1e-3
+    with pytest.raises(ValueError, match="rounds"):
+        hessov.top_eigenpairs(model, torch.nn.MSELoss(), (inputs, targets), k=5, rounds=1)
+
+
 def test_load_reads_a_runs_results(tiny_run):
     results = hessov.load(tiny_run)
     assert results.steps == [100, 300]
