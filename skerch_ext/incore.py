@@ -25,12 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hessov.skerch_ext.aposteriori import ApostEstimate, apost_error, gaussian_probes, scree_bounds
-from hessov.skerch_ext.krylov import (
-    EigenvalueBounds,
-    core_bounds,
-    extended_core,
-    krylov_blocks,
-)
+from hessov.skerch_ext.krylov import EigenvalueBounds, core_bounds, krylov_blocks
 from hessov.skerch_ext.measure import assemble_sketch, matmat_in_blocks, measure_indices
 from hessov.skerch_ext.operator import MatMat
 from hessov.skerch_ext.options import RECOVERIES
@@ -38,6 +33,7 @@ from hessov.skerch_ext.random_matrices import SketchMatrices
 from hessov.skerch_ext.seeds import sketch_seed_ranges
 from hessov.skerch_ext.solve import (
     eigenpairs_from_core,
+    extended_core,
     seigh_single_pass,
 )
 

@@ -3,7 +3,8 @@ eigenvalue it reports.
 
 Round 1 measures ``Y = H Omega`` (``k`` columns); its orthonormal basis is the first block
 ``Q_0``. Round ``j + 1`` measures ``H Q_j``, and the next block ``Q_{j+1}`` is an orthonormal
-basis of ``(I - V V^T) H Q_j``, ``V = [Q_0, ..., Q_j]`` (block Lanczos, Golub and Underwood
+basis of ``(I - V V^T) H Q_j``, ``V = [Q_0, ..., Q_j]``
+(:func:`~hessov.skerch_ext.solve.next_block`; block Lanczos, Golub and Underwood
 1977; randomized block Krylov, Musco and Musco 2015, "Randomized block Krylov methods for
 stronger and faster approximate singular value decomposition"). After ``q`` rounds:
 
@@ -46,10 +47,10 @@ from dataclasses import dataclass
 import torch
 
 from hessov.skerch_ext.solve import (
-    complement_basis,
+    extended_core,
+    next_block,
     orthonormal_basis,
     ritz_coefficients,
-    symmetrized,
 )
 from hessov.skerch_ext.tolerances import rounding_level
 
@@ -67,42 +68,6 @@ BOUND_THEOREM = (
     "Krylov space, gaps from its Ritz values less their residuals, plus the distance to the "
     "reported Ritz value and a rounding term"
 )
-
-
-def next_block(basis: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
-    """The next Krylov block: an orthonormal basis of ``(I - V V^T) H Q_last``.
-
-    Args:
-        basis: ``V``, the blocks so far, orthonormal, ``(D, n)``.
-        product: ``H Q_last``, the last block's products, ``(D, b)``.
-
-    Returns:
-        ``(D, r)``, orthogonal to ``V``: ``r = b`` while ``n + b <= D``, else the residual's
-        directions outside ``span(V)`` (:func:`~hessov.skerch_ext.solve.complement_basis`).
-        Projected twice, for numerical orthogonality.
-    """
-    residual = product - basis @ (basis.T @ product)
-    if basis.shape[1] + product.shape[1] > basis.shape[0]:
-        return complement_basis(basis, residual)
-    block = orthonormal_basis(residual)
-    return orthonormal_basis(block - basis @ (basis.T @ block))
-
-
-def extended_core(
-    basis: torch.Tensor, products: torch.Tensor, extension: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Basis ``[V, E]`` ``(D, n + r)`` and core ``(n + r, n + r)`` of the extended space:
-    ``[[V^T H V, (E^T H V)^T], [E^T H V, 0]]`` from ``V`` ``(D, n)``, ``H V`` ``(D, n)`` and
-    the last block ``E`` ``(D, r)``.
-    """
-    num = basis.shape[1]
-    coupling = extension.T @ products  # (r, n)
-    size = num + extension.shape[1]
-    core = torch.zeros(size, size, dtype=basis.dtype, device=basis.device)
-    core[:num, :num] = symmetrized(basis.T @ products)
-    core[num:, :num] = coupling
-    core[:num, num:] = coupling.T
-    return torch.cat([basis, extension], dim=1), core
 
 
 def core_bounds(

@@ -145,17 +145,40 @@ def block_krylov_extension(
     :func:`complement_basis` keeps the residual's directions that are there, so ``P`` has
     ``r <= D - k`` columns and the core is ``(k + r, k + r)``.
     """
+    return extended_core(basis, h_basis, next_block(basis, h_basis))
+
+
+def next_block(basis: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """The next Krylov block: an orthonormal basis of ``(I - V V^T) H Q_last``.
+
+    Args:
+        basis: ``V``, the blocks so far, orthonormal, ``(D, n)``.
+        product: ``H Q_last``, the last block's products, ``(D, b)``.
+
+    Returns:
+        ``(D, r)``, orthogonal to ``V``: ``r = b`` while ``n + b <= D``, else the residual's
+        directions outside ``span(V)`` (:func:`complement_basis`).
+        Projected twice, for numerical orthogonality.
+    """
+    residual = product - basis @ (basis.T @ product)
+    if basis.shape[1] + product.shape[1] > basis.shape[0]:
+        return complement_basis(basis, residual)
+    block = orthonormal_basis(residual)
+    return orthonormal_basis(block - basis @ (basis.T @ block))
+
+
+def extended_core(
+    basis: torch.Tensor, products: torch.Tensor, extension: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Basis ``[V, E]`` ``(D, n + r)`` and core ``(n + r, n + r)`` of the extended space:
+    ``[[V^T H V, (E^T H V)^T], [E^T H V, 0]]`` from ``V`` ``(D, n)``, ``H V`` ``(D, n)`` and
+    the last block ``E`` ``(D, r)``.
+    """
     num = basis.shape[1]
-    residual = h_basis - basis @ (basis.T @ h_basis)
-    if 2 * num > basis.shape[0]:
-        extension = complement_basis(basis, residual)
-    else:
-        extension = orthonormal_basis(residual)
-        extension = orthonormal_basis(extension - basis @ (basis.T @ extension))
-    coupling = extension.T @ h_basis  # E, (r, k)
+    coupling = extension.T @ products  # (r, n)
     size = num + extension.shape[1]
     core = torch.zeros(size, size, dtype=basis.dtype, device=basis.device)
-    core[:num, :num] = symmetrized(basis.T @ h_basis)
+    core[:num, :num] = symmetrized(basis.T @ products)
     core[num:, :num] = coupling
     core[:num, num:] = coupling.T
     return torch.cat([basis, extension], dim=1), core
