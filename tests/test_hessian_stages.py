@@ -226,6 +226,7 @@ def test_exhaustive_reports_errors_and_overlaps(tmp_path, hessov, summary_of):
     assert set(result["subspace_overlap"]) == {"1", "5", "10", "20", "30"}
     assert np.allclose(result["exact_eigenvalues"][:5], 1.0 / np.arange(1, 6), rtol=1e-6)
     assert result["subspace_overlap"]["1"] > 0.99
+    assert result["bounds_checked"] == 0  # single pass measures no product on its basis
 
 
 def test_check_operator_reports_a_symmetric_finite_operator(trained, hessov):

@@ -141,6 +141,8 @@ def test_a_plugin_file_runs_every_stage_and_its_sketch_matches_the_exact_hessian
     exhaustive = summary["exhaustive"]["300"]["train"]
     assert exhaustive["k"] == 70 and len(exhaustive["eigenvalue_rel_err"]) == 20
     assert max(exhaustive["eigenvalue_rel_err"]) < 1e-3, exhaustive["eigenvalue_rel_err"]
+    # The two-pass solve's per-eigenvalue bounds, checked against the dense Hessian.
+    assert exhaustive["bounds_checked"] >= 1 and exhaustive["bounds_violated"] == 0
     assert (local_run / "analysis" / "report.md").is_file()
 
 

@@ -184,14 +184,26 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
         split=split,
         max_rel_err_top20=max(fields["eigenvalue_rel_err"]),
         subspace_overlap=fields["subspace_overlap"],
+        bounds_checked=fields["bounds_checked"],
+        bounds_violated=fields["bounds_violated"],
     )
     log.info(
-        "exhaustive step %d %s (%s, %s): top-20 eigenvalue error max %.2e, overlap %s",
+        "exhaustive step %d %s (%s, %s): top-20 eigenvalue error max %.2e, overlap %s, "
+        "%d error bounds checked",
         step,
         split,
         spec.recovery,
         source,
         max(fields["eigenvalue_rel_err"]),
         {key: round(v, 4) for key, v in fields["subspace_overlap"].items()},
+        fields["bounds_checked"],
     )
+    if fields["bounds_violated"]:  # a bug in the bounds, not noise: say it loudly
+        log.error(
+            "exhaustive step %d %s: %d error bounds do NOT hold, at eigenvalues %s",
+            step,
+            split,
+            fields["bounds_violated"],
+            fields["bounds_violated_at"],
+        )
     return fields
