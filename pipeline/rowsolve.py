@@ -160,7 +160,7 @@ def two_pass_phases(
         core[:num, num:] = coupling.T
         eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
         dim = work.ranges[-1].stop
-        bounds, residuals = core_bounds(core, num, eigenvalues, core.dtype, dim)
+        bounds, residuals = core_bounds(core, num, eigenvalues, (core.dtype, dim), num)
         return {
             "eigenvalues": eigenvalues,
             "coefficients": coefficients,

@@ -198,13 +198,13 @@ def _two_pass(
     basis, products, extension = krylov_blocks(
         lambda block: matmat_in_blocks(matmat, block, block_size), omega, rounds
     )
-    hvps["sketch"], hvps["second_pass"] = num_outer, (rounds - 1) * num_outer
+    hvps["sketch"], hvps["second_pass"] = num_outer, products.shape[1]
     seconds["measure"] = time.perf_counter() - start
     start = time.perf_counter()
     full_basis, core = extended_core(basis, products, extension)
     num = basis.shape[1]
     count = min(num_eigenpairs or num_outer, num)
     eigenvalues, eigenvectors = eigenpairs_from_core(full_basis, core, count)
-    bounds = core_bounds(core, num, eigenvalues, basis.dtype, basis.shape[0])
+    bounds = core_bounds(core, num, eigenvalues, (basis.dtype, basis.shape[0]), num_outer)
     seconds["solve"] = time.perf_counter() - start
     return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, IN_CORE_BOUNDS)

@@ -71,24 +71,33 @@ BOUND_THEOREM = (
 
 
 def core_bounds(
-    core: torch.Tensor, num: int, reported: torch.Tensor, dtype: torch.dtype, dim: int
+    core: torch.Tensor,
+    num: int,
+    reported: torch.Tensor,
+    precision: tuple[torch.dtype, int],
+    block: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds and residual norms ``(r,)`` (float64) for the ``r`` reported eigenvalues of an
-    extended core ``(n + m, n + m)`` whose first ``num = n`` rows and columns are the exactly
-    projected space's ``V^T H V``, from the core alone.
+    """Bounds and residual norms ``(r,)`` (float64, on the CPU) for the ``r`` reported
+    eigenvalues of an extended core ``(n + m, n + m)`` whose first ``num = n`` rows and
+    columns are the exactly projected space's ``V^T H V``, from the core alone.
 
     The Ritz pairs ``(theta_i, V u_i)`` of ``V^T H V`` have the residual ``(I - V V^T) H V
     u_i``, which the extension ``E`` spans, so its norm is ``||E^T H V u_i||``: the coupling
-    block times ``u_i``. ``dtype`` and ``dim`` (the products' precision and length) size the
-    rounding term, ``g(D) |theta|_max`` (:func:`hessov.skerch_ext.tolerances.rounding_level`):
-    the products are those of an operator within ``g(D) ||H||`` of ``H``.
+    block times ``u_i``. ``precision = (dtype, D)`` (the products' precision and length)
+    sizes the rounding term, ``g(D) |theta|_max``
+    (:func:`hessov.skerch_ext.tolerances.rounding_level`): the products are those of an
+    operator within ``g(D) ||H||`` of ``H``. ``block`` is ``k``, the columns of a round: a
+    Krylov space sees at most ``k`` copies of a repeated eigenvalue, so ranks from ``k`` on
+    are never resolved.
     """
+    core, reported = core.detach().cpu().double(), reported.detach().cpu()
     ritz, coefficients = ritz_coefficients(core[:num, :num], None)
     residuals = torch.linalg.vector_norm(core[num:, :num] @ coefficients, dim=0)
-    rounding = rounding_level(dtype, dim) * float(ritz.abs().max())
+    rounding = rounding_level(*precision) * float(ritz.abs().max())
     count = reported.numel()
     bounds = error_bounds(reported, ritz, residuals, count, rounding)
-    return bounds, residuals[:count].double()
+    bounds[block:] = torch.inf
+    return bounds, residuals[:count]
 
 
 def error_bounds(
@@ -101,15 +110,16 @@ def error_bounds(
     """Absolute bounds ``(count,)`` on the reported eigenvalues (see the module doc); ``inf``
     where a pair is not resolved.
 
-    Ritz values whose residual intervals ``theta_j +- r_j`` overlap form a cluster, bounded
-    as one (Mathias 1998, "Quadratic residual bounds for the Hermitian eigenvalue problem"):
-    with ``rho^2`` the sum of its squared residuals and ``delta`` the gap from its values to
-    the other intervals, each member is within ``rho^2 / delta`` of an eigenvalue of its rank.
-    A cluster is resolved when ``delta > rho``, its members' magnitudes stay clear of the
-    other intervals (so that ranks in ``|lambda|`` match), it does not hold the smallest
-    ``|theta|`` (that cluster borders the spectrum the space has not explored, with more
-    eigenvalues than Ritz values), its pairs are not among the last :data:`OVERSAMPLING` of
-    the space, and every pair of larger magnitude is resolved too.
+    Every residual interval is ``theta_j +- (r_j + 2 rounding)``, so that values apart by
+    less than the rounding are never told apart. Ritz values whose intervals overlap form a
+    cluster, bounded as one (Mathias 1998, "Quadratic residual bounds for the Hermitian
+    eigenvalue problem"): with ``rho^2`` the sum of its squared residuals and ``delta`` the
+    gap from its values to the other intervals, each member is within ``rho^2 / delta`` of
+    an eigenvalue of its rank. A cluster is resolved when ``delta > rho``, its members'
+    magnitudes stay clear of the other intervals (so that ranks in ``|lambda|`` match), it
+    is not the innermost cluster of either sign (those border the spectrum the space has
+    not explored, with more eigenvalues than Ritz values), its pairs are not among the last
+    :data:`OVERSAMPLING` of the space, and every pair of larger magnitude is resolved too.
 
     Args:
         reported: ``mu``, the reported eigenvalues, by ``|lambda|`` descending, ``(>= count,)``.
@@ -117,19 +127,16 @@ def error_bounds(
             descending, ``(n,)`` with ``n >= count``.
         residuals: their residual norms, ``(n,)``.
         count: how many reported eigenvalues to bound.
-        rounding: added to every bound: the rounding error of the computed values.
+        rounding: the rounding error of the computed values, added to every bound.
     """
-    ritz, residuals = ritz.double(), residuals.double()
-    cluster = _clusters(ritz, residuals)
+    ritz, widths = ritz.double(), residuals.double() + 2 * rounding
+    cluster = _clusters(ritz, widths)
     same = cluster[:count, None] == cluster[None, :]
     squared = torch.zeros(int(cluster.max()) + 1, dtype=torch.float64)
-    rho2 = squared.index_add_(0, cluster, residuals**2)[cluster[:count]]
-    gaps = _gaps(ritz, residuals, same, magnitude=False)
-    clear = _gaps(ritz, residuals, same, magnitude=True) > residuals[:count]
-    # The cluster of the smallest |theta| borders the unexplored spectrum, whose
-    # eigenvalues outnumber its Ritz values: never resolved.
-    frontier = cluster[ritz.abs().argmin()]
-    resolved = (gaps > rho2.sqrt()) & clear & (cluster[:count] != frontier)
+    rho2 = squared.index_add_(0, cluster, residuals.double() ** 2)[cluster[:count]]
+    gaps = _gaps(ritz, widths, same, magnitude=False)
+    clear = _gaps(ritz, widths, same, magnitude=True) > widths[:count]
+    resolved = (gaps > rho2.sqrt()) & clear & ~torch.isin(cluster[:count], _frontier(ritz, cluster))
     resolved[max(0, ritz.numel() - OVERSAMPLING) :] = False
     resolved = torch.cummin(resolved.int(), dim=0).values.bool()
     quadratic = rho2 / gaps.clamp(min=torch.finfo(torch.float64).tiny)
@@ -137,12 +144,25 @@ def error_bounds(
     return torch.where(resolved, distance + quadratic + rounding, torch.inf)
 
 
-def _clusters(ritz: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+def _frontier(ritz: torch.Tensor, cluster: torch.Tensor) -> torch.Tensor:
+    """The clusters of the smallest positive and the smallest negative ``|theta|``: where the
+    explored spectrum meets the unexplored one, on each side of zero (a spectrum may have no
+    eigenvalue near zero, e.g. a positive bulk and a few negative outliers).
+    """
+    innermost = []
+    for side in (ritz > 0, ritz <= 0):
+        if side.any():
+            magnitudes = ritz.abs().masked_fill(~side, torch.inf)
+            innermost.append(cluster[magnitudes.argmin()])
+    return torch.stack(innermost)
+
+
+def _clusters(ritz: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     """Each Ritz value's cluster id ``(n,)``: runs of values, in increasing order, whose
-    intervals ``theta +- r`` overlap.
+    intervals ``theta +- width`` overlap.
     """
     order = ritz.argsort()
-    low, high = ritz[order] - residuals[order], ritz[order] + residuals[order]
+    low, high = ritz[order] - widths[order], ritz[order] + widths[order]
     reach = torch.cummax(high, dim=0).values
     starts = torch.cat([torch.ones(1, dtype=torch.bool), low[1:] > reach[:-1]])
     ids = torch.empty_like(order)
@@ -150,14 +170,14 @@ def _clusters(ritz: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def _gaps(ritz, residuals, same: torch.Tensor, magnitude: bool) -> torch.Tensor:
-    """``min_j (|t_j - t_i| - r_j)`` over the values ``t = theta`` (or ``|theta|``) outside
+def _gaps(ritz, widths, same: torch.Tensor, magnitude: bool) -> torch.Tensor:
+    """``min_j (|t_j - t_i| - w_j)`` over the values ``t = theta`` (or ``|theta|``) outside
     the cluster of each of the first ``count = same.shape[0]`` values, clamped at 0, and 0
     where no value is outside: ``(count,)``.
     """
     values = ritz.abs() if magnitude else ritz
     count = same.shape[0]
-    distances = (values[:count, None] - values[None, :]).abs() - residuals[None, :]
+    distances = (values[:count, None] - values[None, :]).abs() - widths[None, :]
     gaps = distances.masked_fill(same, torch.inf).min(dim=1).values
     # A cluster holding every Ritz value is clear of nothing known: unresolved.
     return gaps.nan_to_num(posinf=0.0).clamp(min=0.0)
@@ -207,7 +227,7 @@ class KrylovResult:
         error_bounds: ``(r,)``, absolute, float64 (:func:`error_bounds`).
         residual_norms: ``(r,)``, float64: those of the exactly projected space's Ritz pairs
             of the same rank, which the bounds use.
-        hvps: products taken, ``q k``.
+        hvps: products taken: ``q k``, fewer once the space is all of ``R^D``.
     """
 
     eigenvalues: torch.Tensor
@@ -227,6 +247,8 @@ def krylov_blocks(apply_h: MatMat, start: torch.Tensor, rounds: int) -> tuple:
     blocks = [orthonormal_basis(apply_h(start))]
     products = []
     for _ in range(rounds - 1):
+        if blocks[-1].shape[1] == 0:  # the space is all of R^D: nothing left to multiply
+            break
         products.append(apply_h(blocks[-1]))
         blocks.append(next_block(_joined(blocks), products[-1]))
     return _joined(blocks[:-1]), _joined(products), blocks[-1]
@@ -253,7 +275,7 @@ def block_krylov(
     count = min(num_eigenpairs or start.shape[1], basis.shape[1])
     full_basis, core = extended_core(basis, products, extension)
     values, coefficients = ritz_coefficients(core, count)
-    bounds, residuals = core_bounds(core, basis.shape[1], values, products.dtype, basis.shape[0])
-    return KrylovResult(
-        values, full_basis @ coefficients, bounds, residuals, rounds * start.shape[1]
-    )
+    precision = (products.dtype, basis.shape[0])
+    bounds, residuals = core_bounds(core, basis.shape[1], values, precision, start.shape[1])
+    hvps = start.shape[1] + products.shape[1]
+    return KrylovResult(values, full_basis @ coefficients, bounds, residuals, hvps)

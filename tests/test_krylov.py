@@ -147,3 +147,59 @@ def test_every_bound_of_a_solved_mnist_mini_run_holds_against_its_dense_hessian(
     assert fields["error_bounds_resolved"] == int(finite.sum())
     assert len(fields["eigenvalue_error_bounds"]) == len(fields["residual_norms"]) == 30
     assert "no extra HVP" in fields["error_bounds_from"]
+
+
+def adversarial(values: torch.Tensor, seed: int, dtype=torch.float64) -> tuple:
+    """``V diag(values) V^T`` for a random rotation, its eigenvalues by ``|lambda|``."""
+    generator = torch.Generator().manual_seed(seed)
+    rotation = torch.linalg.qr(
+        torch.randn(len(values), len(values), dtype=torch.float64, generator=generator)
+    ).Q
+    matrix = ((rotation * values) @ rotation.T).to(dtype)
+    return matrix, values[values.abs().argsort(descending=True)], generator
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_bounds_hold_where_no_eigenvalue_is_near_zero(sign):
+    """A dense bulk in [0.5, 0.6] and converged outliers near -0.3 (and the mirror image): the
+    unexplored spectrum borders the bulk's innermost Ritz values, not the smallest |theta|.
+    """
+    bulk = 0.5 + 0.1 * torch.rand(189, generator=torch.Generator().manual_seed(0))
+    values = sign * torch.cat([torch.tensor([2.0, 1.8, 1.5]), bulk, -0.3 - 0.01 * torch.arange(8)])
+    for seed in range(3):
+        matrix, true, generator = adversarial(values.double(), seed)
+        for rounds in (3, 4, 6):
+            start = torch.randn(200, 10, dtype=torch.float64, generator=generator)
+            result = block_krylov(matrix.__matmul__, start, rounds)
+            errors = (result.eigenvalues - true[:10]).abs()
+            assert (errors <= result.error_bounds).all(), (seed, rounds, errors, result)
+
+
+def test_a_multiplicity_above_the_block_is_never_bounded_past_the_block():
+    """Ten 1s and k = 6: a Krylov space sees 6 of them, so ranks 6 on are unresolved."""
+    values = torch.cat([torch.ones(10), 0.5 * 0.9 ** torch.arange(190)]).double()
+    matrix, true, generator = adversarial(values, 0)
+    start = torch.randn(200, 6, dtype=torch.float64, generator=generator)
+    result = block_krylov(matrix.__matmul__, start, rounds=8, num_eigenpairs=12)
+    assert result.error_bounds[6:].isinf().all() and result.error_bounds[:6].isfinite().all()
+    errors = (result.eigenvalues - true[:12]).abs()
+    assert (errors <= result.error_bounds).all()
+
+
+def test_opposite_signs_closer_than_the_rounding_are_not_ranked():
+    """float32, an exhausted space (residuals 0): +1 and -1 - 2e-7 cannot be told apart in
+    magnitude, so neither is bounded; and no round multiplies an empty block.
+    """
+    values = torch.cat(
+        [
+            torch.tensor([2.0, 1.0, -1.0 - 2e-7]),
+            0.5 * torch.rand(61, generator=torch.Generator().manual_seed(0)),
+        ]
+    ).double()
+    matrix, true, generator = adversarial(values, 0, torch.float32)
+    start = torch.randn(64, 63, generator=generator)
+    result = block_krylov(matrix.__matmul__, start, rounds=4)
+    assert result.hvps < 4 * 63  # the space was all of R^64 after two rounds
+    assert result.error_bounds[1:3].isinf().all()
+    errors = (result.eigenvalues.double() - true[:63]).abs()
+    assert (errors <= result.error_bounds).all()

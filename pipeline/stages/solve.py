@@ -113,7 +113,7 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, se
     t0 = time.perf_counter()
     basis, core = block_krylov_extension(q, torch.from_numpy(h_basis))
     eigenvalues, eigenvectors = eigenpairs_from_core(basis, core, spec.layout.num_outer)
-    bounds = core_bounds(core, q.shape[1], eigenvalues, q.dtype, q.shape[0])
+    bounds = core_bounds(core, q.shape[1], eigenvalues, (q.dtype, q.shape[0]), q.shape[1])
     seconds["core_solve"] = time.perf_counter() - t0
     return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, SECOND_ROUND_BOUNDS)
 
@@ -185,18 +185,23 @@ def summary_fields(spec: SketchSpec, eigenvalues, check: dict, seconds: dict) ->
     }
 
 
-def bound_fields(bounds: EigenvalueBounds | None) -> dict:
-    """The summary's per-eigenvalue bound fields (:meth:`EigenvalueBounds.summary`), or for
-    single pass the same keys saying why there are none.
+def bound_fields(bounds: EigenvalueBounds | None, recovery: str) -> dict:
+    """The summary's per-eigenvalue bound fields (:meth:`EigenvalueBounds.summary`), or the
+    same keys saying why there are none.
     """
     if bounds is not None:
         return bounds.summary()
+    reason = (
+        "none: single pass measures no product of H on its basis"
+        if recovery == "single_pass"
+        else "none: the row-block ritz phase ran before hessov computed bounds; rerun the solve"
+    )
     return {
         "eigenvalue_error_bounds": None,
         "residual_norms": None,
         "error_bounds_resolved": 0,
         "error_bound_theorem": None,
-        "error_bounds_from": "none: single pass measures no product of H on its basis",
+        "error_bounds_from": reason,
     }
 
 
@@ -380,7 +385,8 @@ def write_eigen_file(  # noqa: PLR0913 (the parts of an eigen file)
     step, split = where
     check = apost_check(spec, eigenvalues, estimate)
     seconds = {key: round(value, 4) for key, value in seconds.items()}
-    fields = summary_fields(spec, eigenvalues, check, seconds) | bound_fields(bounds)
+    fields = summary_fields(spec, eigenvalues, check, seconds)
+    fields |= bound_fields(bounds, spec.recovery)
     with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
         write_eigenvectors(handle)
         handle.create_dataset("eigenvalues", data=eigenvalues.numpy())
