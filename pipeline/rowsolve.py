@@ -39,7 +39,11 @@ from hessov.skerch_ext.aposteriori import ApostEstimate
 from hessov.skerch_ext.checksums import segment_checksums
 from hessov.skerch_ext.krylov import core_bounds
 from hessov.skerch_ext.rowblocks import tree_factors
-from hessov.skerch_ext.solve import core_from_projections, ritz_coefficients, symmetrized
+from hessov.skerch_ext.solve import (
+    core_from_projections,
+    coupled_core,
+    ritz_coefficients,
+)
 
 #: ``rows -> block``: rows of a tall matrix, ``(rows, c)``.
 Rows = Callable[[range], torch.Tensor]
@@ -154,10 +158,7 @@ def two_pass_phases(
         c0 = work.read("project_sum")["c0"]
         coupling = block_sum(work, "reorth_apply", "gram")  # E, (k, k)
         num = c0.shape[0]
-        core = torch.zeros(2 * num, 2 * num, dtype=c0.dtype)
-        core[:num, :num] = symmetrized(c0)
-        core[num:, :num] = coupling
-        core[:num, num:] = coupling.T
+        core = coupled_core(c0, coupling)
         eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
         dim = work.ranges[-1].stop
         bounds, residuals = core_bounds(core, num, eigenvalues, (core.dtype, dim), num)

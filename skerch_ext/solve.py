@@ -174,14 +174,22 @@ def extended_core(
     ``[[V^T H V, (E^T H V)^T], [E^T H V, 0]]`` from ``V`` ``(D, n)``, ``H V`` ``(D, n)`` and
     the last block ``E`` ``(D, r)``.
     """
-    num = basis.shape[1]
-    coupling = extension.T @ products  # (r, n)
-    size = num + extension.shape[1]
-    core = torch.zeros(size, size, dtype=basis.dtype, device=basis.device)
-    core[:num, :num] = symmetrized(basis.T @ products)
+    core = coupled_core(basis.T @ products, extension.T @ products)
+    return torch.cat([basis, extension], dim=1), core
+
+
+def coupled_core(projected: torch.Tensor, coupling: torch.Tensor) -> torch.Tensor:
+    """``[[sym(V^T H V), C^T], [C, 0]]`` ``(n + r, n + r)`` from ``V^T H V`` ``(n, n)`` and the
+    coupling ``C = E^T H V`` ``(r, n)``: the extended core, however its blocks were summed
+    (whole, or over row blocks).
+    """
+    num = projected.shape[0]
+    size = num + coupling.shape[0]
+    core = torch.zeros(size, size, dtype=projected.dtype, device=projected.device)
+    core[:num, :num] = symmetrized(projected)
     core[num:, :num] = coupling
     core[:num, num:] = coupling.T
-    return torch.cat([basis, extension], dim=1), core
+    return core
 
 
 def complement_basis(basis: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
