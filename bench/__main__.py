@@ -16,7 +16,9 @@ taken in the same run:
    block widths, against the tolerances of ``hessov.skerch_ext.tolerances``;
 8. :mod:`bench.scale`: the out-of-core chain at D = 10^7 with a 2 GB budget per task;
 9. :mod:`bench.paper_configs`: the paper's three cluster experiments, as ``hessov plan``
-   prices them (no timing).
+   prices them (no timing);
+10. :mod:`bench.krylov_rounds`: the three goals of issue 15, block Krylov rounds against
+    Lanczos (HVPs, sequential HVPs, errors, and every finite error bound checked).
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -35,7 +37,16 @@ from pathlib import Path
 from bench.common import RESULTS, WORK, Settings, load_average, log, machine_lines, now
 
 #: Section modules of this package, in the order of the questions; each has ``section()``.
-SECTIONS = ("hvp", "eigensolvers", "stages", "scaling", "kernel_paths", "scale", "paper_configs")
+SECTIONS = (
+    "hvp",
+    "eigensolvers",
+    "stages",
+    "scaling",
+    "kernel_paths",
+    "scale",
+    "paper_configs",
+    "krylov_rounds",
+)
 
 
 def gpu_section(settings: Settings) -> str:

@@ -236,7 +236,11 @@ class RunConfig:
     # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
     k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
-    recovery: str = "two_pass"  # two_pass (2k HVPs in two rounds) | single_pass (s HVPs)
+    recovery: str = "two_pass"  # two_pass (k HVPs a round, block Krylov) | single_pass (s HVPs)
+    rounds: int = 0  # two_pass: rounds of k HVPs (Krylov depth); 0 = 2 (single pass: unused)
+    target_rel_err: float = 0.0  # two_pass: stop the rounds once every bound is below it; 0 = off
+    max_rounds: int = 4  # with target_rel_err: the most rounds taken (the plan's worst case)
+    target_eigenpairs: int = 0  # with target_rel_err: how many top pairs it covers; 0 = k - 5
     noise: str = "ssrft"  # test matrices: ssrft | gaussian | rademacher
     block_size: int = 0  # measurements per batched HVP and per part file; 0 = automatic
     MEAS_PER_JOB: int = 0  # measurements per array task; 0 = all in one task
@@ -475,6 +479,32 @@ def _validate_training(cfg: RunConfig) -> None:
         require(cfg.TARGET_TRAIN_LOSS > 0, "TARGET_TRAIN_LOSS", "must be > 0")
 
 
+def _validate_rounds(cfg: RunConfig) -> None:
+    """``rounds``, ``target_rel_err``, ``max_rounds`` and ``target_eigenpairs``: two-pass
+    settings, either a fixed number of rounds or a target with a most.
+    """
+    require(
+        cfg.rounds != 1,
+        "rounds",
+        "one round of products is single-pass recovery: set recovery=single_pass",
+    )
+    require(cfg.rounds >= 0, "rounds", f"must be >= 2 (0 = 2), got {cfg.rounds}")
+    require(0 <= cfg.target_rel_err < 1, "target_rel_err", "must be in [0, 1) (0 = off)")
+    require(cfg.max_rounds >= 2, "max_rounds", f"must be >= 2, got {cfg.max_rounds}")  # noqa: PLR2004
+    require(cfg.target_eigenpairs >= 0, "target_eigenpairs", "must be >= 0 (0 = k - 5)")
+    # rounds alone is left to two-pass (a problem's default, e.g. nqm's, must not refuse
+    # recovery=single_pass); a target would never be checked.
+    if cfg.recovery == "single_pass":
+        require(
+            not cfg.target_rel_err, "target_rel_err", "is for two_pass: single pass has no bounds"
+        )
+    require(
+        not (cfg.rounds and cfg.target_rel_err),
+        "rounds",
+        "with target_rel_err the rounds are chosen as they go; bound them with max_rounds",
+    )
+
+
 def _validate_sketch(cfg: RunConfig) -> None:
     """The sketch settings, the backend and the steps and splits to sketch."""
     require(cfg.k >= 0, "k", f"must be >= 0 (0 = the default rule), got {cfg.k}")
@@ -492,6 +522,7 @@ def _validate_sketch(cfg: RunConfig) -> None:
         )
     elif cfg.k and cfg.s:
         require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
+    _validate_rounds(cfg)
     require(cfg.noise in NOISE_TYPES, "noise", f"must be one of {NOISE_TYPES}")
     require(cfg.block_size >= 0, "block_size", "must be >= 0 (0 = automatic)")
     require(cfg.MEAS_PER_JOB >= 0, "MEAS_PER_JOB", "must be >= 0 (0 = one task)")
@@ -725,6 +756,10 @@ LATER_STAGE_KEYS = (
     "k",
     "s",
     "recovery",
+    "rounds",
+    "target_rel_err",
+    "max_rounds",
+    "target_eigenpairs",
     "noise",
     "block_size",
     "MEAS_PER_JOB",

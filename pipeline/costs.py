@@ -19,7 +19,8 @@ The rest is what the stage holds, counted as ``D``-row matrices of the storage d
   per example), which a block's batched second backward pass holds ``1 + block`` times over,
   plus :data:`MEASURE_BLOCK_COPIES` ``D x block`` columns (test columns, products, the float64
   probes of the a-posteriori round and their copies);
-* basis and solve in memory: :data:`IN_MEMORY_COPIES` ``D x k`` matrices (merged round,
+* basis and solve in memory: :data:`IN_MEMORY_COPIES` ``D x k`` matrices for two rounds,
+  half as many more per further round (merged round,
   ``Q``, residual, ``P`` twice, ``[Q, P]``, ``W``);
 * basis and solve in row blocks (:mod:`hessov.rowpass`), per phase: a per-block phase
   holds :data:`ROW_BLOCK_COPIES` ``row_block x k`` blocks; a combined one a group of
@@ -175,12 +176,20 @@ def _itemsize(spec) -> int:
     return torch.empty(0, dtype=getattr(torch, spec.layout.dtype)).element_size()
 
 
+def _round_factor(spec) -> float:
+    """How many times two rounds' ``D x k`` matrices the basis and solve hold: ``V`` and
+    ``H V`` grow by ``k`` columns a round (:mod:`hessov.krylovspace`).
+    """
+    return spec.krylov_rounds / 2 if spec.recovery == "two_pass" else 1.0
+
+
 def in_memory_solve_bytes(spec) -> int:
     """Peak memory of the in-memory basis or solve (the larger, the solve)."""
     dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
     size = _itemsize(spec)
     probes = 2 * dim * spec.num_apost * 8  # the probes in float64 and their products
-    return PROCESS_FLOOR_BYTES + IN_MEMORY_COPIES * dim * k * size + probes + 3 * inner**2 * size
+    matrices = int(IN_MEMORY_COPIES * _round_factor(spec) * dim * k * size)
+    return PROCESS_FLOOR_BYTES + matrices + probes + 3 * inner**2 * size
 
 
 def row_block_solve_bytes(spec, row_block: int) -> int:
@@ -199,13 +208,20 @@ def _row_phase_parts(spec, row_block: int) -> dict[str, int]:
     dim, k, inner = spec.layout.dim, spec.layout.num_outer, spec.layout.num_inner
     size = _itemsize(spec)
     blocks = -(-dim // row_block)
-    core = 4 * (2 * k) ** 2 * 8
+    core = _core_bytes(spec)
     tree = 3 * DEFAULT_FAN_IN * k * k * 8  # a group of R_i stacked, its Q and its pieces
+    rows = int(ROW_BLOCK_COPIES * _round_factor(spec) * row_block * k * size)
     return {
-        "rows": ROW_BLOCK_COPIES * row_block * k * size + 2 * row_block * spec.num_apost * 8,
+        "rows": rows + 2 * row_block * spec.num_apost * 8,
         "small": tree + core + blocks * k * 8,  # and every block's column checksums
         "columns": (4 * dim * spec.layout.block_size * size + 3 * inner**2 * size) if inner else 0,
     }
+
+
+def _core_bytes(spec) -> int:
+    """The extended core ``(q k, q k)`` in float64, with its ``eigh``'s copies."""
+    width = spec.layout.num_outer * max(2, int(2 * _round_factor(spec)))
+    return 4 * width**2 * 8
 
 
 def row_phase_bytes(spec, phase) -> int:
@@ -216,7 +232,7 @@ def row_phase_bytes(spec, phase) -> int:
     """
     parts = _row_phase_parts(spec, spec.row_block)
     if phase.per_block:
-        return PROCESS_FLOOR_BYTES + parts["rows"] + 4 * (2 * spec.layout.num_outer) ** 2 * 8
+        return PROCESS_FLOOR_BYTES + parts["rows"] + _core_bytes(spec)
     if phase.name == "finish":  # copies Q's or W's blocks into the basis or eigen file
         return PROCESS_FLOOR_BYTES + parts["rows"] + parts["small"]
     columns = parts["columns"] if phase.name == "ritz" else 0
@@ -252,14 +268,15 @@ def choose_row_block(cfg: RunConfig, spec) -> int:
     if cfg.row_block > 0:
         if cfg.row_block < k:
             raise ConfigError(f"row_block: {cfg.row_block} rows is fewer than k={k}")
-        if spec.recovery == "two_pass" and 2 * k > spec.layout.dim:
+        if spec.recovery == "two_pass" and spec.krylov_rounds * k > spec.layout.dim:
             raise ConfigError(
-                f"row_block: two-pass recovery in row blocks needs 2k <= D (k={k}, "
-                f"D={spec.layout.dim}); use row_block=-1 (in memory)"
+                f"row_block: two-pass recovery in row blocks needs rounds x k <= D "
+                f"({spec.krylov_rounds} x {k}, D={spec.layout.dim}); use row_block=-1 "
+                "(in memory)"
             )
         return min(cfg.row_block, spec.layout.dim)
     budget = min(memory_budget(cfg, stage)[0] for stage in ("basis", "solve"))
-    if in_memory_solve_bytes(spec) <= budget or 2 * k > spec.layout.dim:
+    if in_memory_solve_bytes(spec) <= budget or max(2, spec.krylov_rounds) * k > spec.layout.dim:
         return 0
     # Half the budget: the estimate's margin, and page cache for the passes' reads. Blocks
     # larger than that gain nothing: a pass streams through them either way.
@@ -336,14 +353,18 @@ def _solve_cost(spec, cfg, facts, job) -> JobCost:
     matrix = spec.layout.dim * spec.layout.num_outer * _itemsize(spec)
     if not spec.row_block:
         return JobCost(in_memory_solve_bytes(spec), matrix, 0)
-    phases = {phase.name: phase for phase in program_phases(job.stage, spec.recovery)}
-    name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["phase"]
+    arguments = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)
+    round_name = arguments.get("round", "second")
+    phases = {p.name: p for p in program_phases(job.stage, spec.recovery, round_name)}
+    name = arguments["phase"]
     disk = (2 if job.stage == "solve" else 1) * matrix if name == "finish" else 0
     return JobCost(row_phase_bytes(spec, phases[name]), disk, 0)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:
-    arrays = 0 if spec.row_block else len(spec.splits) * 2 * spec.layout.dim * spec.layout.num_outer
+    rounds = spec.krylov_rounds if spec.recovery == "two_pass" else 2  # merge targets
+    per_split = rounds * spec.layout.dim * spec.layout.num_outer
+    arrays = 0 if spec.row_block else len(spec.splits) * per_split
     return JobCost(PROCESS_FLOOR_BYTES, arrays * _itemsize(spec), 0)
 
 

@@ -181,16 +181,18 @@ def measured_rounds(arguments: dict[str, str], spec) -> list[str]:
     return ["first", "apost"] if whole and "apost" in spec.rounds else ["first"]
 
 
-def row_phase(arguments: dict[str, str], spec, stage: str) -> tuple[str | None, list[int] | None]:
-    """``phase=`` of a row-block basis or solve and, for a per-block phase, the row blocks of
-    its array task ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``); ``(None, None)``: the whole
-    program.
+def row_phase(
+    arguments: dict[str, str], spec, stage: str, round_name: str = "second"
+) -> tuple[str | None, list[int] | None]:
+    """``phase=`` of a row-block basis (of ``round_name``) or solve and, for a per-block
+    phase, the row blocks of its array task ``task=i`` (or ``$SLURM_ARRAY_TASK_ID``);
+    ``(None, None)``: the whole program.
     """
     from hessov.rowpass import program_phases
 
     if "phase" not in arguments:
         return None, None
-    phases = {phase.name: phase for phase in program_phases(stage, spec.recovery)}
+    phases = {phase.name: phase for phase in program_phases(stage, spec.recovery, round_name)}
     if not spec.row_block:
         raise ConfigError(f"phase: the {stage} runs in memory (row_block=-1); it has no phases")
     if arguments["phase"] not in phases:
@@ -209,9 +211,13 @@ def _basis(run: RunDir, arguments: dict, overrides: list[str]) -> None:
         raise ConfigError(
             f"recovery: the basis stage is for two_pass, the layout is {spec.recovery}"
         )
-    phase, blocks = row_phase(arguments, spec, "basis")
+    round_name = arguments.get("round", "second")
+    if round_name not in spec.rounds or round_name in ("first", "apost"):
+        later = [name for name in spec.rounds if name not in ("first", "apost")]
+        raise ConfigError(f"round: {round_name!r} has no basis; the rounds that do: {later}")
+    phase, blocks = row_phase(arguments, spec, "basis", round_name)
     for step, split in steps_and_splits(arguments, spec):
-        basis(run, cfg, spec, step, split, phase, blocks)
+        basis(run, cfg, spec, step, split, phase, blocks, round_name)
 
 
 def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
@@ -316,10 +322,13 @@ STAGES: dict[str, StageEntry] = {
         (),
         "stage 2: fix the sketch settings and create the measurement storage",
         "Resolve k (default: the paper's rule, 5% of D up to 1,000), s (default 2k), "
-        "block_size, MEAS_PER_JOB, the row block of the basis and solve (from memory_gb, "
+        "the two-pass rounds (rounds=q, or target_rel_err= with max_rounds= and "
+        "target_eigenpairs=), block_size, MEAS_PER_JOB, the row block of the basis and "
+        "solve (from memory_gb, "
         "or row_block=) and the steps/splits to measure; write RUN/measurements/sketch.json; "
         "create the part files (flags 'initialized') and virtual views per step and split, "
         "and (in memory) each split's monolithic merge arrays. Overrides: k= s= recovery= "
+        "rounds= target_rel_err= max_rounds= target_eigenpairs= "
         "noise= block_size= memory_gb= row_block= "
         "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=. "
         "Without overrides, a layout already on disk is completed as it is.",
@@ -333,14 +342,15 @@ STAGES: dict[str, StageEntry] = {
         "Without round=, task= or indices=, the first round and the a-posteriori round. "
         "Skips measured blocks; writes each finished block atomically. With two-pass "
         "recovery (the default), round=second multiplies H onto the basis Q that "
-        "`hessov basis` wrote after the first round; round=apost multiplies H onto the "
+        "`hessov basis` wrote after the first round, round=roundJ (rounds=q) onto the "
+        "Krylov block `hessov basis round=roundJ` wrote; round=apost multiplies H onto the "
         "a-posteriori error's Gaussian probes (any time after the layout). Also device= "
         "threads=.",
     ),
     "basis": StageEntry(
         _basis,
-        ("step", "split", "phase", "task"),
-        "stage 4a (two-pass): the orthonormal basis Q of the first round",
+        ("step", "split", "phase", "task", "round"),
+        "stage 4a (two-pass): the block of the Krylov basis the next round multiplies",
         "For step=T split=train|test (default: every step and split of the layout): verify "
         "every flag and checksum of the first round, merge, and write Q = qr(H Omega) to "
         "RUN/measurements/step_T_SPLIT/basis.h5 for the second round: in memory, or by TSQR "
@@ -348,7 +358,12 @@ STAGES: dict[str, StageEntry] = {
         "again, row_block=-1 forces memory). In row blocks the basis is the phases local "
         "(array tasks over the row blocks), tree, apply (the same) and finish; phase=NAME "
         "[task=i or $SLURM_ARRAY_TASK_ID] runs one of them (the stage graph's jobs), "
-        "without phase= all in turn. Also threads=.",
+        "without phase= all in turn. With rounds=q, round=roundJ (J = 3..q) writes "
+        "basis_roundJ.h5, the next block of the block Krylov basis from the rounds before "
+        "(in row blocks the phases project, ..., reorth_apply, check, finish), after "
+        "bounding the eigenvalues the solve would report after round J-1; with "
+        "target_rel_err met it writes nothing and the later rounds are skipped. Also "
+        "threads=.",
     ),
     "solve": StageEntry(
         _solve,

@@ -74,21 +74,27 @@ def _phases(*names: str) -> tuple[Phase, ...]:
     return tuple(phases)
 
 
+#: The next block ``P`` of the block Krylov basis, an orthonormal basis of
+#: ``(I - V V^T) H Q_last`` (:func:`hessov.skerch_ext.solve.next_block`): ``V^T H V`` summed,
+#: TSQR of the residual, then TSQR again of its reorthogonalisation against ``V``.
+EXTENSION = (
+    "project/",
+    "project_sum",
+    "extend_local/",
+    "extend_tree",
+    "extend_apply/extend_local",
+    "overlap_sum",
+    "reorth_local/extend_apply",
+    "reorth_tree",
+)
 #: The phases of each row-block program, in order (``/``: per block, see :func:`_phases`).
-#: TSQR is ``local/``, ``tree``, ``apply/local``; the two-pass solve runs it twice, for the
-#: Krylov extension ``P``, an orthonormal basis of ``(I - Q Q^T) H Q``, and for its
-#: reorthogonalisation against ``Q`` (:func:`hessov.skerch_ext.solve.block_krylov_extension`).
+#: TSQR is ``local/``, ``tree``, ``apply/local``: the first round's basis, and twice in the
+#: :data:`EXTENSION` that the basis of a later round and the two-pass solve start with.
 ROW_PHASES: dict[str, tuple[Phase, ...]] = {
     "basis": _phases("local/", "tree", "apply/local", "finish"),
+    "basis krylov": _phases(*EXTENSION, "reorth_apply/reorth_local", "check", "finish"),
     "solve two_pass": _phases(
-        "project/",
-        "project_sum",
-        "extend_local/",
-        "extend_tree",
-        "extend_apply/extend_local",
-        "overlap_sum",
-        "reorth_local/extend_apply",
-        "reorth_tree",
+        *EXTENSION,
         "reorth_apply/reorth_local",
         "ritz",
         "eigenvectors/reorth_apply",
@@ -114,9 +120,20 @@ ROW_PHASES: dict[str, tuple[Phase, ...]] = {
 PhaseFunction = Callable[..., Mapping[str, torch.Tensor | np.ndarray] | None]
 
 
-def program_phases(stage: str, recovery: str) -> tuple[Phase, ...]:
-    """The phases of ``stage`` (``basis`` or ``solve``) for the layout's ``recovery``."""
-    return ROW_PHASES["basis" if stage == "basis" else f"solve {recovery}"]
+def program_phases(stage: str, recovery: str, round_name: str = "second") -> tuple[Phase, ...]:
+    """The phases of ``stage`` (``basis`` or ``solve``) for the layout's ``recovery``; a
+    basis for a round after the second is the next Krylov block's.
+    """
+    if stage == "basis":
+        return ROW_PHASES["basis" if round_name == "second" else "basis krylov"]
+    return ROW_PHASES[f"solve {recovery}"]
+
+
+def work_name(stage: str, round_name: str = "second") -> str:
+    """The name of a program's work directory: the stage, and a later round's basis its
+    round (``basis_round3``), so that the rounds' programs never share one.
+    """
+    return f"basis_{round_name}" if stage == "basis" and round_name != "second" else stage
 
 
 class RowWork:

@@ -9,10 +9,12 @@ says what each computes, the same arithmetic in the same order as the in-memory 
   takes ``A_i = Q_i R_i`` per block, ``tree`` turns the ``R_i`` into each block's ``F_i``
   (:func:`hessov.skerch_ext.rowblocks.tree_factors`, a group of ``R_i`` at a time), ``apply``
   writes ``Q_i F_i``.
-* Two-pass Rayleigh-Ritz on the block Krylov space ``span(Q, H Q)``
-  (:func:`hessov.skerch_ext.solve.block_krylov_extension`): ``C0 = Q^T (H Q)`` summed over
-  the blocks; ``P`` by TSQR of ``H Q - Q C0``, then again of ``P - Q (Q^T P)``;
-  ``E = P^T (H Q)``; the Ritz problem on ``[[C0, E^T], [E, 0]]``; ``W = Q U_q + P U_p``.
+* Two-pass Rayleigh-Ritz on the block Krylov space ``span(V, P)``
+  (:mod:`hessov.skerch_ext.krylov`; ``V = Q`` after two rounds,
+  :func:`hessov.skerch_ext.solve.block_krylov_extension`): ``C0 = V^T (H V)`` summed over
+  the blocks; ``P`` by TSQR of ``H Q_last - V C0[:, -k:]``, then again of ``P - V (V^T P)``;
+  ``E = P^T (H V)``; the Ritz problem on ``[[C0, E^T], [E, 0]]``; ``W = V U_v + P U_p``.
+  The basis of a later round is the same ``P`` (:func:`extension_phases`).
 * Single pass: ``Q`` by TSQR of the first round, the core from ``Psi Q`` and ``Omega^T Q``
   (whole columns: the random matrices act on them), ``W = Q U``.
 * The a-posteriori check (:func:`hessov.skerch_ext.aposteriori.apost_error_rows`):
@@ -130,16 +132,18 @@ def tsqr_phases(
     return {local_name: local, tree_name: tree, f"{prefix}apply": apply}
 
 
-def two_pass_phases(
-    work: RowWork, basis: Rows, h_basis: StoredRows, verify: Verify, num_eigenpairs: int
-) -> tuple[dict[str, PhaseFunction], Callable[[int, range], torch.Tensor]]:
-    """Rayleigh-Ritz on ``span(Q, H Q)`` from the basis ``Q`` and the second round's ``H Q``
-    up to ``ritz`` (results ``eigenvalues`` ``(r,)`` and ``coefficients`` ``(2k, r)``), and
-    the eigenvectors' row blocks ``(number, rows) -> W_i`` for :func:`apost_phases`.
+def extension_phases(
+    work: RowWork, basis: Rows, products: StoredRows, verify: Verify, block: int
+) -> dict[str, PhaseFunction]:
+    """The next Krylov block ``P`` ``(D, block)`` from ``V`` (``basis``'s rows ``(rows, n)``)
+    and ``H V`` (``products``' rows ``(rows, n)``, as stored): ``project_sum``'s ``c0 =
+    V^T H V`` ``(n, n)``, TSQR of ``H Q_last - V c0[:, -block:]`` (``extend_``), then of its
+    reorthogonalisation against ``V`` (``reorth_``), whose ``apply`` results are ``P``'s rows
+    (``block``) and the coupling's partial sums ``gram = P_i^T (H V)_i`` ``(block, n)``.
     """
 
     def project(number: int, rows: range) -> dict:
-        stored = h_basis(rows)
+        stored = products(rows)
         return {"gram": basis(rows).T @ torch.from_numpy(stored), "crc": _crc(stored)}
 
     def project_sum() -> dict:
@@ -148,33 +152,14 @@ def two_pass_phases(
 
     def residual(number: int, rows: range):
         c0 = work.read("project_sum")["c0"]
-        return torch.from_numpy(h_basis(rows)) - basis(rows) @ c0, {}
+        last = torch.from_numpy(products(rows)[:, -block:])
+        return last - basis(rows) @ c0[:, -block:], {}
 
     def reorthogonalised(number: int, rows: range):
         overlap = work.read("overlap_sum")["overlap"]
         return work.read("extend_apply", number, ["block"])["block"] - basis(rows) @ overlap, {}
 
-    def ritz() -> dict:
-        c0 = work.read("project_sum")["c0"]
-        coupling = block_sum(work, "reorth_apply", "gram")  # E, (k, k)
-        num = c0.shape[0]
-        core = coupled_core(c0, coupling)
-        eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
-        dim = work.ranges[-1].stop
-        bounds, residuals = core_bounds(core, num, eigenvalues, (core.dtype, dim), num)
-        return {
-            "eigenvalues": eigenvalues,
-            "coefficients": coefficients,
-            "error_bounds": bounds,
-            "residual_norms": residuals,
-        }
-
-    def eigenvector_rows(number: int, rows: range) -> torch.Tensor:
-        coefficients = work.read("ritz", names=["coefficients"])["coefficients"]
-        top, bottom = coefficients.split(coefficients.shape[0] // 2)
-        return basis(rows) @ top + work.read("reorth_apply", number, ["block"])["block"] @ bottom
-
-    phases = {
+    return {
         "project": project,
         "project_sum": project_sum,
         **tsqr_phases(
@@ -185,10 +170,49 @@ def two_pass_phases(
             work,
             "reorth_",
             reorthogonalised,
-            after=lambda n, rows, p: {"gram": p.T @ torch.from_numpy(h_basis(rows))},
+            after=lambda n, rows, p: {"gram": p.T @ torch.from_numpy(products(rows))},
         ),
-        "ritz": ritz,
     }
+
+
+def extended_core_of(work: RowWork) -> tuple[torch.Tensor, int]:
+    """The extended core ``[[c0, E^T], [E, 0]]`` from the :func:`extension_phases`' sums, and
+    ``n``, its exactly projected rows.
+    """
+    c0 = work.read("project_sum")["c0"]
+    return coupled_core(c0, block_sum(work, "reorth_apply", "gram")), c0.shape[0]
+
+
+def two_pass_phases(
+    work: RowWork, basis: Rows, products: StoredRows, verify: Verify, num_eigenpairs: int
+) -> tuple[dict[str, PhaseFunction], Callable[[int, range], torch.Tensor]]:
+    """Rayleigh-Ritz on the block Krylov space ``span(V, P)`` from ``V`` and ``H V``
+    (:func:`extension_phases`; ``span(Q, H Q)`` after two rounds) up to ``ritz`` (results
+    ``eigenvalues`` ``(r,)``, ``coefficients`` ``(n + k, r)``, their ``error_bounds`` and
+    ``residual_norms``), and the eigenvectors' row blocks ``(number, rows) -> W_i`` for
+    :func:`apost_phases`.
+    """
+    block = num_eigenpairs
+
+    def ritz() -> dict:
+        core, num = extended_core_of(work)
+        eigenvalues, coefficients = ritz_coefficients(core, num_eigenpairs)
+        dim = work.ranges[-1].stop
+        bounds, residuals = core_bounds(core, num, eigenvalues, (core.dtype, dim), block)
+        return {
+            "eigenvalues": eigenvalues,
+            "coefficients": coefficients,
+            "error_bounds": bounds,
+            "residual_norms": residuals,
+        }
+
+    def eigenvector_rows(number: int, rows: range) -> torch.Tensor:
+        coefficients = work.read("ritz", names=["coefficients"])["coefficients"]
+        num = coefficients.shape[0] - block  # V's columns, then P's
+        top, bottom = coefficients[:num], coefficients[num:]
+        return basis(rows) @ top + work.read("reorth_apply", number, ["block"])["block"] @ bottom
+
+    phases = {**extension_phases(work, basis, products, verify, block), "ritz": ritz}
     return phases, eigenvector_rows
 
 

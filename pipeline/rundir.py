@@ -106,16 +106,25 @@ class RunDir:
         return self.measurements / "sketch.json"
 
     def measurement_parts(self, step: int, split: str, round_name: str = "first") -> Path:
-        """Part files of one step and split: ``first`` pass, or ``second`` (H @ Q)."""
+        """Part files of one step and split and round: ``first`` (H Omega), ``second``
+        (H Q), ``round3``... (:mod:`hessov.rounds`) or ``apost``.
+        """
         return self.measurements / f"step_{step}_{split}" / round_name
 
     def monolithic(self, split: str) -> Path:
         """The merge target of one split, allocated once and reused for every step."""
         return self.measurements / f"merged_{split}.h5"
 
-    def two_pass_basis(self, step: int, split: str) -> Path:
-        """Q of the first pass, written for the second round of measurements."""
-        return self.measurements / f"step_{step}_{split}" / "basis.h5"
+    def two_pass_basis(self, step: int, split: str, round_name: str = "second") -> Path:
+        """The block of the Krylov basis that round ``round_name`` multiplies ``H`` onto:
+        ``Q`` of the first round for ``second``, the next block for ``round3``...
+        """
+        name = "basis.h5" if round_name == "second" else f"basis_{round_name}.h5"
+        return self.measurements / f"step_{step}_{split}" / name
+
+    def krylov_checks(self, step: int, split: str) -> Path:
+        """The error bounds after each round, against ``target_rel_err`` (:mod:`hessov.rounds`)."""
+        return self.measurements / f"step_{step}_{split}" / "krylov_checks.json"
 
     def eigen(self, step: int, split: str) -> Path:
         """Eigenpairs of one step and split, with their provenance (solve)."""

@@ -19,6 +19,7 @@ import torch
 from hessov.config import RunConfig
 from hessov.errors import ConfigError, MissingInputError
 from hessov.fileio import atomic_write_json
+from hessov.rounds import product_rounds
 from hessov.rundir import RunDir
 from hessov.skerch_ext.random_matrices import SketchMatrices
 from hessov.skerch_ext.rowblocks import row_ranges
@@ -46,6 +47,13 @@ class SketchSpec:
     extra: dict = field(default_factory=dict)
     #: Rows per block of the out-of-core basis and solve; 0: in memory (see hessov.costs).
     row_block: int = 0
+    #: Two-pass: rounds of ``k`` products in the stage graph (``rounds``, or ``max_rounds``
+    #: with a target; :mod:`hessov.rounds`).
+    krylov_rounds: int = 2
+    #: Two-pass: stop the rounds once every bound is below this relative error (0: off).
+    target_rel_err: float = 0.0
+    #: The top pairs the target covers.
+    target_eigenpairs: int = 0
 
     @property
     def num_tasks(self) -> int:
@@ -119,11 +127,14 @@ class SketchSpec:
 
     @property
     def rounds(self) -> tuple[str, ...]:
-        """Measurement rounds: ``first`` (H Omega); two-pass adds ``second`` (H Q); then
-        ``apost``, the a-posteriori probes' products (independent of the others).
+        """Measurement rounds: ``first`` (H Omega); two-pass adds ``second`` (H Q) and, with
+        more rounds, ``round3``... (:mod:`hessov.rounds`); then ``apost``, the
+        a-posteriori probes' products (independent of the others).
         """
-        sketch = ("first", "second") if self.recovery == "two_pass" else ("first",)
-        return sketch + (("apost",) if self.num_apost else ())
+        sketch = ["first"]
+        if self.recovery == "two_pass":
+            sketch += product_rounds(self.krylov_rounds)
+        return tuple(sketch) + (("apost",) if self.num_apost else ())
 
     @property
     def total_hvps(self) -> int:
@@ -212,23 +223,54 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
+    if cfg.recovery == "two_pass":
+        _resolve_rounds(cfg, spec)
     spec.row_block = choose_row_block(cfg, spec)
     return spec
+
+
+def _resolve_rounds(cfg: RunConfig, spec: SketchSpec) -> None:
+    """The rounds of the stage graph and the target: fixed ``rounds`` (default 2), or
+    ``max_rounds`` with ``target_rel_err``, whose top ``target_eigenpairs`` (default
+    ``k - 5``: the last pairs of the first check's space are never bounded) must be bounded.
+    """
+    from hessov.skerch_ext.krylov import OVERSAMPLING
+
+    k, dim = spec.layout.num_outer, spec.layout.dim
+    spec.target_rel_err = cfg.target_rel_err
+    spec.krylov_rounds = (cfg.max_rounds if cfg.target_rel_err else cfg.rounds) or 2
+    spec.target_eigenpairs = min(cfg.target_eigenpairs or max(1, k - OVERSAMPLING), k)
+    if spec.target_rel_err:
+        if spec.target_eigenpairs > k - OVERSAMPLING:
+            raise ConfigError(
+                f"target_eigenpairs: {spec.target_eigenpairs} > k - {OVERSAMPLING} = "
+                f"{k - OVERSAMPLING}: the last {OVERSAMPLING} Ritz pairs of a round's space are "
+                "never bounded; raise k"
+            )
+    if spec.krylov_rounds > 2 and spec.krylov_rounds * k > dim:  # noqa: PLR2004
+        key = "max_rounds" if spec.target_rel_err else "rounds"
+        raise ConfigError(
+            f"{key}: {spec.krylov_rounds} rounds of k={k} products exceed D={dim}: the Krylov "
+            "space would be all of R^D; use fewer rounds or a smaller k"
+        )
 
 
 def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> SketchSpec:
     """``existing`` (the layout on disk at ``where``) when ``wanted`` asks for the same sketch;
     otherwise a :class:`ConfigError`, since the measurements taken for it would not match.
     """
-    if (existing.layout, existing.recovery, existing.num_apost) != (
-        wanted.layout,
-        wanted.recovery,
-        wanted.num_apost,
-    ):
+
+    def fixed(spec: SketchSpec) -> tuple:
+        rounds = (spec.krylov_rounds, spec.target_rel_err, spec.target_eigenpairs)
+        return spec.layout, spec.recovery, spec.num_apost, rounds
+
+    if fixed(existing) != fixed(wanted):
         raise ConfigError(
-            f"layout: {where} already fixes {existing.layout} "
-            f"(recovery={existing.recovery}); the measurements taken for it would not match "
-            f"{wanted.layout}. Use the same settings, or a new run."
+            f"layout: {where} already fixes {existing.layout} (recovery={existing.recovery}, "
+            f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}); the "
+            f"measurements taken for it would not match {wanted.layout} "
+            f"({wanted.krylov_rounds} rounds, target_rel_err={wanted.target_rel_err}). Use "
+            "the same settings, or a new run."
         )
     return existing
 

@@ -128,5 +128,6 @@ def test_a_new_budget_chooses_the_row_block_again_over_the_saved_one():
 
 
 def test_row_blocks_forced_where_two_pass_cannot_use_them_are_refused():
-    with pytest.raises(ConfigError, match="row_block: two-pass recovery in row blocks needs 2k"):
+    needs = r"row_block: two-pass recovery in row blocks needs rounds x k <= D \(2 x 4000"
+    with pytest.raises(ConfigError, match=needs):
         spec_for(7030, "k=4000", "row_block=4096")

@@ -100,7 +100,10 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
         "sketches": [
             # step 100: solved and analysed; step 300: task 1 of the first round missing.
             sketch_status(
-                100, {"first": [], "second": [], "apost": []}, basis_written=True, solved=True
+                100,
+                {"first": [], "second": [], "apost": []},
+                bases_written={"second": True},
+                solved=True,
             ),
             sketch_status(300, {"first": [1], "second": [0, 1, 2], "apost": []}),
         ],
@@ -121,7 +124,7 @@ def test_graph_of_a_partly_done_run_holds_only_what_is_missing(tmp_path):
     assert all("threads=2" not in job.args for job in jobs if job.stage == "analyze")
 
     status["sketches"][1] = sketch_status(
-        300, {"first": [], "second": [2], "apost": []}, basis_written=True, solved=False
+        300, {"first": [], "second": [2], "apost": []}, bases_written={"second": True}, solved=False
     )
     jobs = build_graph(plan.run, plan.spec, status, cfg)
     assert [job.name for job in jobs][:2] == [
@@ -174,7 +177,9 @@ def test_row_block_phases_are_job_arrays_and_a_resume_holds_what_is_missing(tmp_
         "train": True,
         "layout": True,
         "sketches": [
-            sketch_status(300, {"first": [], "second": [], "apost": []}, basis_written=True)
+            sketch_status(
+                300, {"first": [], "second": [], "apost": []}, bases_written={"second": True}
+            )
         ],
     }
     work = plan.run.row_work(300, "train", "solve", 1760)

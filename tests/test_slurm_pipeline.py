@@ -4,12 +4,14 @@ Slurm tasks may round differently), and finishes after a cancelled task. The seq
 emulation without Slurm (slurm/run_sequential.sh) is tested in tests/test_graph.py.
 """
 
+import json
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 from conftest import REPO, last_line
@@ -109,23 +111,54 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     assert [p.stat().st_mtime_ns for p in parts] == before
 
 
+@pytest.fixture(scope="module")
+def local_target(tmp_path_factory):
+    """The local in-memory run of step 300 with a target that three rounds meet."""
+    from conftest import run_hessov
+
+    out = tmp_path_factory.mktemp("local-target")
+    return Path(last_line(run_hessov("run", *TINY, *ONE_STEP_TARGET, f"OUTPUT_DIR={out}").stdout))
+
+
+#: Step 300 with a target its third round meets (tests/test_rounds.py), at most three rounds:
+#: the check after the second round (a row-block phase) asks for the third. Skipping a round
+#: on Slurm is tested in tests/test_slurm_submitit.py.
+ONE_STEP_TARGET = [
+    "HESSIAN_STEPS=[300]",
+    "target_rel_err=0.01",
+    "target_eigenpairs=3",
+    "max_rounds=3",
+]
+
+
 @pytest.mark.slurm
-def test_sbatch_chain_runs_the_row_block_phases_as_job_arrays(
-    slurm_cluster, local_reference, tmp_path
+def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
+    slurm_cluster, local_target, tmp_path
 ):
-    """With row blocks (2 of them: 4,096 rows and the 2,934 left of D = 7,030), the basis and
-    solve are one job per phase, a per-block phase an array with a task per row block, and
-    the chain ends at the in-memory local run's eigenpairs within the equivalence tolerances.
+    """With row blocks (2 of them: 4,096 rows and the 2,934 left of D = 7,030), the basis
+    (of each Krylov round) and the solve are one job per phase, a per-block phase an array
+    with a task per row block, and the chain of three rounds ends at the in-memory local
+    run's eigenpairs within the equivalence tolerances.
     """
-    run_dir, jobs = submit_chain(slurm_cluster, tmp_path, "HESSIAN_STEPS=[300]", "row_block=4096")
+    run_dir, jobs = submit_chain(slurm_cluster, tmp_path, *ONE_STEP_TARGET, "row_block=4096")
     where = "step=300 split=train"
-    basis = [name for name in jobs if name.startswith("basis ")]
+    basis = [name for name in jobs if name.startswith("basis ") and " round" not in name]
+    krylov = [name for name in jobs if name.startswith("basis ") and " round3 " in name]
     solve = [name for name in jobs if name.startswith("solve ")]
     assert basis == [f"basis {phase} {where}" for phase in ("local", "tree", "apply", "finish")]
+    assert len(krylov) == 11 and krylov[-2:] == [
+        f"basis {p} round3 {where}" for p in ("check", "finish")
+    ]
     assert len(solve) == 14 and solve[-1] == f"solve finish {where}"
     per_block = [
         f"{phase} {where}"
-        for phase in ("basis local", "basis apply", "solve extend_local", "solve eigenvectors")
+        for phase in (
+            "basis local",
+            "basis apply",
+            "basis reorth_apply round3",
+            "solve extend_local",
+            "solve eigenvectors",
+        )
     ]
     tasks = {}
     for name, job_id in jobs.items():
@@ -137,5 +170,9 @@ def test_sbatch_chain_runs_the_row_block_phases_as_job_arrays(
     for name in per_block:
         assert tasks[name] == ["0", "1"]  # an array task per row block
     assert tasks[f"solve extend_tree {where}"] == [""]  # one job
-    assert_equivalent_runs(local_reference, run_dir, [(300, "train")])
+    assert_equivalent_runs(local_target, run_dir, [(300, "train")])
     assert not list(run_dir.glob("measurements/*/*_rows_*"))  # the work directories are gone
+    with h5py.File(run_dir / "eigen/step_300_train.h5") as handle:
+        assert handle.attrs["rounds"] == 3
+    checks = json.loads((run_dir / "measurements/step_300_train/krylov_checks.json").read_text())
+    assert [(check["after_round"], check["met"]) for check in checks] == [(2, False)]

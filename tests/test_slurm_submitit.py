@@ -27,10 +27,21 @@ ONE_STEP = [*TINY, "HESSIAN_STEPS=[300]"]
 FOLLOW = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12"]
 
 
+#: Step 300 with a target that its third round meets (tests/test_rounds.py): four rounds
+#: planned, the fourth's jobs submitted and finding nothing to do.
+ONE_STEP_TARGET = [*ONE_STEP, "target_rel_err=0.01", "target_eigenpairs=3"]
+
+
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
     return Path(last_line(run_hessov("run", *TINY, f"OUTPUT_DIR={out}").stdout))
+
+
+@pytest.fixture(scope="module")
+def local_target(tmp_path_factory):
+    out = tmp_path_factory.mktemp("local-target")
+    return Path(last_line(run_hessov("run", *ONE_STEP_TARGET, f"OUTPUT_DIR={out}").stdout))
 
 
 @pytest.fixture
@@ -183,10 +194,13 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
 
 @pytest.mark.slurm
 def test_cancelled_task_is_reported_and_resumed_on_slurm(
-    slurm_cluster, local_reference, tmp_path, own_jobs
+    slurm_cluster, local_target, tmp_path, own_jobs
 ):
+    """A cancelled task of a run whose rounds a target ends: reported, resumed to the local
+    run's eigenpairs, with only the missing task measured again and no fourth round.
+    """
     out = tmp_path / "runs"
-    command = ["run", *ONE_STEP, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait"]
+    command = ["run", *ONE_STEP_TARGET, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait"]
     follower = subprocess.Popen(
         [sys.executable, "-m", "hessov.cli", *command],
         cwd=REPO,
@@ -236,15 +250,24 @@ def test_cancelled_task_is_reported_and_resumed_on_slurm(
     measured = {p: t for p, t in part_times(run).items() if "/first/" in p}
     resumed = run_hessov("resume", str(run), "backend=slurm", *FOLLOW, "--wait")
     assert "all " in resumed.stderr and "jobs completed" in resumed.stderr
-    assert_same_eigenpairs(local_reference, run, [300])
+    assert_same_eigenpairs(local_target, run, [300])
     latest = [job["name"] for job in submissions(run)[-1]["jobs"]]
     where = "step=300 split=train"
-    assert latest[:6] == [
+    assert latest[:14] == [
         f"measure first {where} task=1",  # only the cancelled task; training and layout kept
-        f"basis {where}",
-        *(f"measure second {where} task={task}" for task in range(3)),
+        *(
+            name
+            for round_name in ("second", "round3", "round4")
+            for name in (
+                f"basis {where}" if round_name == "second" else f"basis {round_name} {where}",
+                *(f"measure {round_name} {where} task={task}" for task in range(3)),
+            )
+        ),
         f"solve {where}",
     ]
+    summary = json.loads(run_hessov("summary", str(run)).stdout)["solve"]["300"]["train"]
+    assert (summary["rounds"], summary["rounds_stopped_by"]) == (3, "target_rel_err")
+    assert "round4 round not needed" in run_hessov("status", str(run)).stdout
     remeasured = {p for p, t in part_times(run).items() if p in measured and measured[p] != t}
     assert remeasured == {p for p in measured if p.endswith("part_00001.h5")}
 

@@ -109,7 +109,8 @@ def test_fresh_layout_misses_every_index_and_task(single_pass):
         first = item.rounds["first"]
         assert first.total == 6 and first.missing == [0, 1, 2, 3, 4, 5]
         assert first.tasks_missing == [0, 1] and not first.done
-        assert not (item.solved or item.basis_written or item.exhaustive_done or item.analysed)
+        assert not (item.solved or any(item.bases_written.values()) or item.exhaustive_done)
+        assert not item.analysed
 
 
 def test_partly_measured_run(single_pass):
@@ -194,7 +195,7 @@ def test_two_pass_rounds_and_basis(tmp_path):
     assert train.rounds["first"].done and train.rounds["first"].total == 5
     assert train.rounds["second"].missing == [0, 1, 2, 3]
     assert train.rounds["second"].tasks_missing == [0]
-    assert train.basis_written and not test.basis_written
+    assert train.bases_written == {"second": True} and test.bases_written == {"second": False}
     assert test.rounds["first"].missing == [0, 1, 2, 3, 4]
     assert test.rounds["first"].tasks_missing == [0, 1]
     assert missing_work(status) == [

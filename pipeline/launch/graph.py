@@ -35,7 +35,7 @@ from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramstore import ColumnStore
 from hessov.recording import refuse_unfinished_record
-from hessov.rowpass import RowWork, program_phases
+from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec, save_spec
 
@@ -115,30 +115,36 @@ class _Builder:
 
 
 def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where, after):
-    """The measurement rounds of one step and split (and the basis between them); returns
-    the dependencies of the solve. The a-posteriori probes need only the layout, so their
-    round runs beside the sketch's.
+    """The measurement rounds of one step and split and, before each round after the first,
+    the basis job that writes the block it multiplies; returns the dependencies of the
+    solve. The a-posteriori probes need only the layout, so their round runs beside the
+    sketch's. With ``target_rel_err`` every round up to ``max_rounds`` is here (the plan's
+    worst case); those after the target was met have nothing left to do and are left out.
     """
     run, (step, split) = graph.run, where
     label = f"step={step} split={split}"
     previous, beside = after, ()
     for round_name in spec.rounds:
-        if round_name == "second" and not (item and item.basis_written):
+        status = item.rounds[round_name] if item else None
+        if status and status.not_needed:
+            continue
+        if round_name not in ("first", "apost") and not (
+            item and item.bases_written.get(round_name)
+        ):
             previous = _stage_jobs(
                 graph,
                 spec,
-                ("basis", where),
+                ("basis", where, round_name),
                 previous,
-                [run.measurement_parts(step, split, "first")],
-                [run.two_pass_basis(step, split)],
+                _basis_inputs(run, spec, where, round_name),
+                [run.two_pass_basis(step, split, round_name)],
             )
-        all_tasks = list(range(spec.round_tasks(round_name)))
-        tasks = item.rounds[round_name].tasks_missing if item else all_tasks
+        tasks = status.tasks_missing if status else list(range(spec.round_tasks(round_name)))
         if not tasks:
             continue
         inputs = [run.sketch_spec]
-        if round_name == "second":
-            inputs.append(run.two_pass_basis(step, split))
+        if round_name not in ("first", "apost"):
+            inputs.append(run.two_pass_basis(step, split, round_name))
         added = graph.add(
             f"measure {round_name} {label}",
             "measure",
@@ -155,18 +161,29 @@ def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where,
     return previous + beside
 
 
+def _basis_inputs(run: RunDir, spec: SketchSpec, where, round_name: str) -> list:
+    """What the basis of ``round_name`` reads: the rounds before it and their blocks."""
+    before = spec.rounds[: spec.rounds.index(round_name)]
+    parts = [run.measurement_parts(*where, name) for name in before]
+    return parts + [run.two_pass_basis(*where, name) for name in before if name != "first"]
+
+
 def _stage_jobs(graph: _Builder, spec, what, after, inputs, outputs) -> tuple[str, ...]:
-    """The basis or solve (``what``: the stage, and the step and split) as one job, or in
-    row blocks one job per phase still to do (:mod:`hessov.rowpass`): a job array with a
-    task per row block for a per-block phase. Returns the last job's name.
+    """The basis (of a round) or solve (``what``: the stage, the step and split, and the
+    round) as one job, or in row blocks one job per phase still to do
+    (:mod:`hessov.rowpass`): a job array with a task per row block for a per-block phase.
+    Returns the last job's name.
     """
-    stage, (step, split) = what
+    stage, (step, split), round_name = what
     args = (f"step={step}", f"split={split}")
     label = f"step={step} split={split}"
+    if stage == "basis" and round_name != "second":
+        args, label = (*args, f"round={round_name}"), f"{round_name} {label}"
     if not spec.row_block:
         return graph.add(f"{stage} {label}", stage, args, after, inputs, outputs)
-    work_dir = graph.run.row_work(step, split, stage, spec.row_block)
-    work = RowWork(work_dir, program_phases(stage, spec.recovery), spec.row_ranges)
+    work_dir = graph.run.row_work(step, split, work_name(stage, round_name), spec.row_block)
+    phases = program_phases(stage, spec.recovery, round_name)
+    work = RowWork(work_dir, phases, spec.row_ranges)
     previous, reads = after, inputs
     for phase in work.phases:
         last = phase == work.phases[-1]
@@ -205,7 +222,7 @@ def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) ->
         previous = _rounds(graph, spec, item, where, after)
         inputs = [run.measurement_parts(step, split, name) for name in spec.rounds]
         previous = _stage_jobs(
-            graph, spec, ("solve", where), previous, inputs, [run.eigen(step, split)]
+            graph, spec, ("solve", where, ""), previous, inputs, [run.eigen(step, split)]
         )
     waited: tuple[str, ...] = ()
     if exhaustive and not (item and item.exhaustive_done):

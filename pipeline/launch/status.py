@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from hessov.rowpass import RowWork, program_phases
+from hessov.rounds import not_needed, product_rounds, read_checks, rounds_taken
+from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
 from hessov.skerch_ext.storage import describe_indices
 from hessov.sketchspec import SketchSpec, load_spec
@@ -23,10 +24,12 @@ class RoundStatus:
     total: int
     missing: list[int]
     tasks_missing: list[int]  # array tasks with at least one missing index
+    #: A round after the one that met ``target_rel_err``: nothing to measure.
+    not_needed: bool = False
 
     @property
     def done(self) -> bool:
-        """Every measurement of the round is flagged measured."""
+        """Every measurement of the round is flagged measured (or none is needed)."""
         return not self.missing
 
 
@@ -37,7 +40,12 @@ class SketchStatus:
     step: int
     split: str
     rounds: dict[str, RoundStatus] = field(default_factory=dict)
-    basis_written: bool = False
+    #: Per round after the first (two-pass): its basis file is written, or is not needed.
+    bases_written: dict[str, bool] = field(default_factory=dict)
+    #: The bounds after each round (:class:`hessov.rounds.RoundCheck`), and the rounds the
+    #: solve uses.
+    round_checks: list = field(default_factory=list)
+    rounds_taken: int = 0
     solved: bool = False
     #: Every round's part files exist: a layout made before a round was added lacks one.
     stores_laid_out: bool = True
@@ -48,23 +56,25 @@ class SketchStatus:
     row_progress: list[str] = field(default_factory=list)
 
 
-def row_progress(run: RunDir, spec: SketchSpec, step: int, split: str, stage: str) -> list[str]:
-    """Where each row-block ``stage`` that has started and not finished stands: its first
-    phase not done, with the row blocks done for a per-block phase (one line per row block
-    it was started with).
+def row_progress(
+    run: RunDir, spec: SketchSpec, where: tuple[int, str], stage: str, round_name: str = "second"
+) -> list[str]:
+    """Where each row-block ``stage`` (a basis: of ``round_name``) of ``where`` (step, split)
+    that has started and not finished stands: its first phase not done, with the row blocks
+    done for a per-block phase (one line per row block it was started with).
     """
-    lines = []
-    for row_block, work_dir in sorted(run.row_works(step, split, stage).items()):
+    lines, name = [], work_name(stage, round_name)
+    for row_block, work_dir in sorted(run.row_works(*where, name).items()):
         ranges = replace(spec, row_block=row_block).row_ranges
-        work = RowWork(work_dir, program_phases(stage, spec.recovery), ranges)
+        work = RowWork(work_dir, program_phases(stage, spec.recovery, round_name), ranges)
         for phase in work.phases:
             missing = work.missing_blocks(phase) if phase.per_block else []
             if missing:
                 done = f"{len(ranges) - len(missing)}/{len(ranges)} row blocks done"
-                lines.append(f"{stage}: phase {phase}, {done}")
+                lines.append(f"{name}: phase {phase}, {done}")
                 break
             if not phase.per_block and not work.done(phase):
-                lines.append(f"{stage}: phase {phase}")
+                lines.append(f"{name}: phase {phase}")
                 break
     return lines
 
@@ -75,6 +85,8 @@ def round_status(
     """The flags of one round of one step and split; all missing before the round started."""
     store = spec.store(run, step, split, round_name)
     total = store.layout.num_measurements
+    if not_needed(run, spec, step, split, round_name):
+        return RoundStatus(total, [], [], not_needed=True)
     missing = store.missing_indices() if store.directory.is_dir() else list(range(total))
     missing_set = set(missing)
     tasks = [
@@ -104,14 +116,30 @@ def run_status(run: RunDir) -> dict:
             item.stores_laid_out = all(
                 spec.store(run, step, split, name).directory.is_dir() for name in spec.rounds
             )
-            item.basis_written = run.two_pass_basis(step, split).is_file()
             item.solved = run.eigen(step, split).is_file()
             item.exhaustive_done = run.exhaustive(step, split).is_file()
             item.analysed = run.analysis_step(step, split).is_file()
-            for stage, done in (("basis", item.basis_written), ("solve", item.solved)):
-                item.row_progress += [] if done else row_progress(run, spec, step, split, stage)
+            _krylov_status(run, spec, item)
+            if not item.solved:
+                item.row_progress += row_progress(run, spec, (step, split), "solve")
             status["sketches"].append(item)
     return status
+
+
+def _krylov_status(run: RunDir, spec: SketchSpec, item: SketchStatus) -> None:
+    """The basis files of a two-pass sketch's rounds, the checks after them, the rounds
+    taken and the progress of an unfinished row-block basis.
+    """
+    if spec.recovery != "two_pass":
+        return
+    where = (item.step, item.split)
+    for name in product_rounds(spec.krylov_rounds):
+        written = run.two_pass_basis(*where, name).is_file()
+        item.bases_written[name] = written or not_needed(run, spec, *where, name)
+        if not item.bases_written[name] and not item.solved:
+            item.row_progress += row_progress(run, spec, where, "basis", name)
+    item.round_checks = read_checks(run, *where)
+    item.rounds_taken = rounds_taken(run, spec, *where)
 
 
 def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
@@ -148,6 +176,9 @@ def describe_status(status: dict) -> str:
     for item in status["sketches"]:
         parts = []
         for name, rnd in item.rounds.items():
+            if rnd.not_needed:
+                parts.append(f"{name} round not needed")
+                continue
             measured = rnd.total - len(rnd.missing)
             text = f"{name} round {measured}/{rnd.total} measured"
             if rnd.missing:
@@ -161,4 +192,18 @@ def describe_status(status: dict) -> str:
             state += ", analysed" if item.analysed else ", not analysed"
         state += "".join(f" ({progress})" for progress in item.row_progress)
         lines.append(f"  step {item.step} {item.split}: {'; '.join(parts)}; {state}")
+        lines += [f"    {describe_check(check)}" for check in item.round_checks]
     return "\n".join(lines)
+
+
+def describe_check(check) -> str:
+    """One line of a :class:`hessov.rounds.RoundCheck`: the bound reached after a round."""
+    line = (
+        f"after round {check.after_round}: top {check.target_eigenpairs} eigenvalues within "
+        f"{check.max_relative_bound:.3g} relative ({check.resolved} bounded)"
+    )
+    if check.target_rel_err:
+        line += f", target_rel_err={check.target_rel_err:g} " + (
+            "met: no more rounds" if check.met else "not met"
+        )
+    return line

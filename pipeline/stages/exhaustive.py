@@ -64,6 +64,7 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
         dtype=hessian.dtype,
         device=hessian.device,
         num_apost=spec.num_apost,
+        rounds=spec.krylov_rounds,
     )
     bounds = None if result.bounds is None else result.bounds.error_bounds
     values, vectors = result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu()
@@ -171,6 +172,7 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             "k": k,
             "s": spec.layout.num_inner,
             "hvps": spec.total_hvps,
+            "rounds": spec.krylov_rounds if spec.recovery == "two_pass" else 1,
             "seconds": {"dense_hessian": round(dense_seconds, 3), "eigh": round(eigh_seconds, 3)},
         }
     )

@@ -78,6 +78,8 @@ def complete_layout(run: RunDir, spec: SketchSpec, started: float | None = None)
         "row_block": spec.row_block,
         "a_posteriori_probes": spec.num_apost,
         "recovery": spec.recovery,
+        "rounds": spec.krylov_rounds if spec.recovery == "two_pass" else 1,
+        "target_rel_err": spec.target_rel_err or None,
         "noise": spec.layout.noise,
         "steps": spec.steps,
         "splits": spec.splits,

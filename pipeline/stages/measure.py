@@ -15,9 +15,12 @@ A worker's range comes from ``indices=a:b``, from ``task=i``, or from Slurm's
 With two-pass recovery there is a second round (``round=second``): after the basis stage
 (``hessov basis``) has written the orthonormal basis ``Q`` (D x k) of ``H Omega[:, :k]``,
 each worker multiplies ``H`` onto its columns of ``Q`` and stores ``H Q[:, block]`` the same
-way. The a-posteriori round (``round=apost``) multiplies ``H`` onto the error estimate's
-Gaussian probes ``G`` (D x NUM_A_POSTERIORI, their own seed range), which need nothing but
-the layout, so that the solve that checks its eigenpairs against them needs no model.
+way. With ``rounds=q`` the rounds ``round3`` ... ``roundq`` do the same on the next blocks of
+the block Krylov basis (:mod:`hessov.rounds`); a round after the one that met
+``target_rel_err`` has nothing to measure. The a-posteriori round (``round=apost``)
+multiplies ``H`` onto the error estimate's Gaussian probes ``G`` (D x NUM_A_POSTERIORI, their
+own seed range), which need nothing but the layout, so that the solve that checks its
+eigenpairs against them needs no model.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from hessov.config import RunConfig
 from hessov.errors import ConfigError, MissingInputError
 from hessov.hessian import hessian_at_step
 from hessov.merge import read_columns
+from hessov.rounds import not_needed, stopped_after
 from hessov.rundir import RunDir
 from hessov.runlog import EventLog, get_logger
 from hessov.skerch_ext.aposteriori import gaussian_probe_rows
@@ -64,13 +68,18 @@ def blocks_in_range(layout: SketchLayout, indices: range) -> list[int]:
     return chosen
 
 
-def read_basis_columns(run: RunDir, step: int, split: str, block: range) -> np.ndarray:
-    """Columns ``block`` of the two-pass basis ``Q`` (D, len(block)) written by solve."""
-    path = run.two_pass_basis(step, split)
+def read_basis_columns(
+    run: RunDir, step: int, split: str, block: range, round_name: str = "second"
+) -> np.ndarray:
+    """Columns ``block`` ``(D, len(block))`` of the Krylov block that ``round_name``
+    multiplies, which the basis stage wrote.
+    """
+    path = run.two_pass_basis(step, split, round_name)
     if not path.is_file():
         raise MissingInputError(
-            f"{path} is missing: the second round multiplies H onto the basis Q that "
-            f"`hessov basis {run.root} step={step} split={split}` writes after the first round"
+            f"{path} is missing: the {round_name} round multiplies H onto the block that "
+            f"`hessov basis {run.root} step={step} split={split} round={round_name}` writes "
+            "after the round before"
         )
     with h5py.File(path, "r") as handle:
         return read_columns(handle["basis"], block)
@@ -102,6 +111,18 @@ def measure(
         "hvps": 0,
         "seconds": 0.0,
     }
+    if not_needed(run, spec, step, split, round_name):
+        log.info(
+            "measure %s step %d %s: the %s round is not needed, the bounds met "
+            "target_rel_err=%g after round %d",
+            task_name,
+            step,
+            split,
+            round_name,
+            spec.target_rel_err,
+            stopped_after(run, step, split),
+        )
+        return stats | {"not_needed": True}
     if not todo:
         log.info(
             "measure %s step %d %s: all %d blocks already measured",
@@ -120,7 +141,8 @@ def measure(
     elif round_name == "apost":
         measure_one = functools.partial(_apost_round_block, spec, hessian)
     else:
-        measure_one = functools.partial(_second_round_block, run, step, split, hessian)
+        where = (run, step, split, round_name)
+        measure_one = functools.partial(_basis_round_block, where, hessian)
     run.task_logs.mkdir(parents=True, exist_ok=True)
     log_name = f"measure_step_{step}_{split}_{round_name}_{task_name}.jsonl"
     with EventLog(run.task_logs / log_name, "measure") as events:
@@ -185,9 +207,11 @@ def _first_round_block(hessian, sketch, block: range, layout: SketchLayout) -> _
     return inner, outer, result.seconds["hvps"]
 
 
-def _second_round_block(run: RunDir, step: int, split: str, hessian, block: range) -> _Products:
-    """Second round of two-pass recovery: ``H Q[:, block]`` on the solved basis ``Q``."""
-    columns = torch.from_numpy(read_basis_columns(run, step, split, block))
+def _basis_round_block(where: tuple, hessian, block: range) -> _Products:
+    """A round after the first of two-pass recovery: ``H Q[:, block]`` on the round's block
+    ``Q`` of the Krylov basis; ``where`` is ``(run, step, split, round_name)``.
+    """
+    columns = torch.from_numpy(read_basis_columns(*where[:3], block, where[3]))
     columns = synchronized(columns.to(hessian.device, hessian.dtype))
     started = time.perf_counter()
     outer = synchronized(hessian.matmat(columns))

@@ -22,7 +22,9 @@ provenance) and the ``solve`` summary for that step and split.
 from __future__ import annotations
 
 import json
+import math
 import time
+from dataclasses import asdict
 
 import h5py
 import numpy as np
@@ -30,16 +32,10 @@ import torch
 
 from hessov import summary
 from hessov.config import RunConfig
-from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write
-from hessov.merge import (
-    merged_round,
-    read_columns,
-    round_block,
-    round_rows,
-    tall_dataset,
-    verify_round,
-)
+from hessov.krylovspace import space_in_memory, space_rows
+from hessov.merge import merged_round, round_block, round_rows, tall_dataset, verify_round
+from hessov.rounds import product_rounds, read_checks, relative_check, rounds_taken
 from hessov.rowpass import RowWork, program_phases, run_phases
 from hessov.rowsolve import Rows, apost_phases, single_pass_phases, two_pass_phases
 from hessov.rundir import RunDir
@@ -54,16 +50,14 @@ from hessov.skerch_ext.aposteriori import (
 from hessov.skerch_ext.krylov import EigenvalueBounds, core_bounds
 from hessov.skerch_ext.rowblocks import row_pass
 from hessov.skerch_ext.solve import (
-    block_krylov_extension,
     eigenpairs_from_core,
+    extended_core,
+    next_block,
     orthonormal_basis,
     single_pass_core,
 )
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
-
-#: Where two-pass bounds come from (:mod:`hessov.skerch_ext.krylov`).
-SECOND_ROUND_BOUNDS = "the second round's products H Q (the Ritz pairs of span(Q)), no extra HVP"
 
 
 def write_attrs(handle: h5py.File, attrs: dict) -> None:
@@ -88,34 +82,30 @@ def measurement_seconds(run: RunDir, spec: SketchSpec, step: int, split: str) ->
     }
 
 
-def _require_basis(run: RunDir, step: int, split: str):
-    path = run.two_pass_basis(step, split)
-    if not path.is_file():
-        raise MissingInputError(
-            f"{path} is missing: write the first round's basis with "
-            f"`hessov basis {run.root} step={step} split={split}`"
-        )
-    return path
+def bounds_source(rounds: int) -> str:
+    """Where two-pass bounds come from (:mod:`hessov.skerch_ext.krylov`), in words."""
+    space = "span(Q)" if rounds == 2 else f"span(Q_0..Q_{rounds - 2})"  # noqa: PLR2004
+    return f"the products of rounds 2..{rounds} (the Ritz pairs of {space}), no extra HVP"
 
 
 def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
-    """Rayleigh-Ritz on the basis ``Q`` ``(D, k)`` of the basis stage and the second round's
-    ``H Q`` ``(D, k)``, in memory: eigenvalues ``(k,)``, eigenvectors ``(D, k)`` and their
+    """Rayleigh-Ritz on the block Krylov space of the rounds taken (:mod:`hessov.krylovspace`;
+    after two rounds the basis ``Q`` ``(D, k)`` and ``H Q``), in memory: eigenvalues
+    ``(k,)``, eigenvectors ``(D, k)`` and their
     :class:`~hessov.skerch_ext.krylov.EigenvalueBounds`.
     """
-    path = _require_basis(run, step, split)
+    rounds = rounds_taken(run, spec, step, split)
     t0 = time.perf_counter()
-    h_basis, _ = merged_round(run, spec, step, split, "second")
-    with h5py.File(path, "r") as basis_file:
-        q = torch.from_numpy(read_columns(basis_file["basis"]))
-        seconds["merge"] = float(basis_file.attrs["merge_seconds"]) + time.perf_counter() - t0
-        seconds["qr"] = float(basis_file.attrs["qr_seconds"])
+    space, products, seconds["qr"] = space_in_memory(run, spec, step, split, rounds)
+    seconds["merge"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    basis, core = block_krylov_extension(q, torch.from_numpy(h_basis))
-    eigenvalues, eigenvectors = eigenpairs_from_core(basis, core, spec.layout.num_outer)
-    bounds = core_bounds(core, q.shape[1], eigenvalues, (q.dtype, q.shape[0]), q.shape[1])
+    k = spec.layout.num_outer
+    basis, core = extended_core(space, products, next_block(space, products[:, -k:]))
+    eigenvalues, eigenvectors = eigenpairs_from_core(basis, core, k)
+    precision = (space.dtype, space.shape[0])
+    bounds = core_bounds(core, space.shape[1], eigenvalues, precision, k)
     seconds["core_solve"] = time.perf_counter() - t0
-    return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, SECOND_ROUND_BOUNDS)
+    return eigenvalues, eigenvectors, EigenvalueBounds(*bounds, bounds_source(rounds))
 
 
 def single_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, seconds):
@@ -205,6 +195,44 @@ def bound_fields(bounds: EigenvalueBounds | None, recovery: str) -> dict:
     }
 
 
+def round_fields(run: RunDir, spec: SketchSpec, where, eigenvalues, bounds) -> dict:
+    """The summary's round fields: the rounds taken of those planned, what stopped them
+    (``rounds``: fixed; ``target_rel_err``: met; ``max_rounds``: not met by the last), the
+    largest relative bound over the target's pairs, the HVPs taken and each round's check.
+    """
+    if spec.recovery != "two_pass":
+        return {"rounds": 1, "rounds_planned": 1, "rounds_stopped_by": "single_pass"}
+    step, split = where
+    taken = rounds_taken(run, spec, step, split)
+    count = spec.target_eigenpairs
+    errors = torch.full(eigenvalues.shape, math.inf) if bounds is None else bounds.error_bounds
+    final = relative_check(taken, eigenvalues, errors, count, spec.target_rel_err)
+    if not spec.target_rel_err:
+        reason = "rounds"
+    else:
+        reason = "target_rel_err" if final.met else "max_rounds"
+    worst = final.max_relative_bound
+    return {
+        "rounds": taken,
+        "rounds_planned": spec.krylov_rounds,
+        "rounds_stopped_by": reason,
+        "target_rel_err": spec.target_rel_err or None,
+        "target_eigenpairs": count,
+        "target_met": final.met if spec.target_rel_err else None,
+        "max_relative_error_bound": _finite(worst),
+        "hvps": spec.layout.num_measurements * taken,
+        "round_checks": [
+            asdict(check) | {"max_relative_bound": _finite(check.max_relative_bound)}
+            for check in read_checks(run, step, split)
+        ],
+    }
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or ``None`` (JSON's null) for an unresolved bound's ``inf``."""
+    return value if math.isfinite(value) else None
+
+
 def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: dict) -> dict:
     """The eigen file's attributes: where the eigenpairs come from and how good they are."""
     return {
@@ -218,7 +246,8 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
         "recovery": spec.recovery,
         "dtype": spec.layout.dtype,
         "problem": cfg.problem,
-        "hvps": spec.total_hvps,
+        "hvps": fields["hvps"],
+        "rounds": fields["rounds"],
         "seconds_by_phase": fields["seconds_by_phase"],
         "apost_rel_err": fields["apost_rel_err"],
         "apost_error": fields["apost_error"],
@@ -280,13 +309,8 @@ def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase
     )
     num = spec.layout.num_outer
     if spec.recovery == "two_pass":
-        phases, eigenvector_rows = two_pass_phases(
-            work,
-            _basis_rows(run, step, split),
-            round_block(run, spec, step, split, "second"),
-            verify_round(run, spec, step, split, "second"),
-            num,
-        )
+        rows = space_rows(run, spec, step, split, rounds_taken(run, spec, step, split))
+        phases, eigenvector_rows = two_pass_phases(work, *rows, num)
     else:
         phases, eigenvector_rows = single_pass_phases(
             work,
@@ -314,17 +338,6 @@ def solve_in_row_blocks(run, cfg, spec: SketchSpec, step: int, split: str, phase
     return result or None
 
 
-def _basis_rows(run: RunDir, step: int, split: str) -> Rows:
-    """Rows of the basis stage's ``Q`` (its virtual view over the row blocks)."""
-    path = _require_basis(run, step, split)
-
-    def read(rows: range) -> torch.Tensor:
-        with h5py.File(path, "r") as handle:
-            return torch.from_numpy(handle["basis"][rows.start : rows.stop])
-
-    return read
-
-
 def _projections(spec: SketchSpec, columns) -> tuple[torch.Tensor, torch.Tensor]:
     """``Psi Q`` and ``Omega^T Q`` ``(s, k)`` from ``columns(a, b) = Q[:, a:b]``, read
     ``block_size`` columns at a time (the random matrices act on whole columns).
@@ -342,9 +355,10 @@ def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate) -> dict:
     """The eigen file from the row-block program's results: ``W`` copied from its blocks."""
     step, split = where
     qr_seconds = 0.0  # single pass: its TSQR is among the solve's phases
-    if spec.recovery == "two_pass":
-        with h5py.File(run.two_pass_basis(step, split), "r") as basis_file:
-            qr_seconds = float(basis_file.attrs["qr_seconds"])
+    rounds = rounds_taken(run, spec, step, split) if spec.recovery == "two_pass" else 1
+    for name in product_rounds(rounds):
+        with h5py.File(run.two_pass_basis(step, split, name), "r") as basis_file:
+            qr_seconds += float(basis_file.attrs["qr_seconds"])
     phase_seconds = work.seconds()
     apost = ("apost_sum", "apost_residuals")
     seconds = {
@@ -366,7 +380,8 @@ def _finish(run, cfg, spec: SketchSpec, where, work: RowWork, estimate) -> dict:
     ritz = work.read("ritz")
     bounds = None
     if "error_bounds" in ritz:
-        bounds = EigenvalueBounds(ritz["error_bounds"], ritz["residual_norms"], SECOND_ROUND_BOUNDS)
+        source = bounds_source(rounds)
+        bounds = EigenvalueBounds(ritz["error_bounds"], ritz["residual_norms"], source)
     eigenvalues = ritz["eigenvalues"]
     return write_eigen_file(
         run, cfg, spec, where, eigenvalues, write, estimate, seconds, bounds=bounds
@@ -387,6 +402,7 @@ def write_eigen_file(  # noqa: PLR0913 (the parts of an eigen file)
     seconds = {key: round(value, 4) for key, value in seconds.items()}
     fields = summary_fields(spec, eigenvalues, check, seconds)
     fields |= bound_fields(bounds, spec.recovery)
+    fields |= round_fields(run, spec, where, eigenvalues, bounds)
     with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
         write_eigenvectors(handle)
         handle.create_dataset("eigenvalues", data=eigenvalues.numpy())

@@ -1,0 +1,153 @@
+"""Block Krylov rounds in the pipeline (``rounds=q``, ``target_rel_err=``; pipeline/rounds.py):
+the settings refused before any job, the stage graph with a basis job and a measurement round
+per Krylov block, and the whole local pipeline: fixed rounds in memory and in row blocks,
+and a target that ends the rounds early, every bound checked against the dense Hessian's
+eigenvalues at both recorded steps (as the exhaustive stage checks them; its eigenvectors
+would take a minute a step here).
+
+The adaptive run's expectations come from its own numbers, which are far from the target on
+both sides: after round 3 the top 3 eigenvalues of step 300 are bounded within 7e-4 relative
+and those of step 100 within 4e-2, against ``target_rel_err = 1e-2``. Rounding moves a bound
+by about ``g(D) |lambda|_max`` (tolerances.py), orders of magnitude less than those margins,
+so the rounds taken are the same on every machine.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+import torch
+
+from conftest import laid_out, last_line, run_hessov
+from equivalence import compare_eigen_files
+from hessov.config import load_run_config, saved_run_config
+from hessov.errors import ConfigError
+from hessov.hessian import hessian_at_step
+from hessov.launch.graph import plan_run
+from hessov.rounds import product_rounds, round_name, round_number
+from hessov.rundir import RunDir
+from hessov.skerch_ext.operator import dense_matrix
+from hessov.sketchspec import resolve_spec
+from hessov.stages.exhaustive import check_bounds
+
+TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
+TARGET = ["target_rel_err=0.01", "target_eigenpairs=3", "max_rounds=4"]
+EIGEN = "eigen/step_300_train.h5"
+
+
+def test_round_names_run_first_second_then_numbered():
+    assert [round_name(n) for n in (1, 2, 3, 7)] == ["first", "second", "round3", "round7"]
+    assert [round_number(round_name(n)) for n in range(1, 9)] == list(range(1, 9))
+    assert product_rounds(2) == ["second"] and product_rounds(4) == ["second", "round3", "round4"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rounds=1"], "rounds: one round of products is single-pass recovery"),
+        (["rounds=3", "target_rel_err=0.01"], "rounds: with target_rel_err the rounds are"),
+        (["recovery=single_pass", "target_rel_err=0.01"], "target_rel_err: is for two_pass"),
+        (["target_rel_err=1.5"], "target_rel_err: must be in"),
+        (["target_rel_err=0.01", "max_rounds=1"], "max_rounds: must be >= 2"),
+    ],
+)
+def test_bad_round_settings_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config([*TINY, *overrides])
+
+
+def test_rounds_beyond_the_dimension_or_an_unboundable_target_are_refused():
+    cfg = load_run_config([*TINY, "rounds=5", "k=30"])
+    with pytest.raises(ConfigError, match="rounds: 5 rounds of k=30 products exceed D=100"):
+        resolve_spec(cfg, 100, [100, 300])
+    cfg = load_run_config([*TINY, "target_rel_err=0.01", "target_eigenpairs=26"])
+    with pytest.raises(ConfigError, match="target_eigenpairs: 26 > k - 5 = 25"):
+        resolve_spec(cfg, 7030, [100, 300])
+
+
+def test_the_plan_holds_a_basis_job_and_a_round_per_krylov_block():
+    plan = plan_run(load_run_config([*TINY, "rounds=3", "HESSIAN_STEPS=[300]"]))
+    names = [job.name for job in plan.jobs]
+    where = "step=300 split=train"
+    chain = [
+        f"measure first {where}",
+        f"basis {where}",
+        f"measure second {where}",
+        f"basis round3 {where}",
+        f"measure round3 {where}",
+        f"solve {where}",
+    ]
+    assert [name for name in names if name in chain] == chain
+    jobs = {job.name: job for job in plan.jobs}
+    assert jobs[f"basis round3 {where}"].after == (f"measure second {where}",)
+    assert jobs[f"measure round3 {where}"].hvps == 30 and jobs[f"measure round3 {where}"].tasks
+    assert plan.run.two_pass_basis(300, "train", "round3") in jobs[f"basis round3 {where}"].outputs
+    assert plan.as_dict()["rounds"] == ["first", "second", "round3", "apost"]
+    # A target plans its worst case: every round up to max_rounds.
+    target = plan_run(load_run_config([*TINY, *TARGET, "HESSIAN_STEPS=[300]"]))
+    assert f"measure round4 {where}" in [job.name for job in target.jobs]
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(tmp_path_factory):
+    """The whole local pipeline with a target."""
+    out = tmp_path_factory.mktemp("adaptive")
+    return last_line(run_hessov("run", *TINY, *TARGET, f"OUTPUT_DIR={out}").stdout)
+
+
+def dense_eigenvalues(run: RunDir, step: int) -> torch.Tensor:
+    """Every eigenvalue ``(D,)`` of the step's Hessian, dense in float64, by ``|lambda|``."""
+    cfg = dataclasses.replace(saved_run_config(run), dtype="float64")
+    hessian = hessian_at_step(run, cfg, step, "train")
+    dense = dense_matrix(
+        hessian.matmat, hessian.dim, block_size=64, dtype=torch.float64, device="cpu"
+    )
+    exact = torch.linalg.eigvalsh(dense)
+    return exact[exact.abs().argsort(descending=True)]
+
+
+def test_a_met_target_ends_the_rounds_and_every_bound_holds(adaptive_run):
+    summary = json.loads(run_hessov("summary", adaptive_run).stdout)
+    step300, step100 = summary["solve"]["300"]["train"], summary["solve"]["100"]["train"]
+    assert (step300["rounds"], step300["rounds_planned"], step300["hvps"]) == (3, 4, 90)
+    assert step300["rounds_stopped_by"] == "target_rel_err" and step300["target_met"]
+    assert [check["met"] for check in step300["round_checks"]] == [False, True]
+    assert step300["max_relative_error_bound"] < 0.01
+    assert step100["rounds"] == 4 and len(step100["round_checks"]) == 2
+    run = RunDir(Path(adaptive_run))
+    for step in (100, 300):  # the exhaustive stage's check, on the dense eigenvalues
+        with h5py.File(run.eigen(step, "train"), "r") as handle:
+            values = torch.from_numpy(handle["eigenvalues"][:]).double()
+            bounds = torch.from_numpy(handle["error_bounds"][:])
+        checked = check_bounds(dense_eigenvalues(run, step), values, bounds)
+        assert checked["bounds_checked"] >= 3 and checked["bounds_violated"] == 0, checked
+    status = run_hessov("status", adaptive_run).stdout
+    assert "round4 round not needed" in status
+    assert "target_rel_err=0.01 met: no more rounds" in status
+    planned = run_hessov("plan", "--jobs", adaptive_run).stdout.splitlines()
+    assert planned[0].startswith("run_dir") and planned[1:] == []  # nothing left to run
+    with h5py.File(f"{adaptive_run}/{EIGEN}") as handle:
+        assert handle.attrs["rounds"] == 3
+        finite = int((handle["error_bounds"][:] < float("inf")).sum())
+    assert step300["error_bounds_resolved"] == finite >= 3
+    assert len(step300["eigenvalue_error_bounds"]) == len(step300["residual_norms"]) == 30
+    assert step300["error_bounds_from"].startswith("the products of rounds 2..3")
+
+
+def test_three_rounds_in_row_blocks_equal_the_adaptive_runs_three(
+    adaptive_run, tiny_trained, tmp_path
+):
+    """Three fixed rounds in 8 row blocks: the same measurements as the adaptive run's step
+    300 (the same seeds; the target changes only how many rounds are taken), so the same
+    eigenpairs within the equivalence tolerances.
+    """
+    rows = laid_out(tiny_trained, tmp_path / "rows", "rounds=3", "row_block=-1")
+    run_hessov("resume", str(rows), "row_block=1000")
+    compare_eigen_files(Path(adaptive_run) / EIGEN, rows / EIGEN)
+    summary = json.loads(run_hessov("summary", str(rows)).stdout)["solve"]["300"]["train"]
+    assert (summary["rounds"], summary["hvps"], summary["rounds_stopped_by"]) == (3, 90, "rounds")
+    assert summary["round_checks"][0]["after_round"] == 2  # recorded without a target too
+    with h5py.File(rows / "measurements/step_300_train/basis_round3.h5") as basis:
+        assert basis.attrs["row_block"] == 1000 and basis["basis"].shape == (7030, 30)
