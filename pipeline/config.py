@@ -501,7 +501,13 @@ def _validate_rounds(cfg: RunConfig) -> None:
     require(
         not (cfg.rounds and cfg.target_rel_err),
         "rounds",
-        "with target_rel_err the rounds are chosen as they go; bound them with max_rounds",
+        "with target_rel_err the rounds are chosen as they go, up to max_rounds: pass "
+        "rounds=0 (a problem's config may set rounds, e.g. nqm's rounds: 3)",
+    )
+    require(
+        not cfg.target_rel_err or cfg.max_rounds >= 3,  # noqa: PLR2004
+        "max_rounds",
+        "must be >= 3 with target_rel_err: the first check comes after round 2",
     )
 
 

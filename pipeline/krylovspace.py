@@ -13,6 +13,7 @@ row blocks as readers of a block's rows with the rounds' checksums (:func:`space
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 
 import h5py
@@ -21,7 +22,14 @@ import torch
 
 from hessov.errors import MissingInputError
 from hessov.merge import merged_round, read_columns, round_block, verify_round
-from hessov.rounds import RoundCheck, product_rounds, record_check, relative_check
+from hessov.rounds import (
+    RoundCheck,
+    not_needed,
+    product_rounds,
+    record_check,
+    relative_check,
+)
+from hessov.rowpass import work_name
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
 from hessov.skerch_ext.krylov import core_bounds
@@ -50,17 +58,18 @@ def joined(parts: list) -> torch.Tensor:
 
 def space_in_memory(
     run: RunDir, spec: SketchSpec, step: int, split: str, rounds: int
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """``V`` ``(D, n)`` and ``H V`` ``(D, n)`` after ``rounds`` rounds, every part verified
-    as it is merged, and the bases' QR seconds.
+    as it is merged, and the seconds the basis jobs took (``merge`` and ``qr``).
     """
-    bases, products, qr_seconds = [], [], 0.0
+    bases, products, seconds = [], [], {"merge": 0.0, "qr": 0.0}
     for name in product_rounds(rounds):
         with h5py.File(require_basis(run, step, split, name), "r") as handle:
             bases.append(read_columns(handle["basis"]))
-            qr_seconds += float(handle.attrs["qr_seconds"])
+            for key in seconds:
+                seconds[key] += float(handle.attrs[f"{key}_seconds"])
         products.append(merged_round(run, spec, step, split, name)[0])
-    return joined(bases), joined(products), qr_seconds
+    return joined(bases), joined(products), seconds
 
 
 #: ``rows -> block`` of a tall matrix ``(rows, c)``.
@@ -96,6 +105,16 @@ def space_rows(run: RunDir, spec: SketchSpec, step: int, split: str, rounds: int
     return basis, products, verify
 
 
+def remove_unneeded_work(run: RunDir, spec: SketchSpec, step: int, split: str) -> None:
+    """Remove the row-block work of basis rounds after a met target: the ``check`` phase
+    that found it met leaves its results for the round's ``finish``, which may never run.
+    """
+    for name in product_rounds(spec.krylov_rounds):
+        if not_needed(run, spec, step, split, name):
+            for work_dir in run.row_works(step, split, work_name("basis", name)).values():
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def check_after_round(
     run: RunDir, spec: SketchSpec, where: tuple[int, str, int], core: torch.Tensor, num: int
 ) -> RoundCheck:
@@ -104,7 +123,7 @@ def check_after_round(
     ``where[1]``, and record the check against ``target_rel_err``.
     """
     step, split, after = where
-    count = spec.target_eigenpairs
+    count = spec.checked_eigenpairs
     eigenvalues, _ = ritz_coefficients(core, count)
     dim, k = spec.layout.dim, spec.layout.num_outer
     bounds, _ = core_bounds(core, num, eigenvalues, (core.dtype, dim), k)

@@ -18,6 +18,7 @@ decision lives: a job of a later round, a resume and ``hessov status`` all read 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,7 +74,7 @@ def relative_check(
     ``target``.
     """
     relative = bounds[:count].double() / eigenvalues[:count].double().abs()
-    worst = float(relative.max())
+    worst = float(relative.max()) if count else math.inf
     resolved = int(bounds[:count].isfinite().sum())
     return RoundCheck(after_round, worst, resolved, count, target, worst < target)
 
@@ -83,13 +84,20 @@ def read_checks(run: RunDir, step: int, split: str) -> list[RoundCheck]:
     path = run.krylov_checks(step, split)
     if not path.is_file():
         return []
-    return [RoundCheck(**entry) for entry in json.loads(path.read_text())]
+    entries = json.loads(path.read_text())
+    for entry in entries:
+        if entry["max_relative_bound"] is None:
+            entry["max_relative_bound"] = math.inf
+    return [RoundCheck(**entry) for entry in entries]
 
 
 def record_check(run: RunDir, step: int, split: str, check: RoundCheck) -> None:
     """Add (or, for a job run again, replace) the check after ``check.after_round``."""
     checks = [old for old in read_checks(run, step, split) if old.after_round != check.after_round]
     entries = [asdict(entry) for entry in sorted([*checks, check], key=lambda c: c.after_round)]
+    for entry in entries:  # JSON has no inf: an unresolved bound is null
+        if not math.isfinite(entry["max_relative_bound"]):
+            entry["max_relative_bound"] = None
     atomic_write_json(run.krylov_checks(step, split), entries)
 
 

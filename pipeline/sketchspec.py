@@ -52,8 +52,18 @@ class SketchSpec:
     krylov_rounds: int = 2
     #: Two-pass: stop the rounds once every bound is below this relative error (0: off).
     target_rel_err: float = 0.0
-    #: The top pairs the target covers.
+    #: The top pairs the target covers (0 without a target).
     target_eigenpairs: int = 0
+
+    @property
+    def checked_eigenpairs(self) -> int:
+        """The top pairs each round's check bounds: the target's, or without one all that a
+        round's space can bound (``k - 5``, see :data:`hessov.skerch_ext.krylov.OVERSAMPLING`).
+        """
+        from hessov.skerch_ext.krylov import OVERSAMPLING
+
+        k = self.layout.num_outer
+        return self.target_eigenpairs or max(1, k - OVERSAMPLING)
 
     @property
     def num_tasks(self) -> int:
@@ -239,8 +249,8 @@ def _resolve_rounds(cfg: RunConfig, spec: SketchSpec) -> None:
     k, dim = spec.layout.num_outer, spec.layout.dim
     spec.target_rel_err = cfg.target_rel_err
     spec.krylov_rounds = (cfg.max_rounds if cfg.target_rel_err else cfg.rounds) or 2
-    spec.target_eigenpairs = min(cfg.target_eigenpairs or max(1, k - OVERSAMPLING), k)
     if spec.target_rel_err:
+        spec.target_eigenpairs = cfg.target_eigenpairs or max(1, k - OVERSAMPLING)
         if spec.target_eigenpairs > k - OVERSAMPLING:
             raise ConfigError(
                 f"target_eigenpairs: {spec.target_eigenpairs} > k - {OVERSAMPLING} = "
@@ -267,10 +277,11 @@ def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> Sketch
     if fixed(existing) != fixed(wanted):
         raise ConfigError(
             f"layout: {where} already fixes {existing.layout} (recovery={existing.recovery}, "
-            f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}); the "
-            f"measurements taken for it would not match {wanted.layout} "
-            f"({wanted.krylov_rounds} rounds, target_rel_err={wanted.target_rel_err}). Use "
-            "the same settings, or a new run."
+            f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}, "
+            f"target_eigenpairs={existing.target_eigenpairs}); the measurements taken for it "
+            f"would not match {wanted.layout} ({wanted.krylov_rounds} rounds, "
+            f"target_rel_err={wanted.target_rel_err}, "
+            f"target_eigenpairs={wanted.target_eigenpairs}). Use the same settings, or a new run."
         )
     return existing
 

@@ -325,6 +325,7 @@ class RunPlan:
             "s": self.spec.layout.num_inner,
             "row_block": self.spec.row_block,
             "rounds": list(self.spec.rounds),
+            "target_rel_err": self.spec.target_rel_err or None,
             "tasks": self.spec.num_tasks,
             "sketches": [[step, split] for step in self.spec.steps for split in self.spec.splits],
             "replays": [job.name.partition("=")[2] for job in self.jobs if job.stage == "replay"],
@@ -343,6 +344,14 @@ class RunPlan:
             f"dim {spec.layout.dim}",
             f"k {spec.layout.num_outer}  s {spec.layout.num_inner}  recovery {spec.recovery}",
             f"rounds {' '.join(spec.rounds)}",
+            *(
+                [
+                    f"target_rel_err {spec.target_rel_err:g}: rounds end once it is met; "
+                    f"priced here at all {spec.krylov_rounds}"
+                ]
+                if spec.target_rel_err
+                else []
+            ),
             f"tasks {spec.num_tasks}",
             f"basis and solve {solve}",
             f"jobs {len(self.jobs)}",

@@ -23,7 +23,6 @@ block by block as they are read. The block's rows are copied into the basis file
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import h5py
@@ -31,7 +30,12 @@ import torch
 
 from hessov.config import RunConfig
 from hessov.fileio import atomic_write
-from hessov.krylovspace import check_after_round, space_in_memory, space_rows
+from hessov.krylovspace import (
+    check_after_round,
+    remove_unneeded_work,
+    space_in_memory,
+    space_rows,
+)
 from hessov.merge import merged_round, round_block, tall_dataset, verify_round
 from hessov.rounds import not_needed, round_number, stopped_after
 from hessov.rowpass import RowWork, program_phases, run_phases, work_name
@@ -39,7 +43,7 @@ from hessov.rowsolve import extended_core_of, extension_phases, round_tsqr_phase
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger
 from hessov.skerch_ext.rowblocks import row_pass
-from hessov.skerch_ext.solve import extended_core, next_block, orthonormal_basis
+from hessov.skerch_ext.solve import coupled_core, next_block, orthonormal_basis
 from hessov.sketchspec import SketchSpec
 from hessov.training import set_cpu_threads
 
@@ -65,9 +69,7 @@ def basis(  # noqa: PLR0913 (a job's coordinates)
             "basis step %d %s: target_rel_err met after round %d, %s not needed",
             *(step, split, stopped_after(run, step, split), round_name),
         )
-        # The row-block phases that found the target met leave their work behind.
-        for work_dir in run.row_works(step, split, work_name("basis", round_name)).values():
-            shutil.rmtree(work_dir, ignore_errors=True)
+        remove_unneeded_work(run, spec, step, split)
         return {"basis": None}
     if spec.row_block:
         return _basis_in_row_blocks(run, spec, (step, split, round_name), phase, blocks)
@@ -102,7 +104,7 @@ def _next_block_in_memory(run: RunDir, spec: SketchSpec, step: int, split: str, 
     merge_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     block = next_block(space, products[:, -spec.layout.num_outer :])
-    _, core = extended_core(space, products, block)
+    core = coupled_core(space.T @ products, block.T @ products)
     check = check_after_round(run, spec, (step, split, before), core, space.shape[1])
     if check.met:
         return {"basis": None}

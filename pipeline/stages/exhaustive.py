@@ -71,6 +71,18 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
     return values, vectors, "in-core", bounds
 
 
+def _rounds_and_hvps(run: RunDir, spec: SketchSpec, step: int, split: str, source: str):
+    """The rounds and HVPs of the eigenpairs compared: the solve's (a target may have ended
+    its rounds early), or the in-core sketch's at the layout's settings.
+    """
+    if source == "solve stage":
+        with h5py.File(run.eigen(step, split), "r") as handle:
+            attrs = handle.attrs
+            return {"hvps": int(attrs["hvps"]), "rounds": int(attrs.get("rounds", 2))}
+    rounds = spec.krylov_rounds if spec.recovery == "two_pass" else 1
+    return {"hvps": spec.total_hvps, "rounds": rounds}
+
+
 def check_bounds(exact_values: torch.Tensor, values: torch.Tensor, bounds) -> dict:
     """Whether every finite per-eigenvalue bound ``(k,)`` holds: ``|values_i - exact_i|`` for
     eigenvalues of the same rank in ``|lambda|``. ``bounds_violated`` must be 0: a bound that
@@ -171,8 +183,7 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             "recovery": spec.recovery,
             "k": k,
             "s": spec.layout.num_inner,
-            "hvps": spec.total_hvps,
-            "rounds": spec.krylov_rounds if spec.recovery == "two_pass" else 1,
+            **_rounds_and_hvps(run, spec, step, split, source),
             "seconds": {"dense_hessian": round(dense_seconds, 3), "eigh": round(eigh_seconds, 3)},
         }
     )

@@ -33,7 +33,7 @@ import torch
 from hessov import summary
 from hessov.config import RunConfig
 from hessov.fileio import atomic_write
-from hessov.krylovspace import space_in_memory, space_rows
+from hessov.krylovspace import remove_unneeded_work, space_in_memory, space_rows
 from hessov.merge import merged_round, round_block, round_rows, tall_dataset, verify_round
 from hessov.rounds import product_rounds, read_checks, relative_check, rounds_taken
 from hessov.rowpass import RowWork, program_phases, run_phases
@@ -96,8 +96,9 @@ def two_pass_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str, se
     """
     rounds = rounds_taken(run, spec, step, split)
     t0 = time.perf_counter()
-    space, products, seconds["qr"] = space_in_memory(run, spec, step, split, rounds)
-    seconds["merge"] = time.perf_counter() - t0
+    space, products, basis_seconds = space_in_memory(run, spec, step, split, rounds)
+    seconds["merge"] = time.perf_counter() - t0 + basis_seconds["merge"]
+    seconds["qr"] = basis_seconds["qr"]
     t0 = time.perf_counter()
     k = spec.layout.num_outer
     basis, core = extended_core(space, products, next_block(space, products[:, -k:]))
@@ -204,13 +205,13 @@ def round_fields(run: RunDir, spec: SketchSpec, where, eigenvalues, bounds) -> d
         return {"rounds": 1, "rounds_planned": 1, "rounds_stopped_by": "single_pass"}
     step, split = where
     taken = rounds_taken(run, spec, step, split)
-    count = spec.target_eigenpairs
+    count = spec.checked_eigenpairs
     errors = torch.full(eigenvalues.shape, math.inf) if bounds is None else bounds.error_bounds
     final = relative_check(taken, eigenvalues, errors, count, spec.target_rel_err)
     if not spec.target_rel_err:
         reason = "rounds"
     else:
-        reason = "target_rel_err" if final.met else "max_rounds"
+        reason = "target_rel_err" if taken < spec.krylov_rounds else "max_rounds"
     worst = final.max_relative_bound
     return {
         "rounds": taken,
@@ -270,6 +271,8 @@ def solve(
     the program, which returns the fields only when it was the last.
     """
     set_cpu_threads(cfg.threads)
+    if spec.recovery == "two_pass":
+        remove_unneeded_work(run, spec, step, split)
     if spec.row_block:
         return solve_in_row_blocks(run, cfg, spec, step, split, phase, blocks)
     seconds = {"layout": spec.layout_seconds, **measurement_seconds(run, spec, step, split)}
