@@ -61,6 +61,22 @@ def tiny_run(tmp_path_factory) -> str:
     )
 
 
+#: A target the third round meets at step 300 of preset=tiny and the fourth at step 100
+#: (tests/test_rounds.py says why that holds on every machine).
+TARGET = ["target_rel_err=0.01", "target_eigenpairs=3", "max_rounds=4"]
+
+
+@pytest.fixture(scope="session")
+def adaptive_run(tmp_path_factory) -> str:
+    """One finished local `hessov run problem=mnist_mini preset=tiny` of the train split with
+    :data:`TARGET`, shared by the tests that read it or compare a launcher's run with it: its
+    step 300 took three rounds, the eigenpairs of any three-round run of step 300.
+    """
+    out = tmp_path_factory.mktemp("adaptive")
+    args = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]", *TARGET]
+    return last_line(run_hessov("run", *args, f"OUTPUT_DIR={out}").stdout)
+
+
 def measured_parts(parts: Path) -> int:
     """Part files under ``parts`` whose first measurement is flagged measured (a part is
     written whole, then renamed, so its first flag stands for the part).

@@ -1,9 +1,9 @@
 """A heterogeneous cluster: the array tasks of one sketch run on different kernel paths (one
 task per setting of tests/kernel_paths.py, rotated between rounds), as node types of one
-job array would. The sequential emulation runs slurm/job.sbatch with each task's setting;
-the real local Slurm cluster gets one ``sbatch --export`` per task. Both reproduce the
-single-process eigenpairs within the tolerances of tests/equivalence.py, and `hessov solve`
-accepts every measurement (checksums are of the bits each task wrote).
+job array would: the real local Slurm cluster gets one ``sbatch --export`` of
+slurm/job.sbatch per task. They reproduce the single-process eigenpairs within the
+tolerances of tests/equivalence.py, and `hessov solve` accepts every measurement (checksums
+are of the bits each task wrote).
 """
 
 import os
@@ -60,24 +60,6 @@ def reference(tiny_trained, tmp_path_factory):
     return measured_and_solved(
         laid_out(tiny_trained, tmp_path_factory.mktemp("reference") / "run"), two_pass=True
     )
-
-
-def test_sequential_emulation_with_mixed_kernel_paths(tiny_trained, reference, tmp_path):
-    run = laid_out(tiny_trained, tmp_path / "run")
-
-    def script(args: list[str], setting: dict | None = None, **extra: str) -> None:
-        env = script_env(setting, **extra)
-        subprocess.run(["bash", *args], cwd=REPO, env=env, check=True)
-
-    for number, round_name in enumerate(ROUNDS):
-        if round_name == "second":
-            script(job_args(run, "basis"))
-        for task in range(TASKS[round_name]):
-            setting = setting_of(task, number)
-            measure = job_args(run, "measure", f"round={round_name}")
-            script(measure, setting, SLURM_ARRAY_TASK_ID=str(task))
-    script(job_args(run, "solve"))
-    assert_mixed_and_equivalent(reference, run)
 
 
 @pytest.mark.slurm

@@ -59,7 +59,7 @@ def rows_of_30(first_round, tmp_path_factory):
     return finish(run, "row_block=30")
 
 
-@pytest.mark.parametrize("row_block", [30, 1000, 4096, 7030])
+@pytest.mark.parametrize("row_block", [30, 1000, 7030])
 def test_row_block_solve_equals_the_in_memory_one(
     first_round, in_memory, rows_of_30, tmp_path, row_block
 ):
@@ -119,7 +119,7 @@ def killed_when(args: list[str], watched: Path, pattern: str, count: int) -> Non
     assert process.wait() == -signal.SIGKILL, "the program finished before it was killed"
 
 
-@pytest.mark.parametrize(("stage", "phase"), [("basis", "apply"), ("solve", "reorth_local")])
+@pytest.mark.parametrize(("stage", "phase"), [("solve", "reorth_local")])
 def test_a_killed_row_block_task_reruns_to_the_same_bits(
     first_round, rows_of_30, tmp_path, stage, phase
 ):

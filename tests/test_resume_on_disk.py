@@ -1,7 +1,8 @@
 """`hessov resume` and `hessov status` finish the sketch the run directory holds, not the
 one its config's defaults would lay out: a layout made by hand with other k, s, block_size
 or recovery, with a worker killed by SIGKILL or measurements partly taken with indices=a:b.
-Locally, and on the real Slurm cluster with `backend=slurm`.
+A resume on the real Slurm cluster submits the same missing work: tests/test_slurm_submitit.py
+(a cancelled task) and tests/test_slurm_pipeline.py (the sbatch chain).
 """
 
 from pathlib import Path
@@ -12,7 +13,6 @@ import pytest
 
 from conftest import TINY_SKETCH, kill_while_measuring, laid_out, measured_and_solved, run_hessov
 from equivalence import compare_eigen_files
-from slurm_cluster import slurm_cluster
 
 pytestmark = pytest.mark.kernel_path
 
@@ -75,18 +75,3 @@ def test_layout_with_other_settings_is_still_refused(tiny_trained, tmp_path):
     run = laid_out(tiny_trained, tmp_path / "run", *SINGLE_PASS_BY_HAND)
     refused = run_hessov("layout", str(run), "k=30", check=False)
     assert refused.returncode == 2 and "already fixes" in refused.stderr
-
-
-@pytest.mark.slurm
-def test_resume_on_slurm_finishes_a_hand_made_layout(slurm_cluster, tiny_trained, tmp_path):
-    reference = reference_of(tiny_trained, tmp_path, TWO_PASS_BY_HAND)
-    run = laid_out(tiny_trained, tmp_path / "partial", *TWO_PASS_BY_HAND)
-    run_hessov("measure", str(run), *TINY_SKETCH, "indices=0:50")
-    follow = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12", "--wait"]
-    resumed = run_hessov("resume", str(run), "backend=slurm", *follow)
-    assert "jobs completed" in resumed.stderr
-    # Only the tasks with missing indices (1: 50-79 partly, 2: 80-119) were submitted.
-    assert "task=0" not in resumed.stdout.split("first")[1].split("basis")[0]
-    assert "solved" in run_hessov("status", str(run)).stdout
-    # Slurm's tasks may run with other thread counts than this process: within tolerance.
-    compare_eigen_files(reference / EIGEN, run / EIGEN)

@@ -111,15 +111,6 @@ def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
     assert [p.stat().st_mtime_ns for p in parts] == before
 
 
-@pytest.fixture(scope="module")
-def local_target(tmp_path_factory):
-    """The local in-memory run of step 300 with a target that three rounds meet."""
-    from conftest import run_hessov
-
-    out = tmp_path_factory.mktemp("local-target")
-    return Path(last_line(run_hessov("run", *TINY, *ONE_STEP_TARGET, f"OUTPUT_DIR={out}").stdout))
-
-
 #: Step 300 with a target its third round meets (tests/test_rounds.py), at most three rounds:
 #: the check after the second round (a row-block phase) asks for the third. Skipping a round
 #: on Slurm is tested in tests/test_slurm_submitit.py.
@@ -133,7 +124,7 @@ ONE_STEP_TARGET = [
 
 @pytest.mark.slurm
 def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
-    slurm_cluster, local_target, tmp_path
+    slurm_cluster, adaptive_run, tmp_path
 ):
     """With row blocks (2 of them: 4,096 rows and the 2,934 left of D = 7,030), the basis
     (of each Krylov round) and the solve are one job per phase, a per-block phase an array
@@ -170,7 +161,7 @@ def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
     for name in per_block:
         assert tasks[name] == ["0", "1"]  # an array task per row block
     assert tasks[f"solve extend_tree {where}"] == [""]  # one job
-    assert_equivalent_runs(local_target, run_dir, [(300, "train")])
+    assert_equivalent_runs(Path(adaptive_run), run_dir, [(300, "train")])
     assert not list(run_dir.glob("measurements/*/*_rows_*"))  # the work directories are gone
     with h5py.File(run_dir / "eigen/step_300_train.h5") as handle:
         assert handle.attrs["rounds"] == 3

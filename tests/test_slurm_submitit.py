@@ -14,13 +14,13 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import REPO, last_line, run_hessov
+from conftest import REPO, TARGET, last_line, run_hessov
 from equivalence import assert_equivalent_runs
 from slurm_cluster import slurm_cluster
 
-# Two recorded steps, three measurement array tasks per round, the train split only (as in
-# tests/test_slurm_pipeline.py): ~20 short jobs. The fault and timeout tests sketch step 300
-# only, to halve their chains.
+# The tiny config's train split, three measurement array tasks per round; every chain here
+# sketches step 300 only (13 short jobs): both steps go through the sbatch chain in
+# tests/test_slurm_pipeline.py.
 TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
 ONE_STEP = [*TINY, "HESSIAN_STEPS=[300]"]
 # Short polls for tests; a bound far above the chain's duration, so that a hang still ends.
@@ -29,19 +29,13 @@ FOLLOW = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12"]
 
 #: Step 300 with a target that its third round meets (tests/test_rounds.py): four rounds
 #: planned, the fourth's jobs submitted and finding nothing to do.
-ONE_STEP_TARGET = [*ONE_STEP, "target_rel_err=0.01", "target_eigenpairs=3"]
+ONE_STEP_TARGET = [*ONE_STEP, *TARGET]
 
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("local")
-    return Path(last_line(run_hessov("run", *TINY, f"OUTPUT_DIR={out}").stdout))
-
-
-@pytest.fixture(scope="module")
-def local_target(tmp_path_factory):
-    out = tmp_path_factory.mktemp("local-target")
-    return Path(last_line(run_hessov("run", *ONE_STEP_TARGET, f"OUTPUT_DIR={out}").stdout))
+    return Path(last_line(run_hessov("run", *ONE_STEP, f"OUTPUT_DIR={out}").stdout))
 
 
 @pytest.fixture
@@ -146,14 +140,14 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     slurm_cluster, local_reference, tmp_path, own_jobs
 ):
     out = tmp_path / "runs"
-    result = run_hessov("run", *TINY, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait")
+    result = run_hessov("run", *ONE_STEP, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait")
     run = Path(last_line(result.stdout))
     own_jobs.append(run)
-    # 1 train, 1 layout; per step: 3 + 3 measurement tasks, the a-posteriori round's task,
-    # basis, solve, analyze; the report.
-    expected = 2 + 2 * 10 + 1
+    # 1 train, 1 layout; for step 300: 3 + 3 measurement tasks, the a-posteriori round's
+    # task, basis, solve, analyze; the report.
+    expected = 2 + 10 + 1
     assert f"all {expected} jobs completed" in result.stderr  # the verdict, on stderr
-    assert_same_eigenpairs(local_reference, run, [100, 300])
+    assert_same_eigenpairs(local_reference, run, [300])
     (submission,) = submissions(run)
     jobs = {job["name"]: job for job in submission["jobs"]}
     assert len(jobs) == expected
@@ -179,14 +173,14 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     assert "nothing to submit" in again.stderr
     assert len(submissions(run)) == 1
     assert part_times(run) == before
-    rerun = run_hessov("run", *TINY, "backend=slurm", f"RUN_DIR={run}", check=False)
+    rerun = run_hessov("run", *ONE_STEP, "backend=slurm", f"RUN_DIR={run}", check=False)
     assert rerun.returncode == 2
     assert f"hessov resume {run} backend=slurm" in rerun.stderr
     assert len(submissions(run)) == 1
 
     # Without Slurm, status still prints the file state, and says so in one line.
     offline = run_hessov("status", str(run), env={"PATH": "/nonexistent"}).stdout
-    assert "step 100 train: first round 30/30 measured" in offline
+    assert "step 300 train: first round 30/30 measured" in offline
     unreachable = [line for line in offline.splitlines() if "Slurm not reachable" in line]
     assert len(unreachable) == 1 and "squeue is not on PATH" in unreachable[0]
     assert "COMPLETED" not in offline
@@ -194,7 +188,7 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
 
 @pytest.mark.slurm
 def test_cancelled_task_is_reported_and_resumed_on_slurm(
-    slurm_cluster, local_target, tmp_path, own_jobs
+    slurm_cluster, adaptive_run, tmp_path, own_jobs
 ):
     """A cancelled task of a run whose rounds a target ends: reported, resumed to the local
     run's eigenpairs, with only the missing task measured again and no fourth round.
@@ -250,7 +244,7 @@ def test_cancelled_task_is_reported_and_resumed_on_slurm(
     measured = {p: t for p, t in part_times(run).items() if "/first/" in p}
     resumed = run_hessov("resume", str(run), "backend=slurm", *FOLLOW, "--wait")
     assert "all " in resumed.stderr and "jobs completed" in resumed.stderr
-    assert_same_eigenpairs(local_target, run, [300])
+    assert_same_eigenpairs(Path(adaptive_run), run, [300])
     latest = [job["name"] for job in submissions(run)[-1]["jobs"]]
     where = "step=300 split=train"
     assert latest[:14] == [
