@@ -46,25 +46,19 @@ from bench.common import (
     markdown_table,
     met,
     run_cli,
-    test_oracles,
-    trained_run,
 )
 from bench.eigensolvers import (
     BLOCK,
     LANCZOS_TOLS,
     SEEDS,
-    STEP,
     TOLERANCE,
     Attempt,
-    exact_eigenvalues,
     fmt_error,
     lanczos_attempt,
     max_relative_error,
+    question_hessian,
 )
-from hessov.config import saved_run_config
 from hessov.costs import default_k
-from hessov.hessian import hessian_at_step
-from hessov.rundir import RunDir
 from hessov.skerch_ext.krylov import block_krylov
 from hessov.skerch_ext.measure import matmat_in_blocks
 
@@ -233,28 +227,10 @@ def resolution(k: int) -> int:
 
 
 def mnist_problem() -> tuple[Problem, object]:
-    """Question 2's Hessian (step 1000, train split, float64) with its exact eigenvalues,
-    and curvlinops' product on it for Lanczos.
+    """Question 2's Hessian with its exact eigenvalues, and curvlinops' product on it for
+    Lanczos.
     """
-    run = RunDir(trained_run())
-    cfg = saved_run_config(run)
-    cfg.dtype = "float64"
-    hessian = hessian_at_step(run, cfg, STEP, "train", check_deterministic=False)
-    exact, _ = exact_eigenvalues(run, hessian)
-    torch.set_num_threads(1)
-    oracles = test_oracles()
-    curvlinops_matmat = oracles.as_matmat(
-        oracles.hessian_operator(
-            hessian.problem.model,
-            hessian.problem.loss,
-            hessian.inputs,
-            hessian.targets,
-            check_deterministic=False,
-        )
-    )
-    probe = torch.zeros(hessian.dim, 1, dtype=hessian.dtype)  # first calls' imports
-    hessian.matmat(probe)
-    curvlinops_matmat(probe)
+    hessian, exact, _, curvlinops_matmat = question_hessian()
     return Problem("mnist_mini", hessian.matmat, hessian.dim, exact), curvlinops_matmat
 
 
