@@ -370,8 +370,9 @@ STAGES: dict[str, StageEntry] = {
         ("step", "split", "phase", "task"),
         "stage 4b: verify and merge the measurements, solve for the top-k eigenpairs",
         "Solve step=T split=train|test (default: every step and split of the layout): "
-        "verify every flag and checksum, merge, then Rayleigh-Ritz on the basis and H Q "
-        "(two-pass, the default) or the single-pass SEIGH core; the a-posteriori error from "
+        "verify every flag and checksum, merge, then Rayleigh-Ritz on the block Krylov space "
+        "of the rounds taken (two-pass, the default: the basis and H Q, and with rounds=q "
+        "every block and its products) or the single-pass SEIGH core; the a-posteriori error from "
         "the apost round. In memory, or in row blocks when the layout chose a row block "
         "(row_block=N or memory_gb= choose again, row_block=-1 forces memory): then a "
         "sequence of phases, each an array over the row blocks or one job (`hessov plan` lists "

@@ -198,8 +198,9 @@ def bound_fields(bounds: EigenvalueBounds | None, recovery: str) -> dict:
 
 def round_fields(run: RunDir, spec: SketchSpec, where, eigenvalues, bounds) -> dict:
     """The summary's round fields: the rounds taken of those planned, what stopped them
-    (``rounds``: fixed; ``target_rel_err``: met; ``max_rounds``: not met by the last), the
-    largest relative bound over the target's pairs, the HVPs taken and each round's check.
+    (``rounds``: a fixed number; ``target_rel_err``: a met target left rounds untaken;
+    ``max_rounds``: all were taken, ``target_met`` saying whether the last met it), the
+    largest relative bound over the checked pairs, the HVPs taken and each round's check.
     """
     if spec.recovery != "two_pass":
         return {"rounds": 1, "rounds_planned": 1, "rounds_stopped_by": "single_pass"}
