@@ -492,6 +492,11 @@ def _validate_rounds(cfg: RunConfig) -> None:
     require(0 <= cfg.target_rel_err < 1, "target_rel_err", "must be in [0, 1) (0 = off)")
     require(cfg.max_rounds >= 2, "max_rounds", f"must be >= 2, got {cfg.max_rounds}")  # noqa: PLR2004
     require(cfg.target_eigenpairs >= 0, "target_eigenpairs", "must be >= 0 (0 = k - 5)")
+    require(
+        not cfg.target_eigenpairs or cfg.target_rel_err,
+        "target_eigenpairs",
+        "says which pairs target_rel_err covers: set target_rel_err too",
+    )
     # rounds alone is left to two-pass (a problem's default, e.g. nqm's, must not refuse
     # recovery=single_pass); a target would never be checked.
     if cfg.recovery == "single_pass":

@@ -61,8 +61,8 @@ def tiny_run(tmp_path_factory) -> str:
     )
 
 
-#: A target the third round meets at step 300 of preset=tiny and the fourth at step 100
-#: (tests/test_rounds.py says why that holds on every machine).
+#: A target the third round meets at step 300 of preset=tiny, and at step 100 only the
+#: solve after the fourth, the last (tests/test_rounds.py says why on every machine).
 TARGET = ["target_rel_err=0.01", "target_eigenpairs=3", "max_rounds=4"]
 
 

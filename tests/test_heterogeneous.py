@@ -7,7 +7,6 @@ are of the bits each task wrote).
 """
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 

@@ -165,5 +165,7 @@ def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
     assert not list(run_dir.glob("measurements/*/*_rows_*"))  # the work directories are gone
     with h5py.File(run_dir / "eigen/step_300_train.h5") as handle:
         assert handle.attrs["rounds"] == 3
+    solved = json.loads((run_dir / "summary/solve/300/train.json").read_text())
+    assert solved["rounds_stopped_by"] == "max_rounds" and solved["target_met"]  # by the last
     checks = json.loads((run_dir / "measurements/step_300_train/krylov_checks.json").read_text())
     assert [(check["after_round"], check["met"]) for check in checks] == [(2, False)]

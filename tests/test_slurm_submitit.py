@@ -19,8 +19,8 @@ from equivalence import assert_equivalent_runs
 from slurm_cluster import slurm_cluster
 
 # The tiny config's train split, three measurement array tasks per round; every chain here
-# sketches step 300 only (13 short jobs): both steps go through the sbatch chain in
-# tests/test_slurm_pipeline.py.
+# sketches step 300 only (13 short jobs for the plain run): both steps go through the sbatch
+# chain in tests/test_slurm_pipeline.py.
 TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
 ONE_STEP = [*TINY, "HESSIAN_STEPS=[300]"]
 # Short polls for tests; a bound far above the chain's duration, so that a hang still ends.

@@ -78,7 +78,8 @@ def _rounds_and_hvps(run: RunDir, spec: SketchSpec, step: int, split: str, sourc
     if source == "solve stage":
         with h5py.File(run.eigen(step, split), "r") as handle:
             attrs = handle.attrs
-            return {"hvps": int(attrs["hvps"]), "rounds": int(attrs.get("rounds", 2))}
+            before_rounds = 2 if spec.recovery == "two_pass" else 1  # a file from before them
+            return {"hvps": int(attrs["hvps"]), "rounds": int(attrs.get("rounds", before_rounds))}
     rounds = spec.krylov_rounds if spec.recovery == "two_pass" else 1
     return {"hvps": spec.total_hvps, "rounds": rounds}
 
