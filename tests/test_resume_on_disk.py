@@ -1,8 +1,8 @@
 """`hessov resume` and `hessov status` finish the sketch the run directory holds, not the
 one its config's defaults would lay out: a layout made by hand with other k, s, block_size
-or recovery, with a worker killed by SIGKILL or measurements partly taken with indices=a:b.
-A resume on the real Slurm cluster submits the same missing work: tests/test_slurm_submitit.py
-(a cancelled task) and tests/test_slurm_pipeline.py (the sbatch chain).
+or recovery, with measurements partly taken with indices=a:b. A worker killed by SIGKILL and
+rerun is tested in tests/test_hessian_stages.py, a resume on the real Slurm cluster in
+tests/test_slurm_submitit.py (a cancelled task).
 """
 
 from pathlib import Path
@@ -11,14 +11,12 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY_SKETCH, kill_while_measuring, laid_out, measured_and_solved, run_hessov
-from equivalence import compare_eigen_files
+from conftest import TINY_SKETCH, laid_out, measured_and_solved, run_hessov
 
 pytestmark = pytest.mark.kernel_path
 
 # preset=tiny's defaults are two_pass, k=30, block_size=10, MEAS_PER_JOB=10: each hand-made
 # layout below differs from them.
-TWO_PASS_BY_HAND = ["k=120", "block_size=1", "MEAS_PER_JOB=40"]
 SINGLE_PASS_BY_HAND = ["recovery=single_pass", "k=24", "s=48", "block_size=4", "MEAS_PER_JOB=16"]
 EIGEN = "eigen/step_300_train.h5"
 
@@ -35,25 +33,6 @@ def assert_same_eigen_file(reference: Path, other: Path):
         assert np.array_equal(a["eigenvalues"][:], b["eigenvalues"][:])
         assert np.array_equal(a["eigenvectors"][:], b["eigenvectors"][:])
         assert a.attrs["k"] == b.attrs["k"] and a.attrs["recovery"] == b.attrs["recovery"]
-
-
-def test_resume_finishes_a_hand_made_layout_after_a_killed_worker(tiny_trained, tmp_path):
-    reference = reference_of(tiny_trained, tmp_path, TWO_PASS_BY_HAND)
-    run = laid_out(tiny_trained, tmp_path / "killed", *TWO_PASS_BY_HAND)
-    parts = run / "measurements/step_300_train/first"
-    measured = kill_while_measuring(["measure", str(run), *TINY_SKETCH, "task=0"], parts, after=3)
-    assert 3 <= measured < 40  # died inside task 0 (indices 0-39, one part each)
-    status = run_hessov("status", str(run)).stdout
-    assert f"step 300 train: first round {measured}/120 measured" in status
-    assert "array tasks [0, 1, 2]" in status
-    resumed = run_hessov("resume", str(run))
-    assert "already fixes" not in resumed.stderr
-    assert (
-        "first round 120/120 measured; second round 120/120 measured; "
-        "apost round 10/10 measured; solved" in (run_hessov("status", str(run)).stdout)
-    )
-    assert_same_eigen_file(reference, run)
-    assert run_hessov("summary", str(run)).stdout.count('"k": 120') >= 2  # layout and solve
 
 
 def test_resume_finishes_partial_indices_of_a_hand_made_single_pass_layout(tiny_trained, tmp_path):

@@ -1,11 +1,12 @@
-"""The sbatch chain on a real local Slurm cluster runs the tiny mnist_mini pipeline to the
-numbers of `hessov run backend=local`, within the tolerances of tests/equivalence.py (the
-Slurm tasks may round differently), and finishes after a cancelled task. The sequential
-emulation without Slurm (slurm/run_sequential.sh) is tested in tests/test_graph.py.
+"""The sbatch chain (slurm/submit_chain.sh) on a real local Slurm cluster runs the tiny
+mnist_mini pipeline, in row blocks and three Krylov rounds, to the numbers of `hessov run
+backend=local` in memory, within the tolerances of tests/equivalence.py (the Slurm tasks may
+round differently). That the chain submits exactly the plan's jobs is tested in
+tests/test_graph.py, with the sequential emulation without Slurm (slurm/run_sequential.sh);
+a cancelled task and its resume on Slurm in tests/test_slurm_submitit.py.
 """
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -16,30 +17,14 @@ import pytest
 
 from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
-from slurm_cluster import sacct_jobs, slurm_cluster, wait_for_jobs
+from slurm_cluster import slurm_cluster, wait_for_jobs
 
 pytestmark = pytest.mark.kernel_path
 
-# Two recorded steps, three measurement array tasks per round; the train split only, to
-# keep the ~20 short jobs of the chain within the test suite's time.
+# Three measurement array tasks per round; the train split only, to keep the chain's short
+# jobs within the test suite's time.
 TINY = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]"]
-SKETCHES = [(100, "train"), (300, "train")]
 HESSOV = str(Path(sys.executable).parent / "hessov")
-
-
-@pytest.fixture(scope="module")
-def local_reference(tmp_path_factory):
-    from conftest import run_hessov
-
-    out = tmp_path_factory.mktemp("local")
-    result = run_hessov("run", *TINY, f"OUTPUT_DIR={out}")
-    run = Path(last_line(result.stdout))
-    (run / "local.log").write_text(result.stderr)  # the jobs it ran, "[job i/N] NAME"
-    return run
-
-
-def local_log(run: Path) -> str:
-    return (run / "local.log").read_text()
 
 
 def wait_until_dequeued(env: dict, job_id: str, timeout: float) -> None:
@@ -67,48 +52,6 @@ def submit_chain(slurm_cluster: dict, tmp_path: Path, *settings: str) -> tuple[P
     )
     jobs = dict(line.rsplit(" ", 1) for line in submitted.stdout.splitlines()[:-1])
     return Path(last_line(submitted.stdout)), jobs
-
-
-@pytest.mark.slurm
-def test_sbatch_chain_with_a_cancelled_task_resumes_to_the_local_result(
-    slurm_cluster, local_reference, tmp_path, hessov
-):
-    run_dir, jobs = submit_chain(slurm_cluster, tmp_path)
-    # train, layout, per step and split: 3 arrays (first, second, a-posteriori), basis,
-    # solve, analyze; then the report.
-    assert len(jobs) == 2 + 6 * len(SKETCHES) + 1
-    # The jobs the local backend ran for the same config, array tasks folded into their job.
-    ran = re.findall(r"\[job \d+/\d+\] (.+?)(?: task=\d+)?$", local_log(local_reference), re.M)
-    assert list(jobs) == list(dict.fromkeys(ran))
-    # The fault: task 1 of step 300's first measurement round dies (still pending behind
-    # training, so it never runs); everything downstream of it is cancelled by Slurm.
-    killed = jobs["measure first step=300 split=train"]
-    subprocess.run(["scancel", f"{killed}_1"], env=slurm_cluster, check=True, timeout=30)
-    states = {}
-    for name, job_id in jobs.items():
-        # Jobs cancelled while pending (the killed task, and everything that depended on it)
-        # never start, and sacct keeps an unexpanded array record for them: wait for each
-        # job to leave the queue instead, then read the states sacct has.
-        wait_until_dequeued(slurm_cluster, job_id, timeout=600)
-        states[name] = {state for state, _ in sacct_jobs(slurm_cluster, job_id).values()}
-    assert states["solve step=100 split=train"] == {"COMPLETED"}
-    assert "COMPLETED" in states["measure first step=300 split=train"]  # tasks 0 and 2
-    assert states["solve step=300 split=train"] == {"CANCELLED"}
-    assert states["analyze step=100 split=train"] == {"COMPLETED"}
-    assert states["analyze step=300 split=train"] == {"CANCELLED"}
-    assert states["report"] == {"CANCELLED"}
-
-    status = hessov("status", str(run_dir)).stdout
-    assert "step 100 train: first round 30/30 measured" in status
-    assert "step 300 train: first round 20/30 measured (missing indices 10-19" in status
-    assert "array tasks [1]" in status
-    hessov("resume", str(run_dir))
-    assert_equivalent_runs(local_reference, run_dir, SKETCHES)
-    parts = sorted(run_dir.glob("measurements/*/*/part_*.h5"))
-    before = [p.stat().st_mtime_ns for p in parts]
-    again = hessov("resume", str(run_dir))  # submitted twice: nothing is measured twice
-    assert "HVPs/s" not in again.stderr
-    assert [p.stat().st_mtime_ns for p in parts] == before
 
 
 #: Step 300 with a target its third round meets (tests/test_rounds.py), at most three rounds:
