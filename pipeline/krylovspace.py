@@ -14,7 +14,6 @@ row blocks as readers of a block's rows with the rounds' checksums (:func:`space
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 
 import h5py
 import numpy as np
@@ -70,10 +69,6 @@ def space_in_memory(
                 seconds[key] += float(handle.attrs[f"{key}_seconds"])
         products.append(merged_round(run, spec, step, split, name)[0])
     return joined(bases), joined(products), seconds
-
-
-#: ``rows -> block`` of a tall matrix ``(rows, c)``.
-Rows = Callable[[range], torch.Tensor]
 
 
 def space_rows(run: RunDir, spec: SketchSpec, step: int, split: str, rounds: int):
