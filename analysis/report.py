@@ -22,7 +22,8 @@ PAPER_RATIOS = {"mnist_mini": ("test", 100, {10: 6.7, 355: 3.1})}
 SIMILARITY_COLUMNS = ("overlap", *DISTANCE_NAMES)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table: the ``header`` cells, then one line per row of cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -46,7 +47,7 @@ def _overlap_section(split: str, curves: dict, dimension: int) -> list[str]:
             )
     header = ["step", "k", "overlap", "chance k/D", "overlap / chance"]
     header += ["random masks (mean ± sd)", "best k-sparse mask"]
-    lines += _table(header, rows)
+    lines += table(header, rows)
     above = [
         step
         for step, c in sorted(curves.items())
@@ -93,14 +94,13 @@ def _crystallization_table(data: dict, key, label: str) -> list[str]:
             [f"*random ({reference})*"]
             + [f"*{pairs['random'][name]:.3f}*" for name in SIMILARITY_COLUMNS]
         )
-    return [f"Similarities 1 − d/max at {label}:", ""] + _table(
-        ["steps", *SIMILARITY_COLUMNS], rows
-    )
+    return [f"Similarities 1 − d/max at {label}:", ""] + table(["steps", *SIMILARITY_COLUMNS], rows)
 
 
-def write_report(results: Path, figures: list[dict], path: Path) -> Path:
+def write_report(results: Path, figures: list[dict], path: Path, more: list[str] = ()) -> Path:
     """Write ``report.md`` for ``results`` (``analysis.h5``) and the drawn ``figures``
-    (``[{"name", "title", "path"}]`` from :func:`hessov.analysis.figures.draw_all`).
+    (``[{"name", "title", "path"}]`` from :func:`hessov.analysis.figures.draw_all`), with the
+    Markdown lines ``more`` at the end (the estimates' section).
     """
     with h5py.File(results, "r") as handle:
         problem = str(handle.attrs["problem"])
@@ -150,6 +150,7 @@ def write_report(results: Path, figures: list[dict], path: Path) -> Path:
             lines.append("")
     if not eigenspaces and "mask_crystallization" not in by_name:
         lines += ["(Fewer than two analysed steps: nothing to compare across training.)", ""]
+    lines += more
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path

@@ -115,6 +115,9 @@ class SlurmStagesConfig:
     basis: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     solve: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     exhaustive: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    trace: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    diagonal: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    density: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     analyze: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     replay: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     compare: SlurmStageConfig = field(default_factory=SlurmStageConfig)
@@ -252,12 +255,21 @@ class RunConfig:
     HESSIAN_STEPS: list[int] = field(default_factory=list)  # steps to sketch; [] = all recorded
     HESSIAN_SPLITS: list[str] = field(default_factory=lambda: ["train", "test"])
     EXHAUSTIVE: bool = False  # `hessov run` adds the exact-vs-sketch check (small D only)
+    # Estimates that reuse the sketch (stages trace, diagonal, density; two_pass only).
+    estimates: list[str] = field(default_factory=list)  # `hessov run` adds them: trace, ...
+    trace_probes: int = 640  # Hutchinson probes on the deflated remainder
+    diagonal_probes: int = 640  # likewise, for the diagonal
+    probes_per_task: int = 64  # probes of one trace or diagonal array task
+    density_runs: int = 10  # stochastic Lanczos quadrature: one start vector per array task
+    density_steps: int = 80  # Lanczos steps of each run (HVPs of one task)
     backend: str = "local"  # `hessov run`: local (sequential) | slurm
     slurm: SlurmConfig = field(default_factory=SlurmConfig)  # backend=slurm: job resources
     replays: list[ReplayConfig] = field(default_factory=list)  # spectral-filter replays
 
 
 BACKENDS = ("local", "slurm")
+#: The estimates that reuse a sketch, each a stage (``estimates=[...]``).
+ESTIMATES = ("trace", "diagonal", "density")
 #: The smallest ``image_size`` accepted: ResNet-18's five halvings bring 32 pixels to 1x1;
 #: smaller crops would run, on padding more than on pixels.
 MIN_IMAGE_SIZE = 32
@@ -534,6 +546,7 @@ def _validate_sketch(cfg: RunConfig) -> None:
     elif cfg.k and cfg.s:
         require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
     _validate_rounds(cfg)
+    _validate_estimates(cfg)
     require(cfg.noise in NOISE_TYPES, "noise", f"must be one of {NOISE_TYPES}")
     require(cfg.block_size >= 0, "block_size", "must be >= 0 (0 = automatic)")
     require(cfg.MEAS_PER_JOB >= 0, "MEAS_PER_JOB", "must be >= 0 (0 = one task)")
@@ -547,6 +560,21 @@ def _validate_sketch(cfg: RunConfig) -> None:
             "HESSIAN_STEPS",
             f"step {step} is not in RECORD_STEPS={cfg.RECORD_STEPS}",
         )
+
+
+def _validate_estimates(cfg: RunConfig) -> None:
+    """``estimates`` and the probe counts of the trace, diagonal and density stages."""
+    for name in cfg.estimates:
+        require(name in ESTIMATES, "estimates", f"unknown estimate {name!r}: one of {ESTIMATES}")
+    require(len(set(cfg.estimates)) == len(cfg.estimates), "estimates", "has repeated names")
+    require(
+        not cfg.estimates or cfg.recovery == "two_pass",
+        "estimates",
+        "reuse the two-pass sketch's basis and its products: set recovery=two_pass",
+    )
+    for key in ("trace_probes", "diagonal_probes", "probes_per_task", "density_runs"):
+        require(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.density_steps >= 2, "density_steps", "must be >= 2")  # noqa: PLR2004
 
 
 #: sbatch options that hessov itself sets on every job (names as in ``--name``, with ``_``).
@@ -781,6 +809,11 @@ LATER_STAGE_KEYS = (
     "HESSIAN_BATCH_SIZE",
     "HESSIAN_STEPS",
     "HESSIAN_SPLITS",
+    "trace_probes",
+    "diagonal_probes",
+    "probes_per_task",
+    "density_runs",
+    "density_steps",
 )
 
 

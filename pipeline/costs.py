@@ -315,6 +315,9 @@ FIX_KEYS = {
     "basis": ("row_block", "k"),
     "solve": ("row_block", "k"),
     "exhaustive": ("EXHAUSTIVE=false",),
+    "trace": ("probes_per_task", "row_block"),
+    "diagonal": ("probes_per_task", "row_block"),
+    "density": ("density_steps", "row_block"),
 }
 #: matplotlib and the small arrays of the figures and reports.
 REPORT_BYTES = 200 * MIB
@@ -359,6 +362,35 @@ def _solve_cost(spec, cfg, facts, job) -> JobCost:
     name = arguments["phase"]
     disk = (2 if job.stage == "solve" else 1) * matrix if name == "finish" else 0
     return JobCost(row_phase_bytes(spec, phases[name]), disk, 0)
+
+
+def _estimate_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
+    """A probe task holds the model and one block of probes as a measure task does, and the
+    sketch's space in float64 (``V`` and ``H V``, or the solve's eigenvectors): in memory
+    whole, in row blocks a block at a time; a density task also its Lanczos vectors. A
+    finish holds the space and a few ``D``-vectors.
+    """
+    from hessov.probes import probe_plan
+
+    plan = probe_plan(cfg, job.stage)
+    width = spec.layout.num_outer * (max(spec.krylov_rounds - 1, 1))
+    rows = spec.row_block or spec.layout.dim
+    space = 2 * rows * width * 8 + 8 * facts.dim * 8
+    if job.tasks is None:  # the finish
+        return JobCost(PROCESS_FLOOR_BYTES + REPORT_BYTES + space, facts.dim * 8 * 3, 0)
+    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
+    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
+    block = 1 if plan.steps else min(plan.per_task, spec.layout.block_size)
+    memory = (
+        _problem_bytes(facts, 4)
+        + facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS
+        + graph * (1 + block)
+        + MEASURE_BLOCK_COPIES * facts.dim * block * 8
+        + space
+        + plan.steps * facts.dim * 8
+    )
+    disk = len(job.tasks) * (16 * facts.dim if job.stage == "diagonal" else 8 * plan.per_task)
+    return JobCost(memory, disk, plan.hvps(job.tasks))
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:
@@ -412,6 +444,9 @@ _STAGE_COSTS = {
     "train": _train_cost,
     "replay": _replay_cost,
     "exhaustive": _exhaustive_cost,
+    "trace": _estimate_cost,
+    "diagonal": _estimate_cost,
+    "density": _estimate_cost,
     "analyze": _analyze_cost,
 }
 

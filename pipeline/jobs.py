@@ -93,16 +93,17 @@ def refuse_overrides(stage: str, overrides: list[str], accepted: str) -> None:
         raise ConfigError(f"{overrides[0].partition('=')[0]}: {stage} accepts only {accepted}")
 
 
-def sketch_inputs(run: RunDir, overrides: list[str]):
+def sketch_inputs(run: RunDir, overrides: list[str], keys: tuple[str, ...] = ()):
     """What every stage after the layout starts from: the run's config (only
-    :data:`COMPUTE_KEYS` overridden) with the layout's dtype, and the layout's sketch spec,
+    :data:`COMPUTE_KEYS` and ``keys`` overridden) with the layout's dtype, and the layout's
+    sketch spec,
     whose row block ``row_block=`` or ``memory_gb=`` may choose again: it decides how the
     basis and solve compute, not what is measured.
     """
     from hessov.costs import rechoose_row_block
     from hessov.sketchspec import load_spec
 
-    cfg = override_run_config(saved_run_config(run), overrides, COMPUTE_KEYS)
+    cfg = override_run_config(saved_run_config(run), overrides, (*COMPUTE_KEYS, *keys))
     spec = load_spec(run)
     cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype
     rechoose_row_block(cfg, spec, overrides)
@@ -249,6 +250,43 @@ def _analyze(run: RunDir, arguments: dict, overrides: list[str]) -> str | None:
     items = steps_and_splits(chosen, load_spec(run)) if chosen else None
     analyze(run, items, report=report == "true")
     return str(run.report) if report == "true" else None
+
+
+def estimate_stage(name: str) -> Callable[[RunDir, dict, list[str]], str]:
+    """The entry point of estimate ``name`` (trace, diagonal, density; :mod:`hessov.probes`):
+    ``phase=probes`` runs array tasks (``task=i``, ``$SLURM_ARRAY_TASK_ID`` or every task
+    without a file), ``phase=finish`` writes the estimate, no phase both in turn.
+    """
+
+    def run_stage(run: RunDir, arguments: dict, overrides: list[str]) -> str:
+        import importlib
+
+        from hessov.probes import ESTIMATE_KEYS, missing_tasks, probe_plan
+
+        stage = importlib.import_module(f"hessov.stages.{name}")
+        cfg, spec = sketch_inputs(run, overrides, ESTIMATE_KEYS)
+        phase = arguments.get("phase", "all")
+        if phase not in ("probes", "finish", "all"):
+            raise ConfigError(f"phase: one of probes, finish (or none: both), got {phase!r}")
+        task = arguments.get("task", os.environ.get("SLURM_ARRAY_TASK_ID"))
+        written = []
+        for where in steps_and_splits(arguments, spec):
+            run.require(run.eigen(*where), "solve")
+            plan = probe_plan(cfg, name)
+            if phase != "finish":
+                chosen = missing_tasks(run, plan, where)
+                if task is not None:
+                    chosen = [int_argument({"task": task}, "task")]
+                    plan.indices(chosen[0])  # refuses a task outside the plan
+                    if run.estimate_task(*where, name, chosen[0]).is_file():
+                        chosen = []  # computed already: never overwritten
+                for number in chosen:
+                    stage.task(run, cfg, spec, where, number)
+            if phase != "probes":
+                written.append(stage.finish(run, cfg, spec, where)["file"])
+        return "\n".join(written) or None
+
+    return run_stage
 
 
 def _check_operator(run: RunDir, arguments: dict, overrides: list[str]) -> str:
@@ -429,6 +467,44 @@ STAGES: dict[str, StageEntry] = {
         "job and name=NAME all of a replay's seeds in turn. Writes RUN/replays/NAME/ and "
         "the 'replay' summary; a finished replay is not run again, a name used with other "
         "settings is refused. Prints the directory of each job it ran, one a line.",
+    ),
+    "trace": StageEntry(
+        estimate_stage("trace"),
+        ("step", "split", "phase", "task"),
+        "the Hessian trace: exact on the sketch's basis, Hutchinson probes beyond it",
+        "Hutch++ that reuses a solved two-pass sketch of step=T split=S (default: every "
+        "step and split of the layout): tr(H) = tr(V^T H V), exact from the measured H V, "
+        "plus Hutchinson's Rademacher probes on the deflated remainder (I - V V^T) H "
+        "(I - V V^T), trace_probes= of them (default 640) in array tasks of "
+        "probes_per_task= (default 64). phase=probes runs the tasks (task=i or "
+        "$SLURM_ARRAY_TASK_ID: one; otherwise every task without a file), phase=finish "
+        "adds them up, no phase both. Writes RUN/estimates/step_T_SPLIT/trace.h5 and the "
+        "'trace' summary: value, ci95 (the probes' 95% half-width), hvps. Also device= "
+        "threads=.",
+    ),
+    "diagonal": StageEntry(
+        estimate_stage("diagonal"),
+        ("step", "split", "phase", "task"),
+        "the Hessian diagonal: exact on the sketch's basis, probes beyond it",
+        "For a solved two-pass sketch of step=T split=S (default: all): diag(H) from the "
+        "sketch's basis V and its measured products H V (exact, no HVP) plus diag(P H P), "
+        "P = I - V V^T, by diagonal_probes= Rademacher probes (default 640) in array "
+        "tasks of probes_per_task= (default 64). Phases and tasks as `hessov trace`. "
+        "Writes RUN/estimates/step_T_SPLIT/diagonal.h5 (diagonal, ci95, sketched), a "
+        "per-layer figure in RUN/estimates/figures/ and the 'diagonal' summary. Also "
+        "device= threads=.",
+    ),
+    "density": StageEntry(
+        estimate_stage("density"),
+        ("step", "split", "phase", "task"),
+        "the Hessian eigenvalue density: deflated stochastic Lanczos quadrature",
+        "For a solved two-pass sketch of step=T split=S (default: all): density_runs= "
+        "(default 10) independent Lanczos runs of density_steps= (default 80) steps, one "
+        "array task each, on the complement of the solve's eigenvectors; the solve's "
+        "eigenvalues added back with weight 1/D each. Phases and tasks as `hessov trace`. "
+        "Writes RUN/estimates/step_T_SPLIT/density.h5 (nodes and weights, the broadened "
+        "density on a grid, the outliers), a log-scale figure in RUN/estimates/figures/ "
+        "and the 'density' summary. Also device= threads=.",
     ),
     "compare": StageEntry(
         _compare,

@@ -15,6 +15,9 @@ any machine that sees the directory, given only its path (a Slurm job does exact
       measurements/merged_{split}.h5   monolithic arrays, allocated once, reused per step
       eigen/step_T_{split}.h5  eigenpairs and provenance (solve)
       exhaustive/              exact-vs-sketch comparisons
+      estimates/step_T_{split}/{trace,diagonal,density}.h5   the estimates that reuse the
+                               sketch, from their array tasks' files in .../NAME/task_*.h5;
+                               estimates/figures/
       analysis/steps/step_T_{split}.h5   overlap curves of one step and split (analyze)
       analysis/analysis.h5     all analysed steps and the cross-step metrics, figures/, report.md
       replays/NAME/            spectral-filter replays: replay.yaml, log.jsonl, final.pt
@@ -140,6 +143,23 @@ class RunDir:
         """Every :meth:`row_work` directory of ``stage`` on disk, by its row block."""
         found = (self.measurements / f"step_{step}_{split}").glob(f"{stage}_rows_*")
         return {int(path.name.rpartition("_")[2]): path for path in found if path.is_dir()}
+
+    @property
+    def estimates(self) -> Path:
+        """The directory of the trace, diagonal and density estimates."""
+        return self.root / "estimates"
+
+    def estimate(self, step: int, split: str, name: str) -> Path:
+        """The finished estimate ``name`` (trace, diagonal, density) of one step and split."""
+        return self.estimates / f"step_{step}_{split}" / f"{name}.h5"
+
+    def estimate_task(self, step: int, split: str, name: str, task: int) -> Path:
+        """What array task ``task`` of estimate ``name`` computed: its probes' samples."""
+        return self.estimates / f"step_{step}_{split}" / name / f"task_{task:05d}.h5"
+
+    def estimate_figure(self, step: int, split: str, name: str) -> Path:
+        """The figure of estimate ``name`` (the diagonal per layer, the density)."""
+        return self.estimates / "figures" / f"{name}_step_{step}_{split}.png"
 
     def exhaustive(self, step: int, split: str) -> Path:
         """The exact-vs-sketch comparison of one step and split."""

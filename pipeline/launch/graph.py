@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hessov.config import RunConfig, replay_jobs, save_config
+from hessov.config import ESTIMATES, RunConfig, replay_jobs, save_config
 from hessov.costs import (
     check_budgets,
     format_bytes,
@@ -34,13 +34,16 @@ from hessov.costs import (
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramstore import ColumnStore
+from hessov.probes import missing_tasks, probe_plan
 from hessov.recording import refuse_unfinished_record
 from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec, save_spec
 
 #: Stages that take ``device=`` and ``threads=`` (the others read files only).
-COMPUTE_STAGES = frozenset({"layout", "measure", "basis", "solve", "exhaustive", "replay"})
+COMPUTE_STAGES = frozenset(
+    {"layout", "measure", "basis", "solve", "exhaustive", "replay", *ESTIMATES}
+)
 
 
 @dataclass(frozen=True)
@@ -211,7 +214,34 @@ def _missing_tasks(spec: SketchSpec, work: RowWork, phase) -> list[int]:
     return [t for t in range(spec.row_tasks) if missing & set(spec.row_task_blocks(t))]
 
 
-def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) -> tuple[str, ...]:
+def _estimate_jobs(graph: _Builder, cfg: RunConfig, where, after, name: str) -> tuple[str, ...]:
+    """Estimate ``name`` of one step and split (:mod:`hessov.probes`): its probe tasks
+    without a file as one array, then the finish; nothing once its file is written.
+    """
+    run, (step, split) = graph.run, where
+    if run.estimate(step, split, name).is_file():
+        return ()
+    args, label = (f"step={step}", f"split={split}"), f"step={step} split={split}"
+    tasks_dir = run.estimate_task(step, split, name, 0).parent
+    tasks = missing_tasks(run, probe_plan(cfg, name), where)
+    if tasks:
+        inputs = [run.eigen(step, split), run.measurements / f"step_{step}_{split}"]
+        after = graph.add(
+            f"{name} probes {label}",
+            name,
+            (*args, "phase=probes"),
+            after,
+            inputs,
+            [tasks_dir],
+            tuple(tasks),
+        )
+    outputs = [run.estimate(step, split, name)]
+    return graph.add(
+        f"{name} finish {label}", name, (*args, "phase=finish"), after, [tasks_dir], outputs
+    )
+
+
+def _sketch_jobs(graph: _Builder, cfg: RunConfig, spec, item, where, after) -> tuple[str, ...]:
     """Every job of one step and split still needed; returns the names the report waits for."""
     run, (step, split) = graph.run, where
     args = (f"step={step}", f"split={split}")
@@ -224,13 +254,17 @@ def _sketch_jobs(graph: _Builder, spec, item, where, after, exhaustive: bool) ->
         previous = _stage_jobs(
             graph, spec, ("solve", where, ""), previous, inputs, [run.eigen(step, split)]
         )
-    waited: tuple[str, ...] = ()
-    if exhaustive and not (item and item.exhaustive_done):
+    estimated: tuple[str, ...] = ()
+    for name in cfg.estimates:
+        estimated += _estimate_jobs(graph, cfg, where, previous, name)
+    waited = estimated
+    if cfg.EXHAUSTIVE and not (item and item.exhaustive_done):
+        # After the estimates: it compares them with their exact counterparts.
         waited += graph.add(
             f"exhaustive {label}",
             "exhaustive",
             args,
-            previous,
+            previous + estimated,
             [run.eigen(step, split)],
             [run.exhaustive(step, split)],
         )
@@ -302,7 +336,7 @@ def build_graph(
     for step in spec.steps:
         for split in spec.splits:
             item = items.get((step, split))
-            analysed += _sketch_jobs(graph, spec, item, (step, split), laid_out, cfg.EXHAUSTIVE)
+            analysed += _sketch_jobs(graph, cfg, spec, item, (step, split), laid_out)
     if analysed or not run.report.is_file():
         graph.add("report", "analyze", (), analysed, [run.analysis], [run.report])
     return graph.jobs

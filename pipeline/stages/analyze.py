@@ -46,6 +46,7 @@ import torch
 
 from hessov import summary
 from hessov.analysis import figures
+from hessov.analysis.estimate_report import estimate_section
 from hessov.analysis.report import write_report
 from hessov.analysis.rowblocks import RowSource, default_row_block
 from hessov.analysis.subspaces import (
@@ -413,7 +414,8 @@ def analyze(
             with exclusive_lock(run.analysis_lock):
                 write_results(run, cfg.problem, analysed, unsolved, row_block)
                 drawn = figures.draw_all(run.analysis_results, run.figures)
-                write_report(run.analysis_results, drawn, run.report)
+                more = estimate_section(summary.load(run), run.report)
+                write_report(run.analysis_results, drawn, run.report, more)
             events.write("report", path=str(run.report), unsolved=unsolved)
             log.info("analyze: report %s", run.report)
     return result

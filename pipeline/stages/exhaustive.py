@@ -9,6 +9,8 @@ script 12a but comparing against the top-|lambda| eigenvectors and sign-invarian
 paper compared with eigh's ascending order, so every residual it logged was about
 sqrt(2)): relative errors of the top eigenvalues, eigenvector residuals
 ``min(||w - v||, ||w + v||)``, and subspace overlaps ``||W[:, :k]^T V[:, :k]||_F^2 / k``.
+The trace, diagonal and density estimates of the step and split, where computed, next to
+their exact values (:mod:`hessov.exact_estimates`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hessov import summary
 from hessov.analysis.subspaces import sign_invariant_residuals
 from hessov.config import RunConfig
 from hessov.errors import ConfigError
+from hessov.exact_estimates import compare_estimates
 from hessov.hessian import hessian_at_step
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
@@ -124,11 +127,10 @@ def compare_with_exact(exact_values, exact_vectors, values, vectors) -> dict:
     }
 
 
-def exact_eigenpairs(
-    run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str
-) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def exact_eigenpairs(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str):
     """Every eigenvalue ``(D,)`` and the top-k eigenvectors ``(D, k)`` of the dense float64
-    Hessian, sorted by ``|lambda|``, with the seconds of building it and of ``eigh``.
+    Hessian, sorted by ``|lambda|``, its diagonal ``(D,)``, and the seconds of building it and
+    of ``eigh``.
     """
     exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
     t0 = time.perf_counter()
@@ -141,13 +143,14 @@ def exact_eigenpairs(
         device=hessian.device,
     )
     dense_seconds = time.perf_counter() - t0
+    diagonal = dense.diagonal().cpu().clone()
     t0 = time.perf_counter()
     all_values, all_vectors = torch.linalg.eigh(dense)
     order = all_values.abs().argsort(descending=True)
     exact_values = all_values[order].cpu()
     exact_vectors = all_vectors[:, order[: spec.layout.num_outer]].cpu()
     eigh_seconds = time.perf_counter() - t0
-    return exact_values, exact_vectors, dense_seconds, eigh_seconds
+    return exact_values, exact_vectors, diagonal, dense_seconds, eigh_seconds
 
 
 def _write_exact(path: Path, exact_values: torch.Tensor, exact_vectors: torch.Tensor) -> None:
@@ -168,7 +171,7 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             f"problem: D={dim} is too large for the exhaustive check (at most "
             f"{MAX_EXHAUSTIVE_DIM}: the dense Hessian takes {16 * dim**2 / 1e9:.1f} GB)"
         )
-    exact_values, exact_vectors, dense_seconds, eigh_seconds = exact_eigenpairs(
+    exact_values, exact_vectors, diagonal, dense_seconds, eigh_seconds = exact_eigenpairs(
         run, cfg, spec, step, split
     )
     k = spec.layout.num_outer
@@ -186,6 +189,7 @@ def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: 
             "s": spec.layout.num_inner,
             **_rounds_and_hvps(run, spec, step, split, source),
             "seconds": {"dense_hessian": round(dense_seconds, 3), "eigh": round(eigh_seconds, 3)},
+            "estimates": compare_estimates(run, (step, split), exact_values, diagonal),
         }
     )
     _write_exact(run.exhaustive(step, split), exact_values, exact_vectors)
