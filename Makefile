@@ -62,6 +62,9 @@ test: $(STAMP) system-deps
 # Benchmarks are scripts, not tests: one run (under 15 minutes on 2 cores) answers the
 # benchmark questions and writes bench/RESULTS.md; `$(PY) -m bench --help` for options.
 bench: $(STAMP)
+	@# PyHessian, a peer compared in question 11, for the bench only (not a dependency).
+	@test -d bench/_work/peers/pyhessian || $(PY) -m pip install --quiet --no-deps \
+		--target bench/_work/peers pyhessian==0.1
 	$(PY) -m bench
 
 # The local single-node Slurm cluster the tests use (root and apt needed).

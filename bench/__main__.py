@@ -18,7 +18,9 @@ taken in the same run:
 9. :mod:`bench.paper_configs`: the paper's three cluster experiments, as ``hessov plan``
    prices them (no timing);
 10. :mod:`bench.krylov_rounds`: the three goals of issue 15, block Krylov rounds against
-    Lanczos (HVPs, sequential HVPs, errors, and every finite error bound checked).
+    Lanczos (HVPs, sequential HVPs, errors, and every finite error bound checked);
+11. :mod:`bench.estimates`: the trace, diagonal and density that reuse the sketch, against
+    PyHessian and curvlinops at equal HVPs.
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -46,6 +48,7 @@ SECTIONS = (
     "scale",
     "paper_configs",
     "krylov_rounds",
+    "estimates",
 )
 
 

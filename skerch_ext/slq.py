@@ -46,6 +46,10 @@ def lanczos_quadrature(matmat: MatMat, project: Projection, start: torch.Tensor,
         stacked = torch.stack(basis, dim=1)
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
             product -= stacked @ (stacked.T @ product)
+            # Against the deflated space too: the basis' rounding along it would otherwise
+            # build up step by step, and once the complement is exhausted the run would go
+            # on inside the deflated space.
+            product = project(product[:, None])[:, 0]
         beta = float(product.norm())
         if len(alphas) == steps or beta <= 1e-10 * max(abs(a) for a in alphas):
             break

@@ -52,13 +52,23 @@ def summary_of():
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> str:
-    """One finished `hessov run problem=mnist_mini preset=tiny` (local backend), shared by
-    every test that only reads it; tests that change a run work on a copy.
+    """One finished `hessov run problem=mnist_mini preset=tiny` (local backend) with
+    :data:`ESTIMATES`, shared by every test that only reads it; tests that change a run work
+    on a copy.
     """
     out = tmp_path_factory.mktemp("tiny-runs")
-    return last_line(
-        run_hessov("run", "problem=mnist_mini", "preset=tiny", f"OUTPUT_DIR={out}").stdout
-    )
+    args = ["problem=mnist_mini", "preset=tiny", *ESTIMATES]
+    return last_line(run_hessov("run", *args, f"OUTPUT_DIR={out}").stdout)
+
+
+#: Every estimate that reuses the sketch, at half the default probes (a few seconds for the
+#: four sketches of preset=tiny); tests/test_estimates.py compares them with the exact ones.
+ESTIMATES = [
+    "estimates=[trace,diagonal,density]",
+    "trace_probes=320",
+    "diagonal_probes=320",
+    "density_runs=5",
+]
 
 
 #: A target the third round meets at step 300 of preset=tiny, and at step 100 only the

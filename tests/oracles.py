@@ -8,6 +8,8 @@ Not product code: nothing in ``pipeline`` or ``skerch_ext`` uses them.
   stages' :class:`hessov.skerch_ext.operator.AutogradHessian` must agree with it to rounding
   (tests/test_operator.py), and bench/ times both (bench/RESULTS.md, questions 1 and 2).
 - :func:`as_matmat`: any ``H @ M`` operator as the ``MatMat`` function skerch_ext takes.
+- :func:`dense_hessian`: a run's Hessian of one step and split as a dense float64 matrix,
+  what the estimates (trace, diagonal, density) are checked against.
 """
 
 from __future__ import annotations
@@ -58,3 +60,19 @@ def as_matmat(operator: HessianLinearOperator) -> MatMat:
         return operator @ matrix
 
     return matmat
+
+
+def dense_hessian(run_dir, step: int, split: str) -> torch.Tensor:
+    """``(D, D)`` float64: the Hessian the run's stages multiply with, ``H @ I`` by blocks."""
+    from hessov.config import saved_run_config
+    from hessov.hessian import hessian_at_step
+    from hessov.rundir import RunDir
+    from hessov.skerch_ext.operator import dense_matrix
+
+    run = RunDir(run_dir)
+    cfg = saved_run_config(run)
+    cfg.dtype = "float64"
+    hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
+    return dense_matrix(
+        hessian.matmat, hessian.dim, block_size=256, dtype=torch.float64, device="cpu"
+    )

@@ -88,6 +88,8 @@ def test_report_links_every_figure_and_tables_each_step(tiny_run):
         [f"{kind}_{split}" for kind in ("overlap", "overlap_ratio", "spectrum",
                                         "eigenspace_crystallization")
          for split in ("train", "test")] + ["mask_crystallization"]
+        + [f"{name}_step_{step}_{split}" for name in ("diagonal", "density")
+           for step, split in SKETCHES]  # the estimates' section (tests/test_estimates.py)
     )  # fmt: skip
     for link in links:
         assert (run / "analysis" / link).stat().st_size > 10_000

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import REPO, last_line
 from equivalence import assert_equivalent_runs
+from hessov.skerch_ext.hutchinson import Z95
+from oracles import dense_hessian
 from slurm_cluster import slurm_cluster, wait_for_jobs
 
 pytestmark = pytest.mark.kernel_path
@@ -74,7 +76,10 @@ def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
     with a task per row block, and the chain of three rounds ends at the in-memory local
     run's eigenpairs within the equivalence tolerances.
     """
-    run_dir, jobs = submit_chain(slurm_cluster, tmp_path, *ONE_STEP_TARGET, "row_block=4096")
+    trace = ["estimates=[trace]", "trace_probes=128"]  # two array tasks of 64 probes
+    run_dir, jobs = submit_chain(
+        slurm_cluster, tmp_path, *ONE_STEP_TARGET, "row_block=4096", *trace
+    )
     where = "step=300 split=train"
     basis = [name for name in jobs if name.startswith("basis ") and " round" not in name]
     krylov = [name for name in jobs if name.startswith("basis ") and " round3 " in name]
@@ -92,6 +97,7 @@ def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
             "basis reorth_apply round3",
             "solve extend_local",
             "solve eigenvectors",
+            "trace probes",
         )
     ]
     tasks = {}
@@ -108,6 +114,15 @@ def test_sbatch_chain_runs_the_row_block_phases_and_rounds_as_job_arrays(
     assert not list(run_dir.glob("measurements/*/*_rows_*"))  # the work directories are gone
     with h5py.File(run_dir / "eigen/step_300_train.h5") as handle:
         assert handle.attrs["rounds"] == 3
+    # The trace's probes read the basis and its products by row blocks: within 4 standard
+    # errors of the exact trace (tests/test_estimates.py).
+    names = list(jobs)
+    assert names.index(f"trace finish {where}") == names.index(f"trace probes {where}") + 1
+    with h5py.File(run_dir / "estimates/step_300_train/trace.h5") as handle:
+        value, ci95 = float(handle.attrs["value"]), float(handle.attrs["ci95"])
+        assert handle.attrs["basis_width"] == 60  # two exactly projected blocks of k = 30
+    exact = float(dense_hessian(run_dir, 300, "train").diagonal().sum())
+    assert abs(value - exact) <= 4 * ci95 / Z95
     solved = json.loads((run_dir / "summary/solve/300/train.json").read_text())
     assert solved["rounds_stopped_by"] == "max_rounds" and solved["target_met"]  # by the last
     checks = json.loads((run_dir / "measurements/step_300_train/krylov_checks.json").read_text())

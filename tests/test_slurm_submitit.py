@@ -13,9 +13,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, TARGET, last_line, run_hessov
 from equivalence import assert_equivalent_runs
+from oracles import dense_hessian
 from slurm_cluster import slurm_cluster
 
 # The tiny config's train split, three measurement array tasks per round; every chain here
@@ -30,6 +32,10 @@ FOLLOW = ["slurm.poll_seconds=1", "slurm.wait_timeout_minutes=12"]
 #: Step 300 with a target that its third round meets (tests/test_rounds.py): four rounds
 #: planned, the fourth's jobs submitted and finding nothing to do.
 ONE_STEP_TARGET = [*ONE_STEP, *TARGET]
+
+
+#: The diagonal from one array task of 64 probes (its finish is one more job).
+DIAGONAL = ["estimates=[diagonal]", "diagonal_probes=64"]
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +146,13 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     slurm_cluster, local_reference, tmp_path, own_jobs
 ):
     out = tmp_path / "runs"
-    result = run_hessov("run", *ONE_STEP, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait")
+    args = [*ONE_STEP, *DIAGONAL, "backend=slurm", f"OUTPUT_DIR={out}", *FOLLOW, "--wait"]
+    result = run_hessov("run", *args)
     run = Path(last_line(result.stdout))
     own_jobs.append(run)
     # 1 train, 1 layout; for step 300: 3 + 3 measurement tasks, the a-posteriori round's
-    # task, basis, solve, analyze; the report.
-    expected = 2 + 10 + 1
+    # task, basis, solve, the diagonal's task and finish, analyze; the report.
+    expected = 2 + 12 + 1
     assert f"all {expected} jobs completed" in result.stderr  # the verdict, on stderr
     assert_same_eigenpairs(local_reference, run, [300])
     (submission,) = submissions(run)
@@ -155,6 +162,13 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     master = jobs["measure first step=300 split=train task=2"]["job_id"].split("_")[0]
     assert jobs["basis step=300 split=train"]["after"] == [master]
     assert f"{jobs['train']['job_id']} train" in result.stdout  # job ids printed on stdout
+    # The diagonal's job on a Slurm node: within its interval of the exact one
+    # (tests/test_estimates.py).
+    with h5py.File(run / "estimates/step_300_train/diagonal.h5") as handle:
+        estimate = torch.from_numpy(handle["diagonal"][:])
+        ci95 = torch.from_numpy(handle["ci95"][:])
+    exact = dense_hessian(run, 300, "train").diagonal()
+    assert (estimate - exact).norm() <= 2 * ci95.norm()
 
     status = run_hessov("status", str(run)).stdout
     assert (
@@ -173,7 +187,7 @@ def test_run_on_slurm_reproduces_the_local_backend_and_never_measures_twice(
     assert "nothing to submit" in again.stderr
     assert len(submissions(run)) == 1
     assert part_times(run) == before
-    rerun = run_hessov("run", *ONE_STEP, "backend=slurm", f"RUN_DIR={run}", check=False)
+    rerun = run_hessov("run", *ONE_STEP, *DIAGONAL, "backend=slurm", f"RUN_DIR={run}", check=False)
     assert rerun.returncode == 2
     assert f"hessov resume {run} backend=slurm" in rerun.stderr
     assert len(submissions(run)) == 1
