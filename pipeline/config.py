@@ -239,6 +239,7 @@ class RunConfig:
     # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
     k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
+    curvature: str = "hessian"  # what the sketch measures: hessian | ggn (Gauss-Newton, PSD)
     recovery: str = "two_pass"  # two_pass (k HVPs a round, block Krylov) | single_pass (s HVPs)
     rounds: int = 0  # two_pass: rounds of k HVPs (Krylov depth); 0 = 2 (single pass: unused)
     target_rel_err: float = 0.0  # two_pass: stop the rounds once every bound is below it; 0 = off
@@ -268,6 +269,8 @@ class RunConfig:
 
 
 BACKENDS = ("local", "slurm")
+#: What the Hessian stages multiply with: the Hessian, or the generalised Gauss-Newton matrix.
+CURVATURES = ("hessian", "ggn")
 #: The estimates that reuse a sketch, each a stage (``estimates=[...]``).
 ESTIMATES = ("trace", "diagonal", "density")
 #: The smallest ``image_size`` accepted: ResNet-18's five halvings bring 32 pixels to 1x1;
@@ -536,6 +539,11 @@ def _validate_sketch(cfg: RunConfig) -> None:
     require(cfg.s >= 0, "s", f"must be >= 0 (0 = 2k), got {cfg.s}")
     require(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
     require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
+    require(
+        cfg.curvature in CURVATURES,
+        "curvature",
+        f"must be one of {CURVATURES}, got {cfg.curvature!r}",
+    )
     if cfg.recovery == "two_pass":
         require(
             not cfg.s,
@@ -795,6 +803,7 @@ LATER_STAGE_KEYS = (
     "k",
     "s",
     "recovery",
+    "curvature",
     "rounds",
     "target_rel_err",
     "max_rounds",

@@ -6,8 +6,9 @@ statistics, any ``register_buffer``) recorded at step ``T`` (read from ``params.
 :func:`hessov.paramstore.load_recorded_state`), the deterministic Hessian subset of the
 train or test split recorded by the train stage, the model in eval mode, as a batched
 Hessian-vector product (:class:`hessov.skerch_ext.operator.AutogradHessian`) on the
-requested device and dtype. This module builds it in one place so the stages cannot drift
-apart.
+requested device and dtype. With ``curvature=ggn`` the same stages multiply with the
+generalised Gauss-Newton matrix instead (:class:`hessov.skerch_ext.ggn.AutogradGGN`). This
+module builds it in one place so the stages cannot drift apart.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hessov.paramstore import ColumnStore, load_recorded_state
 from hessov.problems import Problem, build_problem
 from hessov.rundir import SPLITS, RunDir
 from hessov.runlog import read_events
+from hessov.skerch_ext.ggn import AutogradGGN
 from hessov.skerch_ext.operator import AutogradHessian, MatMat
 from hessov.training import TORCH_DTYPES, set_cpu_threads, to_device
 
@@ -66,6 +68,21 @@ def check_step_and_split(run: RunDir, step: int, split: str) -> None:
         raise ConfigError(f"step: {step} was not recorded; recorded steps: {recorded}")
 
 
+def curvature_operator(curvature: str, model, loss, data, batch_size: int) -> AutogradHessian:
+    """The operator of ``curvature`` (``hessian`` or ``ggn``) for ``model`` and ``loss`` on
+    ``data`` (inputs, targets), ``batch_size`` examples per pass.
+
+    Raises:
+        ConfigError: ``curvature=ggn`` for a loss the GGN is not defined for, naming the key.
+    """
+    if curvature == "hessian":
+        return AutogradHessian(model, loss, *data, batch_size=batch_size)
+    try:
+        return AutogradGGN(model, loss, *data, batch_size=batch_size)
+    except ValueError as err:
+        raise ConfigError(f"curvature: {err}; use curvature=hessian") from None
+
+
 def hessian_at_step(
     run: RunDir,
     cfg: RunConfig,
@@ -89,8 +106,8 @@ def hessian_at_step(
     indices = recorded_subsets(run)[split].to(cfg.device)
     data = getattr(problem, split)
     inputs, targets = batching.take(data.inputs, indices), batching.take(data.targets, indices)
-    operator = AutogradHessian(
-        problem.model, problem.loss, inputs, targets, batch_size=cfg.HESSIAN_BATCH_SIZE
+    operator = curvature_operator(
+        cfg.curvature, problem.model, problem.loss, (inputs, targets), cfg.HESSIAN_BATCH_SIZE
     )
     if check_deterministic:
         try:

@@ -10,9 +10,11 @@ Edge of Stability") it is the curvature that decides whether the accelerated dir
 stay stable.
 
 Two solvers, both on the Hessian-vector products of the sketch stages
-(:class:`hessov.skerch_ext.operator.AutogradHessian`): Lanczos (:mod:`hessov.skerch_ext.lanczos`),
-warm-started from the previous eigenvectors, or the in-core two-pass sketch
-(:mod:`hessov.skerch_ext.incore`), which also estimates its relative error a posteriori.
+(:class:`hessov.skerch_ext.operator.AutogradHessian`; with ``curvature=ggn`` the
+generalised Gauss-Newton matrix's, :class:`hessov.skerch_ext.ggn.AutogradGGN`): Lanczos
+(:mod:`hessov.skerch_ext.lanczos`), warm-started from the previous eigenvectors, or the
+in-core two-pass sketch (:mod:`hessov.skerch_ext.incore`), which also estimates its
+relative error a posteriori.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 from hessov import batching
 from hessov.config import ReplayConfig, RunConfig
+from hessov.hessian import curvature_operator
 from hessov.skerch_ext.incore import sketched_eigh
 from hessov.skerch_ext.lanczos import top_eigenpairs
 from hessov.skerch_ext.operator import AutogradHessian
@@ -97,7 +100,9 @@ def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only
     """
     # Built anew at every recomputation: it keeps the gradient graph of the current
     # parameters, which the optimizer then changes in place.
-    operator = AutogradHessian(model, loss_fn, inputs, targets, batch_size=cfg.HESSIAN_BATCH_SIZE)
+    operator = curvature_operator(
+        cfg.curvature, model, loss_fn, (inputs, targets), cfg.HESSIAN_BATCH_SIZE
+    )
     try:
         if replay.eigensolver == "lanczos":
             return _lanczos(operator, cfg, replay, k, step, previous)

@@ -54,6 +54,9 @@ class SketchSpec:
     target_rel_err: float = 0.0
     #: The top pairs the target covers (0 without a target).
     target_eigenpairs: int = 0
+    #: What every Hessian stage multiplies with: ``hessian`` or ``ggn`` (the generalised
+    #: Gauss-Newton matrix, :mod:`hessov.skerch_ext.ggn`).
+    curvature: str = "hessian"
 
     @property
     def checked_eigenpairs(self) -> int:
@@ -233,6 +236,7 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
+    spec.curvature = cfg.curvature
     if cfg.recovery == "two_pass":
         _resolve_rounds(cfg, spec)
     spec.row_block = choose_row_block(cfg, spec)
@@ -272,14 +276,16 @@ def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> Sketch
 
     def fixed(spec: SketchSpec) -> tuple:
         rounds = (spec.krylov_rounds, spec.target_rel_err, spec.target_eigenpairs)
-        return spec.layout, spec.recovery, spec.num_apost, rounds
+        return spec.layout, spec.recovery, spec.num_apost, rounds, spec.curvature
 
     if fixed(existing) != fixed(wanted):
         raise ConfigError(
             f"layout: {where} already fixes {existing.layout} (recovery={existing.recovery}, "
+            f"curvature={existing.curvature}, "
             f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}, "
             f"target_eigenpairs={existing.target_eigenpairs}); the measurements taken for it "
-            f"would not match {wanted.layout} ({wanted.krylov_rounds} rounds, "
+            f"would not match {wanted.layout} (curvature={wanted.curvature}, "
+            f"{wanted.krylov_rounds} rounds, "
             f"target_rel_err={wanted.target_rel_err}, "
             f"target_eigenpairs={wanted.target_eigenpairs}). Use the same settings, or a new run."
         )

@@ -58,6 +58,19 @@ def data_batches(
     return list(zip(batching.chunks(inputs, size), batching.chunks(targets, size), strict=True))
 
 
+def parameter_rows(products, columns: list[torch.Tensor]) -> torch.Tensor:
+    """``(b, D)``: per-parameter products ``(b, *shape)`` (``None``: zero, a parameter the
+    product does not reach) side by side, in ``D``'s order; ``columns`` give the shapes.
+    """
+    return torch.cat(
+        [
+            torch.zeros_like(c).flatten(1) if p is None else p.flatten(1)
+            for p, c in zip(products, columns, strict=True)
+        ],
+        dim=1,
+    )
+
+
 class AutogradHessian:
     """``H @ M`` for the Hessian ``(D, D)`` of the mean of ``loss_fn`` over ``inputs`` w.r.t.
     all of ``model``'s trainable parameters (``requires_grad``, in ``model.parameters()``
@@ -124,13 +137,7 @@ class AutogradHessian:
                 is_grads_batched=True,
                 allow_unused=True,
             )
-        return torch.cat(
-            [
-                torch.zeros_like(c).flatten(1) if p is None else p.flatten(1)
-                for p, c in zip(products, columns, strict=True)
-            ],
-            dim=1,
-        )
+        return parameter_rows(products, columns)
 
     def matmat(self, matrix: torch.Tensor, *, fresh: bool = False) -> torch.Tensor:
         """``H @ matrix`` for ``matrix`` of shape ``(D, b)``; ``fresh=True`` rebuilds the

@@ -7,6 +7,8 @@ Not product code: nothing in ``pipeline`` or ``skerch_ext`` uses them.
   redoing the forward and backward pass of every data batch for every block. The sketch
   stages' :class:`hessov.skerch_ext.operator.AutogradHessian` must agree with it to rounding
   (tests/test_operator.py), and bench/ times both (bench/RESULTS.md, questions 1 and 2).
+- :func:`ggn_operator`: curvlinops' ``GGNLinearOperator``, likewise for
+  :class:`hessov.skerch_ext.ggn.AutogradGGN`.
 - :func:`as_matmat`: any ``H @ M`` operator as the ``MatMat`` function skerch_ext takes.
 - :func:`dense_hessian`: a run's Hessian of one step and split as a dense float64 matrix,
   what the estimates (trace, diagonal, density) are checked against.
@@ -15,7 +17,7 @@ Not product code: nothing in ``pipeline`` or ``skerch_ext`` uses them.
 from __future__ import annotations
 
 import torch
-from curvlinops import HessianLinearOperator
+from curvlinops import GGNLinearOperator, HessianLinearOperator
 from torch import nn
 
 from hessov.skerch_ext.operator import MatMat, data_batches
@@ -51,6 +53,16 @@ def hessian_operator(
         check_deterministic=check_deterministic,
         num_data=inputs.shape[0],
     )
+
+
+def ggn_operator(model: nn.Module, loss_fn: nn.Module, inputs, targets, *, batch_size: int = 0):
+    """The GGN as curvlinops' ``GGNLinearOperator``, built as :func:`hessian_operator` builds
+    the Hessian's: the reference of :class:`hessov.skerch_ext.ggn.AutogradGGN`.
+    """
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = data_batches(inputs, targets, batch_size)
+    return GGNLinearOperator(model, loss_fn, params, batches, num_data=inputs.shape[0])
 
 
 def as_matmat(operator: HessianLinearOperator) -> MatMat:

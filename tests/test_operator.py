@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from hessov.batching import ModelLoss
+from hessov.skerch_ext.ggn import AutogradGGN
 from hessov.skerch_ext.operator import AutogradHessian
-from oracles import as_matmat, hessian_operator
+from oracles import as_matmat, ggn_operator, hessian_operator
 
 
 def mlp_problem():
@@ -65,3 +67,29 @@ def test_autograd_operator_refuses_a_wrongly_shaped_block():
     ours = AutogradHessian(model, loss_fn, inputs, targets)
     with pytest.raises(ValueError, match=rf"expected a \({ours.dim}, b\) matrix"):
         ours.matmat(torch.zeros(ours.dim + 1, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("build", [mlp_problem, conv_problem])
+@pytest.mark.parametrize("batch_size", [0, 7])
+def test_ggn_products_equal_curvlinops_and_are_positive_semidefinite(build, batch_size):
+    """The GGN of cross-entropy and of the squared error, kept graph or rebuilt batches:
+    curvlinops' products to float64 rounding, a symmetric PSD matrix, and not the Hessian.
+    """
+    model, loss_fn, inputs, targets = build()
+    ours = AutogradGGN(model, loss_fn, inputs, targets, batch_size=batch_size)
+    theirs = as_matmat(ggn_operator(model, loss_fn, inputs, targets, batch_size=batch_size))
+    identity = torch.eye(ours.dim, dtype=torch.float64)
+    dense = ours.matmat(identity)
+    torch.testing.assert_close(dense, theirs(identity), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(dense, dense.T, rtol=1e-10, atol=1e-12)
+    scale = float(torch.linalg.matrix_norm(dense, 2))
+    assert float(torch.linalg.eigvalsh(dense).min()) >= -1e-12 * scale
+    hessian = dense_hessian(model, loss_fn, inputs, targets)
+    assert torch.linalg.matrix_norm(hessian - dense) > 1e-6 * scale
+
+
+def test_ggn_refuses_a_loss_of_the_model():
+    model, _, inputs, targets = mlp_problem()
+    loss = ModelLoss(lambda m, x, y: nn.functional.cross_entropy(m(x), y))
+    with pytest.raises(ValueError, match="the GGN needs the loss as a function of the model"):
+        AutogradGGN(model, loss, inputs, targets)
