@@ -223,10 +223,11 @@ def diagonal_rows(run: str, dense) -> list:
     from curvlinops import hutchinson_diag, xdiag
 
     from hessov.rundir import RunDir
+    from hessov.sketchspec import load_spec
     from hessov.stages.diagonal import layer_rows
 
     exact = dense.diagonal()
-    layers = layer_rows(RunDir(run))
+    layers = layer_rows(RunDir(run), load_spec(RunDir(run)))
 
     def errors(estimate) -> list[str]:
         worst = max(

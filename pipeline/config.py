@@ -239,6 +239,7 @@ class RunConfig:
     # Sketched eigendecomposition (stages layout, measure, solve, exhaustive).
     k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
+    params: list[str] = field(default_factory=list)  # globs of parameter names: a block of H
     curvature: str = "hessian"  # what the sketch measures: hessian | ggn (Gauss-Newton, PSD)
     recovery: str = "two_pass"  # two_pass (k HVPs a round, block Krylov) | single_pass (s HVPs)
     rounds: int = 0  # two_pass: rounds of k HVPs (Krylov depth); 0 = 2 (single pass: unused)
@@ -323,6 +324,8 @@ def load_run_config(overrides: list[str], config_file: str | Path | None = None)
     """
     pairs = _split_dotlist(overrides)
     preset = pairs.pop("preset", None)
+    if "params" in pairs and not pairs["params"].lstrip().startswith("["):
+        pairs["params"] = f"[{pairs['params']}]"  # params=PATTERN: one pattern
     cli = _command_line(pairs)
     with config_errors(str(config_file)):
         user_file = OmegaConf.load(config_file) if config_file else OmegaConf.create()
@@ -555,6 +558,12 @@ def _validate_sketch(cfg: RunConfig) -> None:
         require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
     _validate_rounds(cfg)
     _validate_estimates(cfg)
+    require(
+        not (cfg.params and cfg.replays),
+        "params",
+        "a replay filters the gradient of every parameter in the whole Hessian's eigenbasis: "
+        "sketch a block of H in a run without replays",
+    )
     require(cfg.noise in NOISE_TYPES, "noise", f"must be one of {NOISE_TYPES}")
     require(cfg.block_size >= 0, "block_size", "must be >= 0 (0 = automatic)")
     require(cfg.MEAS_PER_JOB >= 0, "MEAS_PER_JOB", "must be >= 0 (0 = one task)")
@@ -804,6 +813,7 @@ LATER_STAGE_KEYS = (
     "s",
     "recovery",
     "curvature",
+    "params",
     "rounds",
     "target_rel_err",
     "max_rounds",

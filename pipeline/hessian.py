@@ -7,7 +7,9 @@ statistics, any ``register_buffer``) recorded at step ``T`` (read from ``params.
 train or test split recorded by the train stage, the model in eval mode, as a batched
 Hessian-vector product (:class:`hessov.skerch_ext.operator.AutogradHessian`) on the
 requested device and dtype. With ``curvature=ggn`` the same stages multiply with the
-generalised Gauss-Newton matrix instead (:class:`hessov.skerch_ext.ggn.AutogradGGN`). This
+generalised Gauss-Newton matrix instead (:class:`hessov.skerch_ext.ggn.AutogradGGN`), and
+with ``params=PATTERN`` with the block of the selected parameters (:mod:`hessov.paramblock`,
+the others frozen at their recorded values). This
 module builds it in one place so the stages cannot drift apart.
 """
 
@@ -20,7 +22,8 @@ import torch
 from hessov import batching
 from hessov.config import RunConfig
 from hessov.errors import ConfigError, MissingInputError
-from hessov.paramstore import ColumnStore, load_recorded_state
+from hessov.paramblock import block_names, freeze_outside
+from hessov.paramstore import ColumnStore, load_recorded_state, parameter_layout
 from hessov.problems import Problem, build_problem
 from hessov.rundir import SPLITS, RunDir
 from hessov.runlog import read_events
@@ -103,6 +106,7 @@ def hessian_at_step(
     problem = build_problem(cfg)
     to_device(problem, cfg.device, cfg.dtype)
     load_recorded_state(problem.model, ColumnStore(run.params), step)
+    freeze_outside(problem.model, block_names(parameter_layout(problem.model), cfg.params))
     indices = recorded_subsets(run)[split].to(cfg.device)
     data = getattr(problem, split)
     inputs, targets = batching.take(data.inputs, indices), batching.take(data.targets, indices)

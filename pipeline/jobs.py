@@ -106,7 +106,7 @@ def sketch_inputs(run: RunDir, overrides: list[str], keys: tuple[str, ...] = ())
     cfg = override_run_config(saved_run_config(run), overrides, (*COMPUTE_KEYS, *keys))
     spec = load_spec(run)
     cfg.dtype = spec.layout.dtype  # the layout fixed the sketch's dtype and curvature
-    cfg.curvature = spec.curvature
+    cfg.curvature, cfg.params = spec.curvature, list(spec.params)
     rechoose_row_block(cfg, spec, overrides)
     return cfg, spec
 

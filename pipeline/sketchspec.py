@@ -57,6 +57,9 @@ class SketchSpec:
     #: What every Hessian stage multiplies with: ``hessian`` or ``ggn`` (the generalised
     #: Gauss-Newton matrix, :mod:`hessov.skerch_ext.ggn`).
     curvature: str = "hessian"
+    #: The parameters of the block of ``H`` sketched (:mod:`hessov.paramblock`), in ``D``'s
+    #: order; empty: all of them.
+    params: list[str] = field(default_factory=list)
 
     @property
     def checked_eigenpairs(self) -> int:
@@ -199,9 +202,12 @@ def automatic_block_size(dim: int) -> int:
     return SMALL_NETWORK_BLOCK if dim <= LARGE_NETWORK_DIM else LARGE_NETWORK_BLOCK
 
 
-def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchSpec:
-    """Resolve defaults and validate the sketch settings against D and the records; the row
-    block comes from the memory budget (:func:`hessov.costs.choose_row_block`).
+def resolve_spec(
+    cfg: RunConfig, dim: int, recorded_steps: list[int], params: list[str] = ()
+) -> SketchSpec:
+    """Resolve defaults and validate the sketch settings against D (the block's, for the
+    parameters ``params`` that ``cfg.params`` selected) and the records; the row block comes
+    from the memory budget (:func:`hessov.costs.choose_row_block`).
     """
     from hessov.costs import choose_row_block, default_k
 
@@ -236,11 +242,24 @@ def resolve_spec(cfg: RunConfig, dim: int, recorded_steps: list[int]) -> SketchS
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
-    spec.curvature = cfg.curvature
+    spec.curvature, spec.params = cfg.curvature, list(params)
     if cfg.recovery == "two_pass":
         _resolve_rounds(cfg, spec)
     spec.row_block = choose_row_block(cfg, spec)
     return spec
+
+
+def resolve_block_spec(cfg: RunConfig, layout: list[dict], steps: list[int]) -> SketchSpec:
+    """:func:`resolve_spec` for the block of ``H`` that ``cfg.params`` selects from the
+    parameter ``layout`` (:mod:`hessov.paramblock`; all of ``H`` without ``params``).
+
+    Raises:
+        ConfigError: a pattern that selects nothing, naming the parameters.
+    """
+    from hessov.paramblock import block_dim, block_names
+
+    names = block_names(layout, cfg.params)
+    return resolve_spec(cfg, block_dim(layout, names), steps, names)
 
 
 def _resolve_rounds(cfg: RunConfig, spec: SketchSpec) -> None:
@@ -276,15 +295,16 @@ def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> Sketch
 
     def fixed(spec: SketchSpec) -> tuple:
         rounds = (spec.krylov_rounds, spec.target_rel_err, spec.target_eigenpairs)
-        return spec.layout, spec.recovery, spec.num_apost, rounds, spec.curvature
+        return spec.layout, spec.recovery, spec.num_apost, rounds, spec.curvature, spec.params
 
     if fixed(existing) != fixed(wanted):
         raise ConfigError(
             f"layout: {where} already fixes {existing.layout} (recovery={existing.recovery}, "
-            f"curvature={existing.curvature}, "
+            f"curvature={existing.curvature}, params={existing.params or 'all'}, "
             f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}, "
             f"target_eigenpairs={existing.target_eigenpairs}); the measurements taken for it "
             f"would not match {wanted.layout} (curvature={wanted.curvature}, "
+            f"params={wanted.params or 'all'}, "
             f"{wanted.krylov_rounds} rounds, "
             f"target_rel_err={wanted.target_rel_err}, "
             f"target_eigenpairs={wanted.target_eigenpairs}). Use the same settings, or a new run."

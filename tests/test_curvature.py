@@ -33,9 +33,7 @@ ONE_SKETCH = [
 ]
 
 
-def test_a_ggn_run_is_positive_semidefinite_and_its_trace_is_the_ggns(
-    tmp_path, hessov, summary_of
-):
+def test_a_ggn_run_is_positive_semidefinite_and_its_trace_is_the_ggns(tmp_path, hessov, summary_of):
     run = last_line(hessov("run", *ONE_SKETCH, f"OUTPUT_DIR={tmp_path}").stdout)
     summary = summary_of(run)
     assert summary["solve"]["300"]["train"]["curvature"] == "ggn"

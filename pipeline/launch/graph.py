@@ -33,12 +33,19 @@ from hessov.costs import (
 )
 from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
-from hessov.paramstore import ColumnStore
+from hessov.paramblock import recorded_layout
+from hessov.paramstore import ColumnStore, parameter_layout
 from hessov.probes import missing_tasks, probe_plan
 from hessov.recording import refuse_unfinished_record
 from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
-from hessov.sketchspec import SketchSpec, check_same_layout, load_spec, resolve_spec, save_spec
+from hessov.sketchspec import (
+    SketchSpec,
+    check_same_layout,
+    load_spec,
+    resolve_block_spec,
+    save_spec,
+)
 
 #: Stages that take ``device=`` and ``threads=`` (the others read files only).
 COMPUTE_STAGES = frozenset(
@@ -431,10 +438,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     # Refused here, before any job is submitted, rather than in the train job.
     hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
     check_eval_deterministic(problem.model, problem.train.inputs)
-    dim = problem.num_params
     facts = problem_facts(problem)
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
-    spec = resolve_spec(cfg, dim, list(cfg.RECORD_STEPS))
+    spec = resolve_block_spec(cfg, parameter_layout(problem.model), list(cfg.RECORD_STEPS))
     status = run_status(run) if run.config.is_file() else None
     if status and status["layout"]:
         spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
@@ -453,16 +459,17 @@ def plan_resume(
 
     refuse_unfinished_record(run)
     status = run_status(run)
-    facts = problem_facts(build_problem(cfg))
+    problem = build_problem(cfg)
+    facts = problem_facts(problem)
     if status["layout"]:
         spec = load_spec(run)
         if rechoose_row_block(cfg, spec, row_overrides) and save:
             save_spec(run, spec)
     elif status["train"]:  # the steps training recorded: it may have stopped at a target
         params = ColumnStore(run.params)
-        spec = resolve_spec(cfg, params.dim(), params.steps())
+        spec = resolve_block_spec(cfg, recorded_layout(run), params.steps())
     else:
-        spec = resolve_spec(cfg, facts.dim, list(cfg.RECORD_STEPS))
+        spec = resolve_block_spec(cfg, parameter_layout(problem.model), list(cfg.RECORD_STEPS))
     jobs = build_graph(run, spec, status, cfg, compute_args)
     return RunPlan(run, spec, priced(jobs, spec, cfg, facts))
 

@@ -62,6 +62,7 @@ from hessov.analysis.subspaces import (
 from hessov.config import saved_run_config
 from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write, exclusive_lock
+from hessov.paramblock import block_rows, recorded_layout, restrict
 from hessov.paramstore import ColumnStore
 from hessov.rundir import RunDir
 from hessov.runlog import EventLog, get_logger
@@ -143,7 +144,7 @@ def analyze_step(run: RunDir, step: int, split: str, row_block: int | None = Non
     ``row_block`` rows at a time (default :func:`row_block_for`); returns its summary fields.
     """
     started = time.perf_counter()
-    params = torch.from_numpy(ColumnStore(run.params).read(step)).double()
+    params = _recorded_params(run, step)
     with eigenpairs(run, step, split) as (eigenvalues, eigenvectors):
         dimension, num_eigenpairs = eigenvectors.shape
         curves = overlap_results(eigenvectors, params, row_block)
@@ -311,9 +312,12 @@ def _write_pairs(group: h5py.Group, data: dict) -> None:
                 sub.create_dataset(name, data=values)
 
 
-def _recorded_params(store: ColumnStore, step: int) -> torch.Tensor:
-    """The parameters of a recorded step, ``(D,)`` float64."""
-    return torch.from_numpy(store.read(step)).double()
+def _recorded_params(run: RunDir, step: int) -> torch.Tensor:
+    """The parameters of a recorded step, ``(D,)`` float64: the sketched block's
+    (:mod:`hessov.paramblock`), so that masks and eigenvectors share their rows.
+    """
+    rows = block_rows(recorded_layout(run), load_spec(run).params)
+    return torch.from_numpy(restrict(ColumnStore(run.params).read(step), rows)).double()
 
 
 def write_results(
@@ -337,9 +341,9 @@ def write_results(
                                     step_a, step_b (pairs), overlap and the six similarities,
                                     distance_* (raw); attrs random_* (chance level); size m
     """
-    store = ColumnStore(run.params)
+    store, dimension = ColumnStore(run.params), load_spec(run).layout.dim
     with atomic_write(run.analysis_results) as tmp, h5py.File(tmp, "w") as out:
-        out.attrs.update(problem=problem, dimension=store.dim(), unsolved=json.dumps(unsolved))
+        out.attrs.update(problem=problem, dimension=dimension, unsolved=json.dumps(unsolved))
         for split, steps in analysed.items():
             for step in steps:
                 with h5py.File(run.analysis_step(step, split), "r") as source:
@@ -352,10 +356,10 @@ def write_results(
                     _write_pairs(group, data)
         recorded = sorted(store.steps())
         if len(recorded) > 1:
-            read = functools.partial(_recorded_params, store)
+            read = functools.partial(_recorded_params, run)
             for ratio, data in mask_crystallization(recorded, read).items():
                 group = out.create_group(f"crystallization/masks/ratio_{ratio}")
-                group.attrs.update(ratio=ratio, size=max(1, round(ratio * store.dim())))
+                group.attrs.update(ratio=ratio, size=max(1, round(ratio * dimension)))
                 _write_pairs(group, data)
 
 

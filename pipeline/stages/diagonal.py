@@ -26,6 +26,7 @@ from hessov.config import RunConfig
 from hessov.deflation import sketch_space
 from hessov.fileio import atomic_write
 from hessov.hessian import hessian_at_step
+from hessov.paramblock import recorded_layout, selected
 from hessov.probes import chunks, on_cpu, probe_plan, probe_seeds, read_tasks, write_task
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
@@ -51,14 +52,16 @@ def task(run: RunDir, cfg: RunConfig, spec: SketchSpec, where: tuple[int, str], 
     write_task(run, plan, where, number, arrays, time.perf_counter() - t0)
 
 
-def layer_rows(run: RunDir) -> dict[str, range]:
-    """The rows of each parameter tensor in ``D``, from ``params.h5``."""
-    with h5py.File(run.require(run.params, "train"), "r") as handle:
-        layout = json.loads(handle.attrs["parameter_layout"])
-    return {
-        entry["name"]: range(entry["offset"], entry["offset"] + int(np.prod(entry["shape"])))
-        for entry in layout
-    }
+def layer_rows(run: RunDir, spec: SketchSpec) -> dict[str, range]:
+    """The rows of each parameter tensor of the sketched block in its ``D``, from
+    ``params.h5``'s layout (:mod:`hessov.paramblock`).
+    """
+    entries, rows, start = selected(recorded_layout(run), spec.params), {}, 0
+    for entry in entries:
+        size = int(np.prod(entry["shape"]))
+        rows[entry["name"]] = range(start, start + size)
+        start += size
+    return rows
 
 
 def layer_fields(diagonal: torch.Tensor, ci95: torch.Tensor, layers: dict[str, range]) -> dict:
@@ -88,7 +91,7 @@ def finish(run: RunDir, cfg: RunConfig, spec: SketchSpec, where: tuple[int, str]
     with sketch_space(run, spec, *where) as space:
         sketched = space.sketched_diagonal(space.core())
     diagonal = sketched + remainder
-    layers = layer_fields(diagonal, ci95, layer_rows(run))
+    layers = layer_fields(diagonal, ci95, layer_rows(run, spec))
     path, figure = run.estimate(*where, NAME), run.estimate_figure(*where, NAME)
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as handle:
         for key, value in {"diagonal": diagonal, "ci95": ci95, "sketched": sketched}.items():

@@ -18,6 +18,7 @@ import time
 from hessov import summary
 from hessov.config import RunConfig
 from hessov.errors import ConfigError
+from hessov.paramblock import recorded_layout
 from hessov.paramstore import ColumnStore
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
@@ -26,7 +27,7 @@ from hessov.sketchspec import (
     SketchSpec,
     check_same_layout,
     load_spec,
-    resolve_spec,
+    resolve_block_spec,
     save_spec,
 )
 
@@ -35,7 +36,7 @@ def layout(run: RunDir, cfg: RunConfig) -> SketchSpec:
     """Create (or complete) the measurement layout of ``run``; returns the spec."""
     started = time.perf_counter()
     params = ColumnStore(run.require(run.params, "train"))
-    spec = resolve_spec(cfg, params.dim(), params.steps())
+    spec = resolve_block_spec(cfg, recorded_layout(run), params.steps())
     if run.sketch_spec.is_file():
         spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
     return complete_layout(run, spec, started)
