@@ -111,6 +111,7 @@ class SlurmStagesConfig:
 
     train: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     layout: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    shift: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     measure: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     basis: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     solve: SlurmStageConfig = field(default_factory=SlurmStageConfig)
@@ -240,6 +241,7 @@ class RunConfig:
     k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
     params: list[str] = field(default_factory=list)  # globs of parameter names: a block of H
+    which: str = "largest"  # largest |lambda| | smallest (most negative, by a spectral shift)
     curvature: str = "hessian"  # what the sketch measures: hessian | ggn (Gauss-Newton, PSD)
     recovery: str = "two_pass"  # two_pass (k HVPs a round, block Krylov) | single_pass (s HVPs)
     rounds: int = 0  # two_pass: rounds of k HVPs (Krylov depth); 0 = 2 (single pass: unused)
@@ -270,6 +272,8 @@ class RunConfig:
 
 
 BACKENDS = ("local", "slurm")
+#: Which eigenpairs a sketch finds: the largest in magnitude, or the most negative.
+WHICH = ("largest", "smallest")
 #: What the Hessian stages multiply with: the Hessian, or the generalised Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn")
 #: The estimates that reuse a sketch, each a stage (``estimates=[...]``).
@@ -543,6 +547,17 @@ def _validate_sketch(cfg: RunConfig) -> None:
     require(cfg.backend in BACKENDS, "backend", f"must be one of {BACKENDS}")
     require(cfg.recovery in RECOVERIES, "recovery", f"must be one of {RECOVERIES}")
     require(
+        cfg.which in WHICH,
+        "which",
+        f"must be one of {WHICH}, got {cfg.which!r}"
+        + (" (both is not built yet: sketch each in its own run)" if cfg.which == "both" else ""),
+    )
+    require(
+        not (cfg.which == "smallest" and cfg.target_rel_err),
+        "target_rel_err",
+        "with which=smallest the rounds' checks bound sigma - lambda, not lambda: pass rounds=q",
+    )
+    require(
         cfg.curvature in CURVATURES,
         "curvature",
         f"must be one of {CURVATURES}, got {cfg.curvature!r}",
@@ -814,6 +829,7 @@ LATER_STAGE_KEYS = (
     "recovery",
     "curvature",
     "params",
+    "which",
     "rounds",
     "target_rel_err",
     "max_rounds",

@@ -307,6 +307,8 @@ class JobCost:
     hvps: int
 
 
+#: What ARPACK takes for the shift's top eigenpair at tolerance 1e-3 (a few tens; priced high).
+SHIFT_HVPS = 60
 #: Keys that lower each stage's memory, for the refusal's message.
 FIX_KEYS = {
     "train": ("PHYSICAL_BATCH_SIZE",),
@@ -393,6 +395,16 @@ def _estimate_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     return JobCost(memory, disk, plan.hvps(job.tasks))
 
 
+def _shift_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
+    """A few tens of single-column products (ARPACK's Lanczos for the top eigenpair) and
+    its Krylov vectors, 20 of D in float64.
+    """
+    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
+    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
+    memory = _problem_bytes(facts, 4) + facts.example_bytes * points + 2 * graph
+    return JobCost(memory + 20 * facts.dim * 8, 0, SHIFT_HVPS)
+
+
 def _layout_cost(spec, cfg, facts, job) -> JobCost:
     rounds = spec.krylov_rounds if spec.recovery == "two_pass" else 2  # merge targets
     per_split = rounds * spec.layout.dim * spec.layout.num_outer
@@ -441,6 +453,7 @@ _STAGE_COSTS = {
     "basis": _solve_cost,
     "solve": _solve_cost,
     "layout": _layout_cost,
+    "shift": _shift_cost,
     "train": _train_cost,
     "replay": _replay_cost,
     "exhaustive": _exhaustive_cost,

@@ -31,6 +31,7 @@ from hessov.rounds import product_rounds, rounds_taken
 from hessov.rundir import RunDir
 from hessov.skerch_ext.hutchinson import sketched_diagonal
 from hessov.sketchspec import SketchSpec
+from hessov.spectralshift import shift_of
 
 #: ``rows -> M[rows]`` ``(len(rows), n)`` of a tall matrix.
 RowReader = Callable[[range], torch.Tensor]
@@ -135,13 +136,19 @@ def sketch_space(run: RunDir, spec: SketchSpec, step: int, split: str) -> Iterat
     paths = [require_basis(run, step, split, name) for name in names]
     dim = spec.layout.dim
     bases = [_file_rows(path, "basis", dim) for path in paths]
+    sigma = shift_of(run, spec, step, split)
+
+    def basis(rows: range) -> torch.Tensor:
+        return joined([read(rows) for read in bases])
+
+    def products(rows: range) -> torch.Tensor:
+        measured = joined([read(rows) for read in readers])
+        # which=smallest measured (sigma I - H) V: H V is sigma V minus it.
+        return measured if sigma is None else sigma * basis(rows).to(measured) - measured
+
     with ExitStack() as stack:
         readers = [stack.enter_context(round_rows(run, spec, step, split, n)) for n in names]
-        yield Deflation(
-            _row_ranges(spec),
-            lambda rows: joined([read(rows) for read in bases]),
-            lambda rows: joined([read(rows) for read in readers]),
-        )
+        yield Deflation(_row_ranges(spec), basis, products)
 
 
 def sketch_eigenpairs(run: RunDir, spec: SketchSpec, step: int, split: str):

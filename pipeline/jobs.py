@@ -231,6 +231,16 @@ def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
         solve(run, cfg, spec, step, split, phase, blocks)
 
 
+def _shift(run: RunDir, arguments: dict, overrides: list[str]) -> None:
+    from hessov.stages.shift import shift
+
+    cfg, spec = sketch_inputs(run, overrides)
+    if spec.which != "smallest":
+        raise ConfigError(f"which: the shift is for which=smallest; the layout is {spec.which}")
+    for step, split in steps_and_splits(arguments, spec):
+        shift(run, cfg, spec, step, split)
+
+
 def _exhaustive(run: RunDir, arguments: dict, overrides: list[str]) -> None:
     from hessov.stages.exhaustive import exhaustive
 
@@ -418,6 +428,17 @@ STAGES: dict[str, StageEntry] = {
         "them); phase=NAME [task=i or $SLURM_ARRAY_TASK_ID] runs one, without phase= all "
         "in turn, skipping what is done. Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' "
         "summary.",
+    ),
+    "shift": StageEntry(
+        _shift,
+        ("step", "split"),
+        "which=smallest: the spectral shift sigma the sketch of sigma I - H uses",
+        "For a layout with which=smallest, step=T split=S (default: all): sigma = |theta| + "
+        "||H u - theta u|| from Lanczos' largest-magnitude eigenpair (theta, u), at least "
+        "||H||_2, so that the top eigenpairs of sigma I - H are H's most negative. Writes "
+        "RUN/measurements/step_T_SPLIT/shift.json and the 'shift' summary; every measurement "
+        "round multiplies with sigma I - H, and the solve reports lambda = sigma - mu. Also "
+        "device= threads=.",
     ),
     "exhaustive": StageEntry(
         _exhaustive,

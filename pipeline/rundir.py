@@ -125,6 +125,10 @@ class RunDir:
         name = "basis.h5" if round_name == "second" else f"basis_{round_name}.h5"
         return self.measurements / f"step_{step}_{split}" / name
 
+    def shift(self, step: int, split: str) -> Path:
+        """``which=smallest``: the spectral shift of the step and split's sketch."""
+        return self.measurements / f"step_{step}_{split}" / "shift.json"
+
     def krylov_checks(self, step: int, split: str) -> Path:
         """The error bounds after each round, against ``target_rel_err`` (:mod:`hessov.rounds`)."""
         return self.measurements / f"step_{step}_{split}" / "krylov_checks.json"

@@ -60,6 +60,9 @@ class SketchSpec:
     #: The parameters of the block of ``H`` sketched (:mod:`hessov.paramblock`), in ``D``'s
     #: order; empty: all of them.
     params: list[str] = field(default_factory=list)
+    #: ``largest`` (by ``|lambda|``) or ``smallest`` (most negative, the sketch of
+    #: ``sigma I - H``: :mod:`hessov.spectralshift`).
+    which: str = "largest"
 
     @property
     def checked_eigenpairs(self) -> int:
@@ -242,7 +245,7 @@ def resolve_spec(
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
-    spec.curvature, spec.params = cfg.curvature, list(params)
+    spec.curvature, spec.params, spec.which = cfg.curvature, list(params), cfg.which
     if cfg.recovery == "two_pass":
         _resolve_rounds(cfg, spec)
     spec.row_block = choose_row_block(cfg, spec)
@@ -295,16 +298,18 @@ def check_same_layout(existing: SketchSpec, wanted: SketchSpec, where) -> Sketch
 
     def fixed(spec: SketchSpec) -> tuple:
         rounds = (spec.krylov_rounds, spec.target_rel_err, spec.target_eigenpairs)
-        return spec.layout, spec.recovery, spec.num_apost, rounds, spec.curvature, spec.params
+        chosen = (spec.curvature, spec.params, spec.which)
+        return spec.layout, spec.recovery, spec.num_apost, rounds, chosen
 
     if fixed(existing) != fixed(wanted):
         raise ConfigError(
             f"layout: {where} already fixes {existing.layout} (recovery={existing.recovery}, "
             f"curvature={existing.curvature}, params={existing.params or 'all'}, "
+            f"which={existing.which}, "
             f"{existing.krylov_rounds} rounds, target_rel_err={existing.target_rel_err}, "
             f"target_eigenpairs={existing.target_eigenpairs}); the measurements taken for it "
             f"would not match {wanted.layout} (curvature={wanted.curvature}, "
-            f"params={wanted.params or 'all'}, "
+            f"params={wanted.params or 'all'}, which={wanted.which}, "
             f"{wanted.krylov_rounds} rounds, "
             f"target_rel_err={wanted.target_rel_err}, "
             f"target_eigenpairs={wanted.target_eigenpairs}). Use the same settings, or a new run."

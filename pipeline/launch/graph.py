@@ -49,7 +49,7 @@ from hessov.sketchspec import (
 
 #: Stages that take ``device=`` and ``threads=`` (the others read files only).
 COMPUTE_STAGES = frozenset(
-    {"layout", "measure", "basis", "solve", "exhaustive", "replay", *ESTIMATES}
+    {"layout", "shift", "measure", "basis", "solve", "exhaustive", "replay", *ESTIMATES}
 )
 
 
@@ -133,6 +133,15 @@ def _rounds(graph: _Builder, spec: SketchSpec, item: SketchStatus | None, where,
     """
     run, (step, split) = graph.run, where
     label = f"step={step} split={split}"
+    if spec.which == "smallest" and not run.shift(step, split).is_file():
+        after = graph.add(
+            f"shift {label}",
+            "shift",
+            (f"step={step}", f"split={split}"),
+            after,
+            [run.params],
+            [run.shift(step, split)],
+        )
     previous, beside = after, ()
     for round_name in spec.rounds:
         status = item.rounds[round_name] if item else None

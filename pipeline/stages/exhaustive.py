@@ -33,6 +33,7 @@ from hessov.runlog import get_logger, log_event
 from hessov.skerch_ext.incore import sketched_eigh
 from hessov.skerch_ext.operator import dense_matrix
 from hessov.sketchspec import SketchSpec
+from hessov.spectralshift import hessian_eigenvalues, shift_of, shifted
 
 #: Largest D the exhaustive check accepts: a dense float64 D x D Hessian and its
 #: eigenvectors take 16 D^2 bytes (1.6 GB at 10,000).
@@ -55,8 +56,9 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
             bounds = None if stored is None else torch.from_numpy(stored[:])
         return values, vectors, "solve stage", bounds
     layout = spec.layout
+    sigma = shift_of(run, spec, step, split)
     result = sketched_eigh(
-        hessian.matmat,
+        shifted(hessian.matmat, sigma),
         layout.dim,
         layout.num_outer,
         layout.num_inner if spec.recovery == "single_pass" else None,
@@ -70,8 +72,8 @@ def sketched_eigenpairs(run: RunDir, spec: SketchSpec, hessian, step: int, split
         rounds=spec.krylov_rounds,
     )
     bounds = None if result.bounds is None else result.bounds.error_bounds
-    values, vectors = result.eigenvalues.double().cpu(), result.eigenvectors.double().cpu()
-    return values, vectors, "in-core", bounds
+    values = hessian_eigenvalues(result.eigenvalues.double().cpu(), sigma)
+    return values, result.eigenvectors.double().cpu(), "in-core", bounds
 
 
 def _rounds_and_hvps(run: RunDir, spec: SketchSpec, step: int, split: str, source: str):
@@ -146,7 +148,12 @@ def exact_eigenpairs(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, s
     diagonal = dense.diagonal().cpu().clone()
     t0 = time.perf_counter()
     all_values, all_vectors = torch.linalg.eigh(dense)
-    order = all_values.abs().argsort(descending=True)
+    # The order the sketch reports: by |lambda|, or most negative first (which=smallest).
+    order = (
+        all_values.argsort()
+        if spec.which == "smallest"
+        else all_values.abs().argsort(descending=True)
+    )
     exact_values = all_values[order].cpu()
     exact_vectors = all_vectors[:, order[: spec.layout.num_outer]].cpu()
     eigh_seconds = time.perf_counter() - t0

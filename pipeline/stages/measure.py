@@ -25,6 +25,7 @@ eigenpairs against them needs no model.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -47,6 +48,7 @@ from hessov.skerch_ext.aposteriori import gaussian_probe_rows
 from hessov.skerch_ext.measure import measure_block, synchronized
 from hessov.skerch_ext.storage import MeasurementStore, SketchLayout
 from hessov.sketchspec import SketchSpec
+from hessov.spectralshift import shift_of, shifted
 
 
 def blocks_in_range(layout: SketchLayout, indices: range) -> list[int]:
@@ -134,6 +136,9 @@ def measure(
         return stats
     started = time.perf_counter()
     hessian = hessian_at_step(run, cfg, step, split)
+    # which=smallest: every round multiplies with sigma I - H (hessov.spectralshift).
+    sigma = shift_of(run, spec, step, split)
+    hessian = dataclasses.replace(hessian, matmat=shifted(hessian.matmat, sigma))
     sketch = spec.matrices(hessian.dtype, hessian.device)
     setup_seconds = time.perf_counter() - started
     if round_name == "first":

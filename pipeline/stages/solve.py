@@ -57,6 +57,7 @@ from hessov.skerch_ext.solve import (
     single_pass_core,
 )
 from hessov.sketchspec import SketchSpec
+from hessov.spectralshift import hessian_eigenvalues, shift_of
 from hessov.training import set_cpu_threads
 
 
@@ -248,6 +249,7 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
         "block_size": spec.layout.block_size,
         "recovery": spec.recovery,
         "curvature": spec.curvature,
+        "which": spec.which,
         "dtype": spec.layout.dtype,
         "problem": cfg.problem,
         "hvps": fields["hvps"],
@@ -256,6 +258,7 @@ def provenance(spec: SketchSpec, cfg: RunConfig, step: int, split: str, fields: 
         "apost_rel_err": fields["apost_rel_err"],
         "apost_error": fields["apost_error"],
         "frobenius_estimate": fields["frobenius_estimate"],
+        **({"shift": fields["shift"]} if "shift" in fields else {}),
     }
 
 
@@ -404,9 +407,12 @@ def write_eigen_file(  # noqa: PLR0913 (the parts of an eigen file)
     provenance; returns the summary fields.
     """
     step, split = where
-    check = apost_check(spec, eigenvalues, estimate)
+    check = apost_check(spec, eigenvalues, estimate)  # of the operator sketched
+    sigma = shift_of(run, spec, step, split)
+    eigenvalues = hessian_eigenvalues(eigenvalues, sigma)  # which=smallest: sigma - mu
     seconds = {key: round(value, 4) for key, value in seconds.items()}
-    fields = summary_fields(spec, eigenvalues, check, seconds)
+    fields = summary_fields(spec, eigenvalues, check, seconds) | {"which": spec.which}
+    fields |= {"shift": sigma} if sigma is not None else {}
     fields |= bound_fields(bounds, spec.recovery)
     fields |= round_fields(run, spec, where, eigenvalues, bounds)
     with atomic_write(run.eigen(step, split)) as tmp, h5py.File(tmp, "w") as handle:
