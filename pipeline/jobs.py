@@ -379,7 +379,9 @@ STAGES: dict[str, StageEntry] = {
         "and (in memory) each split's monolithic merge arrays. Overrides: k= s= recovery= "
         "rounds= target_rel_err= max_rounds= target_eigenpairs= "
         "noise= block_size= memory_gb= row_block= "
-        "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=. "
+        "MEAS_PER_JOB= NUM_A_POSTERIORI= SKETCH_SEED= HESSIAN_STEPS= HESSIAN_SPLITS=, and "
+        "what is sketched: curvature=hessian|ggn, params=[GLOB,...] (a block of H), "
+        "which=largest|smallest. "
         "Without overrides, a layout already on disk is completed as it is.",
     ),
     "measure": StageEntry(
