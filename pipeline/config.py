@@ -111,6 +111,7 @@ class SlurmStagesConfig:
 
     train: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     layout: SlurmStageConfig = field(default_factory=SlurmStageConfig)
+    variant: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     shift: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     measure: SlurmStageConfig = field(default_factory=SlurmStageConfig)
     basis: SlurmStageConfig = field(default_factory=SlurmStageConfig)
@@ -241,8 +242,9 @@ class RunConfig:
     k: int = 0  # outer measurements = eigenpairs returned; 0 = the paper's rule (hessov.costs)
     s: int = 0  # single pass: inner measurements = HVPs; 0 = 2k (two-pass: unused)
     params: list[str] = field(default_factory=list)  # globs of parameter names: a block of H
-    which: str = "largest"  # largest |lambda| | smallest (most negative, by a spectral shift)
-    curvature: str = "hessian"  # what the sketch measures: hessian | ggn (Gauss-Newton, PSD)
+    which: str = "largest"  # largest |lambda| | smallest (most negative, shifted) | both
+    curvature: str = "hessian"  # hessian | ggn (generalised Gauss-Newton, PSD) | both
+    per_layer: bool = False  # `hessov run` also sketches every layer's block of H
     recovery: str = "two_pass"  # two_pass (k HVPs a round, block Krylov) | single_pass (s HVPs)
     rounds: int = 0  # two_pass: rounds of k HVPs (Krylov depth); 0 = 2 (single pass: unused)
     target_rel_err: float = 0.0  # two_pass: stop the rounds once every bound is below it; 0 = off
@@ -273,9 +275,9 @@ class RunConfig:
 
 BACKENDS = ("local", "slurm")
 #: Which eigenpairs a sketch finds: the largest in magnitude, or the most negative.
-WHICH = ("largest", "smallest")
+WHICH = ("largest", "smallest", "both")
 #: What the Hessian stages multiply with: the Hessian, or the generalised Gauss-Newton matrix.
-CURVATURES = ("hessian", "ggn")
+CURVATURES = ("hessian", "ggn", "both")
 #: The estimates that reuse a sketch, each a stage (``estimates=[...]``).
 ESTIMATES = ("trace", "diagonal", "density")
 #: The smallest ``image_size`` accepted: ResNet-18's five halvings bring 32 pixels to 1x1;
@@ -549,11 +551,10 @@ def _validate_sketch(cfg: RunConfig) -> None:
     require(
         cfg.which in WHICH,
         "which",
-        f"must be one of {WHICH}, got {cfg.which!r}"
-        + (" (both is not built yet: sketch each in its own run)" if cfg.which == "both" else ""),
+        f"must be one of {WHICH}, got {cfg.which!r}",
     )
     require(
-        not (cfg.which == "smallest" and cfg.target_rel_err),
+        not (cfg.which in ("smallest", "both") and cfg.target_rel_err),
         "target_rel_err",
         "with which=smallest the rounds' checks bound sigma - lambda, not lambda: pass rounds=q",
     )
@@ -573,6 +574,11 @@ def _validate_sketch(cfg: RunConfig) -> None:
         require(cfg.k < cfg.s, "k", f"k={cfg.k} must be smaller than s={cfg.s}")
     _validate_rounds(cfg)
     _validate_estimates(cfg)
+    require(
+        not (cfg.per_layer and cfg.params),
+        "per_layer",
+        "sketches every layer's block; params= selects one block: set one of them",
+    )
     require(
         not (cfg.params and cfg.replays),
         "params",
@@ -868,9 +874,14 @@ def override_run_config(
     return updated
 
 
+def config_text(cfg: Any) -> str:
+    """A resolved configuration as the YAML :func:`save_config` writes."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
 def save_config(cfg: Any, path: Path) -> None:
     """Write a resolved configuration as YAML."""
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    path.write_text(config_text(cfg))
 
 
 def read_config(path: Path) -> RunConfig:

@@ -78,7 +78,7 @@ def curvature_operator(curvature: str, model, loss, data, batch_size: int) -> Au
     Raises:
         ConfigError: ``curvature=ggn`` for a loss the GGN is not defined for, naming the key.
     """
-    if curvature == "hessian":
+    if curvature != "ggn":  # hessian, or both: a run's own sketch is of the Hessian
         return AutogradHessian(model, loss, *data, batch_size=batch_size)
     try:
         return AutogradGGN(model, loss, *data, batch_size=batch_size)

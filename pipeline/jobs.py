@@ -231,6 +231,21 @@ def _solve(run: RunDir, arguments: dict, overrides: list[str]) -> None:
         solve(run, cfg, spec, step, split, phase, blocks)
 
 
+def _variant(run: RunDir, arguments: dict, overrides: list[str]) -> str:
+    from hessov.paramblock import recorded_layout
+    from hessov.variants import create_variant, variant_config, variants_of
+
+    cfg = override_run_config(saved_run_config(run), overrides, ("row_block",))
+    found = {v.name: v for v in variants_of(cfg, recorded_layout(run))}
+    name = arguments.get("name", "")
+    if name not in found:
+        raise ConfigError(
+            f"name: {name!r} is not a variant of {run.config}; its variants: "
+            f"{', '.join(found) or 'none (per_layer=true, curvature=both or which=both make them)'}"
+        )
+    return str(create_variant(run, variant_config(cfg, found[name], run)).root)
+
+
 def _shift(run: RunDir, arguments: dict, overrides: list[str]) -> None:
     from hessov.stages.shift import shift
 
@@ -430,6 +445,17 @@ STAGES: dict[str, StageEntry] = {
         "them); phase=NAME [task=i or $SLURM_ARRAY_TASK_ID] runs one, without phase= all "
         "in turn, skipping what is done. Writes RUN/eigen/step_T_SPLIT.h5 and the 'solve' "
         "summary.",
+    ),
+    "variant": StageEntry(
+        _variant,
+        ("name",),
+        "make the directory of one variant of a trained run (a layer, the GGN, the smallest)",
+        "name=NAME: RUN/variants/NAME, a run of its own with the run's config and the "
+        "variant's settings (per_layer=true: layer_MODULE with params= the module's "
+        "parameters; curvature=both: ggn; which=both: smallest), linking params.h5, "
+        "snapshots/ and the train summary; every stage then runs on it as on any run. "
+        "`hessov run` adds this job after training, then the variant's layout, sketches and "
+        "report. Also row_block=. Prints the variant's directory.",
     ),
     "shift": StageEntry(
         _shift,

@@ -100,8 +100,9 @@ def hessian_eigenpairs(  # noqa: PLR0913 (the operator's four, then keyword-only
     """
     # Built anew at every recomputation: it keeps the gradient graph of the current
     # parameters, which the optimizer then changes in place.
+    curvature = "ggn" if cfg.curvature == "ggn" else "hessian"  # both: the run's own, H
     operator = curvature_operator(
-        cfg.curvature, model, loss_fn, (inputs, targets), cfg.HESSIAN_BATCH_SIZE
+        curvature, model, loss_fn, (inputs, targets), cfg.HESSIAN_BATCH_SIZE
     )
     try:
         if replay.eigensolver == "lanczos":

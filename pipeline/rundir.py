@@ -15,6 +15,8 @@ any machine that sees the directory, given only its path (a Slurm job does exact
       measurements/merged_{split}.h5   monolithic arrays, allocated once, reused per step
       eigen/step_T_{split}.h5  eigenpairs and provenance (solve)
       exhaustive/              exact-vs-sketch comparisons
+      variants/NAME/           a run of its own per variant (per layer, the GGN, the most
+                               negative eigenpairs), linking params.h5 and snapshots/
       estimates/step_T_{split}/{trace,diagonal,density}.h5   the estimates that reuse the
                                sketch, from their array tasks' files in .../NAME/task_*.h5;
                                estimates/figures/
@@ -147,6 +149,21 @@ class RunDir:
         """Every :meth:`row_work` directory of ``stage`` on disk, by its row block."""
         found = (self.measurements / f"step_{step}_{split}").glob(f"{stage}_rows_*")
         return {int(path.name.rpartition("_")[2]): path for path in found if path.is_dir()}
+
+    @property
+    def variants(self) -> Path:
+        """The directory of the run's variants (:mod:`hessov.variants`)."""
+        return self.root / "variants"
+
+    def variant(self, name: str) -> RunDir:
+        """The run directory of variant ``name``: a run of its own sharing the training."""
+        return RunDir(self.variants / name)
+
+    def variant_names(self) -> list[str]:
+        """Variants with a config on disk, sorted."""
+        if not self.variants.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.variants.glob("*/config.yaml"))
 
     @property
     def estimates(self) -> Path:

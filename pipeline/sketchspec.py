@@ -245,7 +245,11 @@ def resolve_spec(
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
-    spec.curvature, spec.params, spec.which = cfg.curvature, list(params), cfg.which
+    # With both, the run itself sketches the Hessian's largest; a variant the other
+    # (hessov.variants).
+    spec.curvature = "hessian" if cfg.curvature == "both" else cfg.curvature
+    spec.which = "largest" if cfg.which == "both" else cfg.which
+    spec.params = list(params)
     if cfg.recovery == "two_pass":
         _resolve_rounds(cfg, spec)
     spec.row_block = choose_row_block(cfg, spec)

@@ -40,5 +40,9 @@ def _load_tree(directory: Path) -> dict:
 
 
 def load(run: RunDir) -> dict:
-    """One object with one key per finished stage of ``run``."""
-    return _load_tree(run.summaries) if run.summaries.is_dir() else {}
+    """One object with one key per finished stage of ``run``, and under ``variants`` each
+    variant's (:mod:`hessov.variants`) by its name.
+    """
+    result = _load_tree(run.summaries) if run.summaries.is_dir() else {}
+    variants = {name: load(run.variant(name)) for name in run.variant_names()}
+    return result | ({"variants": variants} if variants else {})

@@ -46,6 +46,7 @@ from hessov.sketchspec import (
     resolve_block_spec,
     save_spec,
 )
+from hessov.variants import VariantPlan, plan_variants
 
 #: Stages that take ``device=`` and ``threads=`` (the others read files only).
 COMPUTE_STAGES = frozenset(
@@ -108,16 +109,21 @@ class Job:
 
 @dataclass
 class _Builder:
-    """The graph under construction: jobs in order, and the last job of each chain."""
+    """The graph under construction: jobs in order, and the last job of each chain. A
+    variant's builder (:mod:`hessov.variants`) adds to the same list, its jobs' names
+    prefixed with ``NAME: `` and their arguments naming its own run directory.
+    """
 
     run: RunDir
     compute_args: list[str]
     jobs: list[Job] = field(default_factory=list)
+    prefix: str = ""
 
     def add(self, name, stage, args, after, inputs=(), outputs=(), tasks=None) -> tuple[str, ...]:
         """Append a job; returns its name as the dependency of what follows it. The compute
         arguments reach the stages that compute with the model (not analyze or compare).
         """
+        name = self.prefix + name
         compute = self.compute_args if stage in COMPUTE_STAGES else []
         args = (str(self.run.root), *args, *compute)
         self.jobs.append(Job(name, stage, args, tuple(after), tasks, tuple(inputs), tuple(outputs)))
@@ -313,8 +319,13 @@ def _replay_jobs(graph: _Builder, cfg: RunConfig, trained: tuple[str, ...]) -> N
         graph.add("compare", "compare", (), replayed, [run.replays], [run.replay_report])
 
 
-def build_graph(
-    run: RunDir, spec: SketchSpec, status: dict | None, cfg: RunConfig, compute_args=()
+def build_graph(  # noqa: PLR0913 (the run, its settings, and the variants')
+    run: RunDir,
+    spec: SketchSpec,
+    status: dict | None,
+    cfg: RunConfig,
+    compute_args=(),
+    variants: list[VariantPlan] = (),
 ) -> list[Job]:
     """The jobs ``run`` still needs, in an order that respects every dependency.
 
@@ -325,9 +336,10 @@ def build_graph(
             nothing exists yet (every job).
         cfg: the run's config (replays, ``EXHAUSTIVE``).
         compute_args: ``device=``, ``threads=`` passed on to every job after training.
+        variants: the run's variants (:func:`hessov.variants.plan_variants`): their jobs
+            come after training, and the run's report after theirs.
     """
     done = status or {"train": False, "layout": False, "sketches": []}
-    items = {(item.step, item.split): item for item in done["sketches"]}
     graph = _Builder(run, list(compute_args))
     trained: tuple[str, ...] = ()
     if not done["train"]:
@@ -342,6 +354,20 @@ def build_graph(
         )
         trained = ("train",)
     _replay_jobs(graph, cfg, trained)
+    analysed = _sketch_graph(graph, spec, done, cfg, trained)
+    for plan in variants:
+        analysed += _variant_jobs(graph, plan, trained)
+    if analysed or not run.report.is_file():
+        graph.add("report", "analyze", (), analysed, [run.analysis], [run.report])
+    return graph.jobs
+
+
+def _sketch_graph(graph: _Builder, spec: SketchSpec, done: dict, cfg, trained) -> tuple[str, ...]:
+    """The layout, if needed, and every step and split's jobs after ``trained``; returns
+    what the report waits for.
+    """
+    run = graph.run
+    items = {(item.step, item.split): item for item in done["sketches"]}
     laid_out = trained
     # A layout made before the a-posteriori round existed lacks its part files: `hessov
     # layout RUN` completes the layout on disk as it is.
@@ -353,9 +379,27 @@ def build_graph(
         for split in spec.splits:
             item = items.get((step, split))
             analysed += _sketch_jobs(graph, cfg, spec, item, (step, split), laid_out)
-    if analysed or not run.report.is_file():
-        graph.add("report", "analyze", (), analysed, [run.analysis], [run.report])
-    return graph.jobs
+    return analysed
+
+
+def _variant_jobs(graph: _Builder, plan: VariantPlan, trained) -> tuple[str, ...]:
+    """A variant's jobs (:mod:`hessov.variants`): the job that makes its directory, then
+    its layout, sketches and report, all named ``NAME: ...``; returns its report's name.
+    """
+    name, variant = plan.variant.name, plan.run
+    after = trained
+    if not variant.config.is_file():
+        # The row block the plan priced, fixed now as the run's own is by prepare_run.
+        args = (f"name={name}", f"row_block={plan.spec.row_block or -1}")
+        made = [variant.root]
+        after = graph.add(f"{name}: variant", "variant", args, trained, [graph.run.params], made)
+    sub = _Builder(variant, graph.compute_args, graph.jobs, prefix=f"{name}: ")
+    done = run_status(variant) if variant.config.is_file() else None
+    done = done or {"train": True, "layout": False, "sketches": []}
+    waited = _sketch_graph(sub, plan.spec, done, plan.cfg, after)
+    if waited or not variant.report.is_file():
+        return sub.add("report", "analyze", (), waited, [variant.analysis], [variant.report])
+    return ()
 
 
 @dataclass
@@ -419,13 +463,15 @@ class RunPlan:
         return "\n".join(lines)
 
 
-def priced(jobs: list[Job], spec: SketchSpec, cfg: RunConfig, facts) -> list[Job]:
-    """``jobs`` with their prices (:func:`hessov.costs.job_cost`), refused when one exceeds
-    its memory budget (:func:`hessov.costs.check_budgets`).
+def priced(jobs: list[Job], spec: SketchSpec, cfg: RunConfig, facts, variants=()) -> list[Job]:
+    """``jobs`` with their prices (:func:`hessov.costs.job_cost`; a variant's jobs by its own
+    settings), refused when one exceeds its memory budget (:func:`hessov.costs.check_budgets`).
     """
+    settings = {str(plan.run.root): (plan.spec, plan.cfg) for plan in variants}
     result = []
     for job in jobs:
-        cost = job_cost(job, spec, cfg, facts)
+        job_spec, job_cfg = settings.get(job.args[0], (spec, cfg))
+        cost = job_cost(job, job_spec, job_cfg, facts)
         result.append(
             replace(job, memory_bytes=cost.memory_bytes, disk_bytes=cost.disk_bytes, hvps=cost.hvps)
         )
@@ -449,11 +495,14 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     check_eval_deterministic(problem.model, problem.train.inputs)
     facts = problem_facts(problem)
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
-    spec = resolve_block_spec(cfg, parameter_layout(problem.model), list(cfg.RECORD_STEPS))
+    layout = parameter_layout(problem.model)
+    spec = resolve_block_spec(cfg, layout, list(cfg.RECORD_STEPS))
+    variants = plan_variants(run, cfg, layout, spec.steps)
     status = run_status(run) if run.config.is_file() else None
     if status and status["layout"]:
         spec = check_same_layout(load_spec(run), spec, run.sketch_spec)
-    return RunPlan(run, spec, priced(build_graph(run, spec, status, cfg), spec, cfg, facts))
+    jobs = build_graph(run, spec, status, cfg, variants=variants)
+    return RunPlan(run, spec, priced(jobs, spec, cfg, facts, variants))
 
 
 def plan_resume(
@@ -470,17 +519,18 @@ def plan_resume(
     status = run_status(run)
     problem = build_problem(cfg)
     facts = problem_facts(problem)
+    layout = recorded_layout(run) if status["train"] else parameter_layout(problem.model)
     if status["layout"]:
         spec = load_spec(run)
         if rechoose_row_block(cfg, spec, row_overrides) and save:
             save_spec(run, spec)
     elif status["train"]:  # the steps training recorded: it may have stopped at a target
-        params = ColumnStore(run.params)
-        spec = resolve_block_spec(cfg, recorded_layout(run), params.steps())
+        spec = resolve_block_spec(cfg, layout, ColumnStore(run.params).steps())
     else:
-        spec = resolve_block_spec(cfg, parameter_layout(problem.model), list(cfg.RECORD_STEPS))
-    jobs = build_graph(run, spec, status, cfg, compute_args)
-    return RunPlan(run, spec, priced(jobs, spec, cfg, facts))
+        spec = resolve_block_spec(cfg, layout, list(cfg.RECORD_STEPS))
+    variants = plan_variants(run, cfg, layout, spec.steps)
+    jobs = build_graph(run, spec, status, cfg, compute_args, variants)
+    return RunPlan(run, spec, priced(jobs, spec, cfg, facts, variants))
 
 
 def prepare_run(cfg: RunConfig, plan: RunPlan) -> None:

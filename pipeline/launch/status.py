@@ -104,6 +104,8 @@ def run_status(run: RunDir) -> dict:
         "train": run.summary("train").is_file(),
         "layout": run.sketch_spec.is_file(),
         "sketches": [],
+        # A variant (hessov.variants) is a run directory of its own, once its job made it.
+        "variants": {name: run_status(run.variant(name)) for name in run.variant_names()},
     }
     if not status["layout"]:
         return status
@@ -163,6 +165,8 @@ def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
             lines.append(f"{where}: not solved")
         if exhaustive and not item.exhaustive_done:
             lines.append(f"{where}: exhaustive check missing")
+    for name, variant in status.get("variants", {}).items():
+        lines += [f"{name}: {line}" for line in missing_work(variant, exhaustive)]
     return lines
 
 
@@ -193,6 +197,9 @@ def describe_status(status: dict) -> str:
         state += "".join(f" ({progress})" for progress in item.row_progress)
         lines.append(f"  step {item.step} {item.split}: {'; '.join(parts)}; {state}")
         lines += [f"    {describe_check(check)}" for check in item.round_checks]
+    for name, variant in status.get("variants", {}).items():
+        nested = describe_status(variant).splitlines()
+        lines += [f"  variant {name}:"] + [f"  {line}" for line in nested[1:]]
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ from hessov.analysis.subspaces import (
     random_mask_similarities,
     random_subspace_similarities,
 )
+from hessov.analysis.variant_report import variant_section
 from hessov.config import saved_run_config
 from hessov.errors import MissingInputError
 from hessov.fileio import atomic_write, exclusive_lock
@@ -419,6 +420,7 @@ def analyze(
                 write_results(run, cfg.problem, analysed, unsolved, row_block)
                 drawn = figures.draw_all(run.analysis_results, run.figures)
                 more = estimate_section(summary.load(run), run.report)
+                more += variant_section(run, spec.steps, spec.splits)
                 write_report(run.analysis_results, drawn, run.report, more)
             events.write("report", path=str(run.report), unsolved=unsolved)
             log.info("analyze: report %s", run.report)
