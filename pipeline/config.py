@@ -261,7 +261,7 @@ class RunConfig:
     HESSIAN_STEPS: list[int] = field(default_factory=list)  # steps to sketch; [] = all recorded
     HESSIAN_SPLITS: list[str] = field(default_factory=lambda: ["train", "test"])
     EXHAUSTIVE: bool = False  # `hessov run` adds the exact-vs-sketch check (small D only)
-    # Estimates that reuse the sketch (stages trace, diagonal, density; two_pass only).
+    # Estimates that reuse the sketch (stages trace, diagonal, density; two_pass but density).
     estimates: list[str] = field(default_factory=list)  # `hessov run` adds them: trace, ...
     trace_probes: int = 640  # Hutchinson probes on the deflated remainder
     diagonal_probes: int = 640  # likewise, for the diagonal
@@ -606,9 +606,10 @@ def _validate_estimates(cfg: RunConfig) -> None:
         require(name in ESTIMATES, "estimates", f"unknown estimate {name!r}: one of {ESTIMATES}")
     require(len(set(cfg.estimates)) == len(cfg.estimates), "estimates", "has repeated names")
     require(
-        not cfg.estimates or cfg.recovery == "two_pass",
+        not {"trace", "diagonal"} & set(cfg.estimates) or cfg.recovery == "two_pass",
         "estimates",
-        "reuse the two-pass sketch's basis and its products: set recovery=two_pass",
+        "trace and diagonal reuse the two-pass sketch's basis and its products H Q: set "
+        "recovery=two_pass (density needs only the eigenpairs)",
     )
     for key in ("trace_probes", "diagonal_probes", "probes_per_task", "density_runs"):
         require(getattr(cfg, key) >= 1, key, f"must be >= 1, got {getattr(cfg, key)}")

@@ -548,7 +548,7 @@ STAGES: dict[str, StageEntry] = {
         estimate_stage("density"),
         ("step", "split", "phase", "task"),
         "the Hessian eigenvalue density: deflated stochastic Lanczos quadrature",
-        "For a solved two-pass sketch of step=T split=S (default: all): density_runs= "
+        "For a solved sketch of step=T split=S (default: all): density_runs= "
         "(default 10) independent Lanczos runs of density_steps= (default 80) steps, one "
         "array task each, on the complement of the solve's eigenvectors; the solve's "
         "eigenvalues added back with weight 1/D each. Phases and tasks as `hessov trace`. "

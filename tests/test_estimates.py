@@ -134,7 +134,7 @@ def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run
 def test_bad_estimate_input_is_refused_naming_the_key(tiny_trained, tmp_path, hessov):
     with pytest.raises(ConfigError, match="estimates: unknown estimate 'hutchinson'"):
         load_run_config(["problem=mnist_mini", "estimates=[hutchinson]"])
-    with pytest.raises(ConfigError, match="estimates: reuse the two-pass"):
+    with pytest.raises(ConfigError, match="estimates: trace and diagonal reuse the two-pass"):
         load_run_config(["problem=mnist_mini", "recovery=single_pass", "estimates=[trace]"])
     with pytest.raises(ConfigError, match="density_steps: must be >= 2"):
         load_run_config(["problem=mnist_mini", "density_steps=1"])

@@ -21,7 +21,7 @@ from hessov import summary
 from hessov.analysis.estimate_figures import plot_density
 from hessov.analysis.figures import save_figure
 from hessov.config import RunConfig
-from hessov.deflation import require_two_pass, sketch_eigenpairs
+from hessov.deflation import sketch_eigenpairs
 from hessov.fileio import atomic_write
 from hessov.hessian import hessian_at_step
 from hessov.probes import on_cpu, probe_plan, probe_seeds, read_tasks, write_task
@@ -41,7 +41,6 @@ GRID_POINTS = 4001
 def task(run: RunDir, cfg: RunConfig, spec: SketchSpec, where: tuple[int, str], number: int):
     """Array task ``number``: one Lanczos run's nodes and weights."""
     t0 = time.perf_counter()
-    require_two_pass(spec, NAME)
     plan = probe_plan(cfg, NAME)
     hessian = hessian_at_step(run, cfg, *where, check_deterministic=False)
     _, deflation = sketch_eigenpairs(run, spec, *where)
