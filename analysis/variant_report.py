@@ -104,7 +104,8 @@ def _ggn(run: RunDir, where, figures: Path) -> list[str]:
         figures / f"variants_ggn_step_{step}_{split}.png",
     )
     rows = []
-    for m in OVERLAP_SIZES:
+    stored = min(hessian["vectors"].shape[1], ggn["vectors"].shape[1])
+    for m in [m for m in OVERLAP_SIZES if m <= stored]:
         overlap = np.linalg.norm(hessian["vectors"][:, :m].T @ ggn["vectors"][:, :m]) ** 2 / m
         rows.append([str(m), f"{hessian['values'][m - 1]:.4g}", f"{ggn['values'][m - 1]:.4g}",
                      f"{overlap:.3f}", f"{m / hessian['dim']:.1e}"])  # fmt: skip

@@ -21,6 +21,7 @@ from torch import nn
 
 from hessov import summary
 from hessov.errors import ConfigError, MissingInputError
+from hessov.paramblock import block_rows, recorded_layout, restrict
 from hessov.paramstore import ColumnStore
 from hessov.problems.data import as_split
 from hessov.rundir import RunDir
@@ -183,8 +184,17 @@ class RunResults:
         return ColumnStore(self.run.require(self.run.params, "train")).steps()
 
     def params(self, step: int) -> np.ndarray:
-        """The flattened trainable parameters ``(D,)`` recorded at ``step``."""
-        return ColumnStore(self.run.require(self.run.params, "train")).read(step)
+        """The flattened trainable parameters ``(D,)`` recorded at ``step``: the sketched
+        block's rows only when the layout sketched a block (``params=``), so that they line
+        up with the eigenvectors.
+        """
+        recorded = ColumnStore(self.run.require(self.run.params, "train")).read(step)
+        if not self.run.sketch_spec.is_file():
+            return recorded
+        from hessov.sketchspec import load_spec
+
+        names = load_spec(self.run).params
+        return restrict(recorded, block_rows(recorded_layout(self.run), names))
 
     def parameter_layout(self) -> list[dict]:
         """Name, shape and offset of every parameter in the flattened vector."""
@@ -204,7 +214,9 @@ class RunResults:
         return Eigenpairs.from_file(self.run.require(self.run.eigen(step, split), "solve"))
 
     def summary(self) -> dict:
-        """What ``hessov summary RUN`` prints: one key per finished stage."""
+        """What ``hessov summary RUN`` prints: one key per finished stage, and each
+        variant's under ``variants``.
+        """
         return summary.load(self.run)
 
 

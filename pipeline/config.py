@@ -278,6 +278,16 @@ BACKENDS = ("local", "slurm")
 WHICH = ("largest", "smallest", "both")
 #: What the Hessian stages multiply with: the Hessian, or the generalised Gauss-Newton matrix.
 CURVATURES = ("hessian", "ggn", "both")
+
+
+def own_sketch(cfg) -> tuple[str, str]:
+    """The ``curvature`` and ``which`` of the run's own sketch: with ``both`` it sketches the
+    Hessian's largest, and a variant the other (:mod:`hessov.variants`).
+    """
+    curvature = "hessian" if cfg.curvature == "both" else cfg.curvature
+    return curvature, "largest" if cfg.which == "both" else cfg.which
+
+
 #: The estimates that reuse a sketch, each a stage (``estimates=[...]``).
 ESTIMATES = ("trace", "diagonal", "density")
 #: The smallest ``image_size`` accepted: ResNet-18's five halvings bring 32 pixels to 1x1;
@@ -311,7 +321,11 @@ def _split_dotlist(overrides: list[str]) -> dict[str, str]:
 
 
 def _command_line(pairs: dict[str, str]) -> DictConfig:
-    """The ``KEY=VALUE`` pairs of :func:`_split_dotlist` as an omegaconf layer."""
+    """The ``KEY=VALUE`` pairs of :func:`_split_dotlist` as an omegaconf layer
+    (``params=PATTERN``, one pattern, as the list ``[PATTERN]``).
+    """
+    if "params" in pairs and not pairs["params"].lstrip().startswith("["):
+        pairs = pairs | {"params": f"[{pairs['params']}]"}
     with config_errors(COMMAND_LINE):
         return OmegaConf.from_dotlist([f"{k}={v}" for k, v in pairs.items()])
 
@@ -330,8 +344,6 @@ def load_run_config(overrides: list[str], config_file: str | Path | None = None)
     """
     pairs = _split_dotlist(overrides)
     preset = pairs.pop("preset", None)
-    if "params" in pairs and not pairs["params"].lstrip().startswith("["):
-        pairs["params"] = f"[{pairs['params']}]"  # params=PATTERN: one pattern
     cli = _command_line(pairs)
     with config_errors(str(config_file)):
         user_file = OmegaConf.load(config_file) if config_file else OmegaConf.create()

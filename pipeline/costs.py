@@ -331,17 +331,22 @@ def _problem_bytes(facts: ProblemFacts, model_copies: int) -> int:
     return PROCESS_FLOOR_BYTES + facts.data_bytes + model_copies * facts.dim * 4
 
 
+def _graph_bytes(cfg: RunConfig, facts: ProblemFacts) -> int:
+    """One product's autograd graph: the examples of one pass over the data."""
+    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
+    return facts.graph_bytes + facts.graph_bytes_per_example * points
+
+
 def _measure_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     round_name = dict(arg.split("=", 1) for arg in job.args[1:] if "=" in arg)["round"]
     layout = spec.round_layout(round_name)
-    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
-    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
+    graph = _graph_bytes(cfg, facts)
     block = layout.block_size
     memory = (
         _problem_bytes(facts, 4)
         + facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS
         + graph * (1 + block)
-        + MEASURE_BLOCK_COPIES * facts.dim * block * 8
+        + MEASURE_BLOCK_COPIES * spec.layout.dim * block * 8
     )
     count = sum(len(spec.task_indices(task, round_name)) for task in job.tasks)
     outer = min(count, layout.num_outer) * layout.dim + count * layout.num_inner
@@ -375,23 +380,22 @@ def _estimate_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     from hessov.probes import probe_plan
 
     plan = probe_plan(cfg, job.stage)
+    dim = spec.layout.dim  # the sketched block's D; the model's own is in facts
     width = spec.layout.num_outer * (max(spec.krylov_rounds - 1, 1))
-    rows = spec.row_block or spec.layout.dim
-    space = 2 * rows * width * 8 + 8 * facts.dim * 8
+    rows = spec.row_block or dim
+    space = 2 * rows * width * 8 + 8 * dim * 8
     if job.tasks is None:  # the finish
-        return JobCost(PROCESS_FLOOR_BYTES + REPORT_BYTES + space, facts.dim * 8 * 3, 0)
-    points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
-    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
+        return JobCost(PROCESS_FLOOR_BYTES + REPORT_BYTES + space, dim * 8 * 3, 0)
     block = 1 if plan.steps else min(plan.per_task, spec.layout.block_size)
     memory = (
         _problem_bytes(facts, 4)
         + facts.example_bytes * cfg.NUM_HESSIAN_DATAPOINTS
-        + graph * (1 + block)
-        + MEASURE_BLOCK_COPIES * facts.dim * block * 8
+        + _graph_bytes(cfg, facts) * (1 + block)
+        + MEASURE_BLOCK_COPIES * dim * block * 8
         + space
-        + plan.steps * facts.dim * 8
+        + plan.steps * dim * 8
     )
-    disk = len(job.tasks) * (16 * facts.dim if job.stage == "diagonal" else 8 * plan.per_task)
+    disk = len(job.tasks) * (16 * dim if job.stage == "diagonal" else 8 * plan.per_task)
     return JobCost(memory, disk, plan.hvps(job.tasks))
 
 
@@ -400,9 +404,8 @@ def _shift_cost(spec, cfg: RunConfig, facts: ProblemFacts, job) -> JobCost:
     its Krylov vectors, 20 of D in float64.
     """
     points = cfg.HESSIAN_BATCH_SIZE or cfg.NUM_HESSIAN_DATAPOINTS
-    graph = facts.graph_bytes + facts.graph_bytes_per_example * points
-    memory = _problem_bytes(facts, 4) + facts.example_bytes * points + 2 * graph
-    return JobCost(memory + 20 * facts.dim * 8, 0, SHIFT_HVPS)
+    memory = _problem_bytes(facts, 4) + facts.example_bytes * points + 2 * _graph_bytes(cfg, facts)
+    return JobCost(memory + 20 * spec.layout.dim * 8, 0, SHIFT_HVPS)
 
 
 def _layout_cost(spec, cfg, facts, job) -> JobCost:
@@ -439,8 +442,9 @@ def _replay_cost(spec, cfg, facts, job) -> JobCost:
 
 
 def _exhaustive_cost(spec, cfg, facts, job) -> JobCost:
-    dense = 3 * facts.dim**2 * 8  # the dense Hessian, its eigenvectors, a copy
-    return JobCost(_problem_bytes(facts, 4) + dense, 0, facts.dim)
+    dim = spec.layout.dim  # the sketched block's
+    dense = 3 * dim**2 * 8  # the dense Hessian, its eigenvectors, a copy
+    return JobCost(_problem_bytes(facts, 4) + dense, 0, dim)
 
 
 def _analyze_cost(spec, cfg, facts, job) -> JobCost:

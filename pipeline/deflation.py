@@ -5,8 +5,9 @@ a row block at a time (the layout's row blocks, or all rows at once in memory), 
 probe task holds ``O(rows x n)`` of them besides its probes:
 
 * :func:`sketch_space`: the exactly projected Krylov basis ``V = [Q_0, ...]`` ``(D, n)``
-  of the rounds taken and its measured products ``H V`` ``(D, n)``
-  (:mod:`hessov.krylovspace`), every part's flags and checksums verified first: with them
+  of the rounds taken (the basis stage's files) and its measured products ``H V`` ``(D, n)``
+  (:mod:`hessov.krylovspace`), every measured part's flags and checksums verified first:
+  with them
   ``V^T H V`` and the part of ``diag(H)`` that ``V`` carries are exact, at no new HVP
   (:mod:`hessov.skerch_ext.hutchinson`);
 * :func:`sketch_eigenpairs`: the solve's eigenvectors ``U`` ``(D, n)`` and eigenvalues, whose

@@ -86,6 +86,17 @@ def curvature_operator(curvature: str, model, loss, data, batch_size: int) -> Au
         raise ConfigError(f"curvature: {err}; use curvature=hessian") from None
 
 
+def check_curvature(cfg: RunConfig, problem: Problem) -> None:
+    """Refuse ``curvature=ggn`` (or ``both``) for a problem whose loss has no GGN, before
+    any job runs.
+    """
+    if cfg.curvature != "hessian" and isinstance(problem.loss, batching.ModelLoss):
+        raise ConfigError(
+            f"curvature: {cfg.curvature} needs the loss as a function of the model's outputs; "
+            f"{cfg.problem}'s is a hessov.ModelLoss: use curvature=hessian"
+        )
+
+
 def hessian_at_step(
     run: RunDir,
     cfg: RunConfig,

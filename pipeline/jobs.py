@@ -243,7 +243,8 @@ def _variant(run: RunDir, arguments: dict, overrides: list[str]) -> str:
             f"name: {name!r} is not a variant of {run.config}; its variants: "
             f"{', '.join(found) or 'none (per_layer=true, curvature=both or which=both make them)'}"
         )
-    return str(create_variant(run, variant_config(cfg, found[name], run)).root)
+    variant = found[name]
+    return str(create_variant(run, variant_config(cfg, variant, run), variant.key).root)
 
 
 def _shift(run: RunDir, arguments: dict, overrides: list[str]) -> None:
@@ -321,6 +322,11 @@ def _check_operator(run: RunDir, arguments: dict, overrides: list[str]) -> str:
     from hessov.stages.check_operator import check_operator
 
     cfg = override_run_config(saved_run_config(run), overrides, (*COMPUTE_KEYS, "dtype"))
+    if run.sketch_spec.is_file():  # the operator the layout fixed: a block, the GGN
+        from hessov.sketchspec import load_spec
+
+        spec = load_spec(run)
+        cfg.curvature, cfg.params = spec.curvature, list(spec.params)
     step = int_argument(arguments, "step")
     return json.dumps(check_operator(run, cfg, step, arguments.get("split", "train")), indent=2)
 

@@ -34,6 +34,7 @@ from hessov.runlog import get_logger
 from hessov.skerch_ext.krylov import core_bounds
 from hessov.skerch_ext.solve import ritz_coefficients
 from hessov.sketchspec import SketchSpec
+from hessov.spectralshift import hessian_eigenvalues, shift_of
 
 
 def require_basis(run: RunDir, step: int, split: str, round_name: str = "second"):
@@ -122,6 +123,8 @@ def check_after_round(
     eigenvalues, _ = ritz_coefficients(core, count)
     dim, k = spec.layout.dim, spec.layout.num_outer
     bounds, _ = core_bounds(core, num, eigenvalues, (core.dtype, dim), k)
+    # Relative to H's eigenvalues (which=smallest sketches sigma I - H; bounds are the same).
+    eigenvalues = hessian_eigenvalues(eigenvalues, shift_of(run, spec, step, split))
     check = relative_check(after, eigenvalues, bounds, count, spec.target_rel_err)
     record_check(run, step, split, check)
     get_logger().info(

@@ -52,6 +52,17 @@ def block_rows(layout: list[dict], names: list[str]) -> list[range]:
     return [range(e["offset"], e["offset"] + prod(e["shape"])) for e in entries]
 
 
+def block_layers(layout: list[dict], names: list[str]) -> dict[str, range]:
+    """Each selected parameter's rows in the block's own ``D`` (all parameters without
+    names), in ``D``'s order.
+    """
+    rows, start = {}, 0
+    for entry in selected(layout, names):
+        rows[entry["name"]] = range(start, start + prod(entry["shape"]))
+        start += prod(entry["shape"])
+    return rows
+
+
 def block_dim(layout: list[dict], names: list[str]) -> int:
     """``D`` of the block: the selected parameters' total size."""
     return sum(len(rows) for rows in block_rows(layout, names))

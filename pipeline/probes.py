@@ -112,13 +112,40 @@ def missing_tasks(run: RunDir, plan: ProbePlan, where: tuple[int, str]) -> list[
     ]
 
 
+#: The config keys behind each estimate's plan, named when task files disagree with them.
+PLAN_KEYS = {
+    "trace": ("trace_probes", "probes_per_task"),
+    "diagonal": ("diagonal_probes", "probes_per_task"),
+    "density": ("density_runs", "density_steps"),
+}
+
+
 def _check_plan(path, attrs, plan: ProbePlan) -> None:
     recorded = {key: type(value)(attrs[key]) for key, value in asdict(plan).items()}
     if recorded != asdict(plan):
-        raise ConfigError(
-            f"{plan.name}: {path} was computed with {recorded}, not {asdict(plan)}: pass the "
-            f"same settings, or remove {path.parent} to compute the estimate again"
+        first, second = PLAN_KEYS[plan.name]
+        was = (
+            recorded["total"],
+            recorded["per_task"] if plan.name != "density" else recorded["steps"],
         )
+        now = (plan.total, plan.per_task if plan.name != "density" else plan.steps)
+        raise ConfigError(
+            f"{first}: {path} was computed with {first}={was[0]} {second}={was[1]}, not "
+            f"{first}={now[0]} {second}={now[1]}: pass those, or remove {path.parent} to "
+            "compute the estimate again"
+        )
+
+
+def check_recorded(run: RunDir, plan: ProbePlan, where: tuple[int, str]) -> None:
+    """Refuse ``plan`` when task files on disk were written with other settings (before any
+    job is submitted: their samples would not mix).
+
+    Raises:
+        ConfigError: naming the keys and the directory.
+    """
+    for path in sorted(run.estimate_task(*where, plan.name, 0).parent.glob("task_*.h5")):
+        with h5py.File(path, "r") as handle:
+            _check_plan(path, handle.attrs, plan)
 
 
 def read_tasks(run: RunDir, plan: ProbePlan, where: tuple[int, str]) -> list[dict]:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from hessov.config import RunConfig
+from hessov.config import RunConfig, own_sketch
 from hessov.errors import ConfigError, MissingInputError
 from hessov.fileio import atomic_write_json
 from hessov.rounds import product_rounds
@@ -245,10 +245,7 @@ def resolve_spec(
     spec = SketchSpec(
         layout, cfg.recovery, cfg.NUM_A_POSTERIORI, list(steps), list(cfg.HESSIAN_SPLITS), per_job
     )
-    # With both, the run itself sketches the Hessian's largest; a variant the other
-    # (hessov.variants).
-    spec.curvature = "hessian" if cfg.curvature == "both" else cfg.curvature
-    spec.which = "largest" if cfg.which == "both" else cfg.which
+    spec.curvature, spec.which = own_sketch(cfg)
     spec.params = list(params)
     if cfg.recovery == "two_pass":
         _resolve_rounds(cfg, spec)

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hessov.config import RunConfig, config_text, save_config
+from hessov.config import RunConfig, config_text, own_sketch, save_config
 from hessov.errors import ConfigError
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, load_spec, resolve_block_spec
@@ -32,11 +32,14 @@ from hessov.sketchspec import SketchSpec, load_spec, resolve_block_spec
 
 @dataclass(frozen=True)
 class Variant:
-    """One variant: its directory name, the config keys it changes and a label."""
+    """One variant: its directory name, the config keys it changes, a label and the key
+    that asked for it (named in its errors).
+    """
 
     name: str
     settings: dict
     label: str
+    key: str
 
 
 def layers(layout: list[dict]) -> dict[str, list[str]]:
@@ -54,11 +57,11 @@ def variants_of(cfg: RunConfig, layout: list[dict]) -> list[Variant]:
     if cfg.per_layer:
         for module, names in layers(layout).items():
             settings = {"params": names, "k": 0, "MEAS_PER_JOB": 0}
-            found.append(Variant(f"layer_{module}", settings, f"layer {module}"))
+            found.append(Variant(f"layer_{module}", settings, f"layer {module}", "per_layer"))
     if cfg.curvature == "both":
-        found.append(Variant("ggn", {"curvature": "ggn"}, "GGN"))
+        found.append(Variant("ggn", {"curvature": "ggn"}, "GGN", "curvature"))
     if cfg.which == "both":
-        found.append(Variant("smallest", {"which": "smallest"}, "most negative"))
+        found.append(Variant("smallest", {"which": "smallest"}, "most negative", "which"))
     return found
 
 
@@ -66,11 +69,12 @@ def variant_config(cfg: RunConfig, variant: Variant, run: RunDir) -> RunConfig:
     """The config of ``variant`` of the run at ``run``: the run's, its own settings, and
     nothing that makes more variants, estimates or replays.
     """
+    curvature, which = own_sketch(cfg)
     base = {
         "per_layer": False,
         "resume": False,
-        "curvature": "hessian" if cfg.curvature == "both" else cfg.curvature,
-        "which": "largest" if cfg.which == "both" else cfg.which,
+        "curvature": curvature,
+        "which": which,
         "estimates": [],
         "replays": [],
         "RUN_DIR": str(run.variant(variant.name).root),
@@ -116,18 +120,18 @@ def _link(target: Path, link: Path) -> None:
         link.symlink_to(os.path.relpath(target, link.parent))
 
 
-def create_variant(run: RunDir, cfg: RunConfig) -> RunDir:
+def create_variant(run: RunDir, cfg: RunConfig, key: str) -> RunDir:
     """Make the directory of the variant whose config is ``cfg`` (``RUN_DIR`` names it),
     once the run's training finished; an existing one is kept if its config is the same.
 
     Raises:
-        ConfigError: a variant directory with another config.
+        ConfigError: a variant directory with another config, naming ``key``.
     """
     variant = RunDir(cfg.RUN_DIR)
     if variant.config.is_file():
         if variant.config.read_text() != config_text(cfg):
             raise ConfigError(
-                f"per_layer: {variant.root} holds a variant with other settings; remove it to "
+                f"{key}: {variant.root} holds a variant with other settings; remove it to "
                 "sketch the variant again"
             )
         return variant

@@ -127,7 +127,10 @@ def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run
     # 300 probes make five tasks too: their files hold 320 probes' samples, not mixed in.
     other = ["step=300", "split=train", "phase=finish", "trace_probes=300"]
     result = hessov("trace", str(run), *other, check=False)
-    assert result.returncode == 2 and "'total': 320" in result.stderr
+    assert result.returncode == 2
+    assert (
+        "trace_probes: " in result.stderr and "trace_probes=320 probes_per_task=64" in result.stderr
+    )
     assert f"remove {tasks[0].parent}" in result.stderr
 
 

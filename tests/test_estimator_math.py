@@ -98,6 +98,29 @@ def test_deflated_hutchinson_is_unbiased_within_its_interval():
     assert samples.std() < plain.std() / 5
 
 
+def test_the_diagonal_is_unbiased_for_a_basis_that_is_not_invariant():
+    """A sketch's basis is never an invariant subspace: with ``V`` the top eigenvectors
+    rotated a little out of their span, the exact part plus the probes' expectation must
+    still give ``diag(H)``, and so must the mean of the probes within its interval. A sample
+    is bilinear in its probe and ``E[g g^T] = I``, so the expectation is exactly the sum of
+    the samples of the ``D`` unit vectors.
+    """
+    dense, values, vectors = known_matrix(torch.float64, seed=4)
+    tilted = vectors[:, :TOP] + 0.1 * vectors[:, TOP : 2 * TOP]
+    basis = torch.linalg.qr(tilted).Q
+    core = basis.T @ dense @ basis
+    deflate = projection(basis)
+    identity = torch.eye(DIM, dtype=torch.float64)
+    remainder = deflated_diagonal_samples(matmat(dense, torch.float64), deflate, identity).sum(1)
+    exact_part = sketched_diagonal(basis, dense @ basis, core)
+    tolerance = 10 * rounding_level(torch.float64, DIM) * float(values.abs().max())
+    assert (exact_part + remainder - dense.diagonal()).abs().max() <= tolerance
+    probes = rademacher(DIM, range(400), torch.float64)
+    entries = deflated_diagonal_samples(matmat(dense, torch.float64), deflate, probes)
+    mean, ci95 = mean_and_ci95(400, entries.sum(dim=1), (entries**2).sum(dim=1))
+    assert (exact_part + mean - dense.diagonal()).norm() <= 2 * ci95.norm()
+
+
 def test_probe_columns_do_not_depend_on_how_they_are_grouped():
     together = rademacher(1000, [7, 8, 9], torch.float32)
     apart = torch.cat([rademacher(1000, [seed], torch.float32) for seed in (7, 8, 9)], dim=1)

@@ -85,7 +85,13 @@ def test_complete_layout_creates_the_storage_once(tmp_path):
 def test_status_without_train_summary_or_layout(tmp_path):
     run = RunDir(tmp_path / "empty")
     status = run_status(run)
-    assert status == {"run": str(run.root), "train": False, "layout": False, "sketches": []}
+    assert status == {
+        "run": str(run.root),
+        "train": False,
+        "layout": False,
+        "sketches": [],
+        "variants": {},
+    }
     assert missing_work(status) == ["train: not finished (everything after it is missing)"]
     assert describe_status(status) == (
         f"run {run.root}\n  train:  not finished\n  layout: not created"

@@ -35,7 +35,7 @@ from hessov.errors import RunExistsError
 from hessov.launch.status import SketchStatus, run_status
 from hessov.paramblock import recorded_layout
 from hessov.paramstore import ColumnStore, parameter_layout
-from hessov.probes import missing_tasks, probe_plan
+from hessov.probes import check_recorded, missing_tasks, probe_plan
 from hessov.recording import refuse_unfinished_record
 from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
@@ -245,7 +245,9 @@ def _estimate_jobs(graph: _Builder, cfg: RunConfig, where, after, name: str) -> 
         return ()
     args, label = (f"step={step}", f"split={split}"), f"step={step} split={split}"
     tasks_dir = run.estimate_task(step, split, name, 0).parent
-    tasks = missing_tasks(run, probe_plan(cfg, name), where)
+    plan = probe_plan(cfg, name)
+    check_recorded(run, plan, where)
+    tasks = missing_tasks(run, plan, where)
     if tasks:
         inputs = [run.eigen(step, split), run.measurements / f"step_{step}_{split}"]
         after = graph.add(
@@ -484,6 +486,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     one, whose files then say what is done. A layout on disk that differs from the config's
     is refused (``hessov resume`` finishes a layout made by hand).
     """
+    from hessov.hessian import check_curvature
     from hessov.problems import build_problem
     from hessov.problems.checks import check_eval_deterministic
     from hessov.recording import hessian_subsets
@@ -493,6 +496,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     # Refused here, before any job is submitted, rather than in the train job.
     hessian_subsets(problem, cfg.NUM_HESSIAN_DATAPOINTS)
     check_eval_deterministic(problem.model, problem.train.inputs)
+    check_curvature(cfg, problem)
     facts = problem_facts(problem)
     run = RunDir(cfg.RUN_DIR) if cfg.RUN_DIR else new_run_dir(cfg)
     layout = parameter_layout(problem.model)

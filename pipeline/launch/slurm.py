@@ -210,7 +210,7 @@ def _report(
         say("failed jobs:")
         for job in failed:
             say(f"  {job['name']} ({job['job_id']}): {states[job['job_id']].describe()}")
-    missing = missing_work(run_status(run), cfg.EXHAUSTIVE)
+    missing = missing_work(run_status(run), cfg.EXHAUSTIVE, cfg.estimates)
     if missing:
         say(f"missing work, from the files of {run.root}:")
         for line in missing:

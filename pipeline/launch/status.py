@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from hessov.config import ESTIMATES
 from hessov.rounds import not_needed, product_rounds, read_checks, rounds_taken
 from hessov.rowpass import RowWork, program_phases, work_name
 from hessov.rundir import RunDir
@@ -51,6 +52,8 @@ class SketchStatus:
     stores_laid_out: bool = True
     exhaustive_done: bool = False
     analysed: bool = False
+    #: The estimates (trace, diagonal, density) whose file is written.
+    estimated: list[str] = field(default_factory=list)
     #: Where an unfinished row-block basis or solve stands, e.g. ``"solve: phase
     #: extend_apply, 93/234 row blocks done"`` (:func:`row_progress`).
     row_progress: list[str] = field(default_factory=list)
@@ -121,6 +124,7 @@ def run_status(run: RunDir) -> dict:
             item.solved = run.eigen(step, split).is_file()
             item.exhaustive_done = run.exhaustive(step, split).is_file()
             item.analysed = run.analysis_step(step, split).is_file()
+            item.estimated = [n for n in ESTIMATES if run.estimate(step, split, n).is_file()]
             _krylov_status(run, spec, item)
             if not item.solved:
                 item.row_progress += row_progress(run, spec, (step, split), "solve")
@@ -144,7 +148,7 @@ def _krylov_status(run: RunDir, spec: SketchSpec, item: SketchStatus) -> None:
     item.rounds_taken = rounds_taken(run, spec, *where)
 
 
-def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
+def missing_work(status: dict, exhaustive: bool = False, estimates=()) -> list[str]:
     """What :func:`run_status` says is still to do, one line per item; empty when the run is
     complete (with ``exhaustive``, the exact checks count too).
     """
@@ -165,6 +169,7 @@ def missing_work(status: dict, exhaustive: bool = False) -> list[str]:
             lines.append(f"{where}: not solved")
         if exhaustive and not item.exhaustive_done:
             lines.append(f"{where}: exhaustive check missing")
+        lines += [f"{where}: {name} missing" for name in estimates if name not in item.estimated]
     for name, variant in status.get("variants", {}).items():
         lines += [f"{name}: {line}" for line in missing_work(variant, exhaustive)]
     return lines

@@ -16,7 +16,6 @@ import json
 import time
 
 import h5py
-import numpy as np
 import torch
 
 from hessov import summary
@@ -26,7 +25,7 @@ from hessov.config import RunConfig
 from hessov.deflation import sketch_space
 from hessov.fileio import atomic_write
 from hessov.hessian import hessian_at_step
-from hessov.paramblock import recorded_layout, selected
+from hessov.paramblock import block_layers, recorded_layout
 from hessov.probes import chunks, on_cpu, probe_plan, probe_seeds, read_tasks, write_task
 from hessov.rundir import RunDir
 from hessov.runlog import get_logger, log_event
@@ -56,12 +55,7 @@ def layer_rows(run: RunDir, spec: SketchSpec) -> dict[str, range]:
     """The rows of each parameter tensor of the sketched block in its ``D``, from
     ``params.h5``'s layout (:mod:`hessov.paramblock`).
     """
-    entries, rows, start = selected(recorded_layout(run), spec.params), {}, 0
-    for entry in entries:
-        size = int(np.prod(entry["shape"]))
-        rows[entry["name"]] = range(start, start + size)
-        start += size
-    return rows
+    return block_layers(recorded_layout(run), spec.params)
 
 
 def layer_fields(diagonal: torch.Tensor, ci95: torch.Tensor, layers: dict[str, range]) -> dict:

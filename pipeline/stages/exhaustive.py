@@ -2,9 +2,10 @@
 
 For D up to about 10,000 the whole Hessian fits in memory: ``H @ I`` a block of columns at
 a time gives the dense matrix (in float64), ``eigh`` its exact eigenpairs, sorted by
-``|lambda|``. Next to it the sketched result at the run's settings: the solve stage's
-eigenpairs when they exist, otherwise the in-core sketch with the layout's settings and
-seeds (the same math, :func:`hessov.skerch_ext.incore.sketched_eigh`). Reported, as in the paper's
+``|lambda|`` (with ``which=smallest``, ascending: the sketch's order). Next to it the
+sketched result at the run's settings: the solve stage's eigenpairs when they exist,
+otherwise the in-core sketch with the layout's settings and seeds (the same math,
+:func:`hessov.skerch_ext.incore.sketched_eigh`). Reported, as in the paper's
 script 12a but comparing against the top-|lambda| eigenvectors and sign-invariantly (the
 paper compared with eigh's ascending order, so every residual it logged was about
 sqrt(2)): relative errors of the top eigenvalues, eigenvector residuals
@@ -131,8 +132,8 @@ def compare_with_exact(exact_values, exact_vectors, values, vectors) -> dict:
 
 def exact_eigenpairs(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str):
     """Every eigenvalue ``(D,)`` and the top-k eigenvectors ``(D, k)`` of the dense float64
-    Hessian, sorted by ``|lambda|``, its diagonal ``(D,)``, and the seconds of building it and
-    of ``eigh``.
+    Hessian, in the sketch's order (by ``|lambda|``; ascending with ``which=smallest``), its
+    diagonal ``(D,)``, and the seconds of building it and of ``eigh``.
     """
     exact_cfg = RunConfig(**{**cfg.__dict__, "dtype": "float64"})
     t0 = time.perf_counter()
@@ -166,7 +167,10 @@ def _write_exact(path: Path, exact_values: torch.Tensor, exact_vectors: torch.Te
     with h5py.File(path, "w") as handle:
         handle.create_dataset("exact_eigenvalues", data=exact_values.numpy())
         handle.create_dataset("exact_eigenvectors", data=exact_vectors.numpy().astype(np.float32))
-        handle.attrs["note"] = "eigenpairs sorted by |lambda| descending; top k vectors kept"
+        handle.attrs["note"] = (
+            "eigenpairs in the sketch's order (by |lambda| descending; ascending with "
+            "which=smallest); top k vectors kept"
+        )
 
 
 def exhaustive(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:

@@ -4,11 +4,13 @@ Lanczos (ARPACK, :func:`hessov.skerch_ext.lanczos.top_eigenpairs`) finds the Hes
 largest-magnitude eigenpair ``(theta, u)`` to a relative residual of ``SHIFT_TOLERANCE``; one
 more product gives the residual ``r = H u - theta u``, and ``sigma = |theta| + ||r||``.
 Writes ``measurements/step_T_SPLIT/shift.json`` (``shift``, ``theta``, ``residual``,
-``hvps``) and the ``shift`` summary of the step and split.
+``hvps``) and the ``shift`` summary of the step and split, once: a shift on disk is never
+replaced, since every round of the sketch must multiply with the same ``sigma I - H``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 from hessov import summary
@@ -26,7 +28,12 @@ SHIFT_TOLERANCE = 1e-3
 
 
 def shift(run: RunDir, cfg: RunConfig, spec: SketchSpec, step: int, split: str) -> dict:
-    """Compute and record the shift of ``step`` and ``split``; returns its fields."""
+    """Compute and record the shift of ``step`` and ``split``; returns its fields. A shift on
+    disk is kept: the rounds measured with it must all use the same one.
+    """
+    if run.shift(step, split).is_file():
+        get_logger().info("shift step %d %s: kept, %s", step, split, run.shift(step, split))
+        return json.loads(run.shift(step, split).read_text())
     started = time.perf_counter()
     hessian = hessian_at_step(run, cfg, step, split)
     top = top_eigenpairs(
