@@ -56,8 +56,12 @@ eos-replay: $(STAMP)
 	$(VENV)/bin/hessov compare $$(tail -n1 $(OUTPUT_DIR)/.last-eos)
 	@echo "report: $$(tail -n1 $(OUTPUT_DIR)/.last-eos)/replays/report.md"
 
+# Two processes for the tests that run on this machine alone (each file in one of them, so
+# a module's run is made once; the pipeline's jobs use one thread each), then the Slurm
+# tests one at a time, as they share the one local cluster.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slurm"
+	$(PY) -m pytest -q -m slurm
 
 # Benchmarks are scripts, not tests: one run (under 15 minutes on 2 cores) answers the
 # benchmark questions and writes bench/RESULTS.md; `$(PY) -m bench --help` for options.

@@ -141,7 +141,7 @@ def variant_section(run: RunDir, steps: list[int], splits: list[str]) -> list[st
     names = run.variant_names()
     if not names:
         return []
-    in_order = [f"layer_{module}" for module in layers_of(recorded_layout(run))]
+    in_order = [f"layer_{module}" for module in layers_of(recorded_layout(run))]  # D's order
     layer_names = [name for name in in_order if name in names]
     lines = ["## Variants: per-layer blocks, the GGN, the most negative eigenpairs", ""]
     for step in steps:

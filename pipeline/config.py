@@ -587,11 +587,6 @@ def _validate_sketch(cfg: RunConfig) -> None:
     _validate_rounds(cfg)
     _validate_estimates(cfg)
     require(
-        not (cfg.per_layer and cfg.params),
-        "per_layer",
-        "sketches every layer's block; params= selects one block: set one of them",
-    )
-    require(
         not (cfg.params and cfg.replays),
         "params",
         "a replay filters the gradient of every parameter in the whole Hessian's eigenbasis: "

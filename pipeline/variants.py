@@ -13,8 +13,9 @@ variant's directory, named ``NAME: ...`` (:func:`hessov.launch.graph.build_graph
 every variant's, compares them (:mod:`hessov.analysis.variant_report`).
 
 A layer is a module's own parameters (``name.rpartition(".")[0]``: ``fc1.weight`` and
-``fc1.bias`` make layer ``fc1``). A layer's sketch takes the default ``k`` of its size
-(the paper's 5% rule) in one measurement task; variants compute no estimates and no replays.
+``fc1.bias`` make layer ``fc1``); with ``params=`` the layers are those of the run's block. A
+layer's sketch takes the default ``k`` of its size (the paper's 5% rule) in one measurement
+task; variants compute no estimates and no replays.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from hessov.config import RunConfig, config_text, own_sketch, save_config
 from hessov.errors import ConfigError
+from hessov.paramblock import selected
 from hessov.rundir import RunDir
 from hessov.sketchspec import SketchSpec, load_spec, resolve_block_spec
 
@@ -54,8 +56,8 @@ def layers(layout: list[dict]) -> dict[str, list[str]]:
 def variants_of(cfg: RunConfig, layout: list[dict]) -> list[Variant]:
     """The variants ``cfg`` asks for, given the parameter ``layout``."""
     found = []
-    if cfg.per_layer:
-        for module, names in layers(layout).items():
+    if cfg.per_layer:  # the layers of the run's own block, with params=
+        for module, names in layers(selected(layout, cfg.params)).items():
             settings = {"params": names, "k": 0, "MEAS_PER_JOB": 0}
             found.append(Variant(f"layer_{module}", settings, f"layer {module}", "per_layer"))
     if cfg.curvature == "both":

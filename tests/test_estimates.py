@@ -21,9 +21,9 @@ import h5py
 import pytest
 import torch
 
-from conftest import laid_out
 from hessov.config import load_run_config
-from hessov.errors import ConfigError
+from hessov.errors import ConfigError, MissingInputError
+from hessov.jobs import run_job
 from hessov.rundir import RunDir
 from hessov.skerch_ext.hutchinson import Z95
 from hessov.skerch_ext.slq import wasserstein1
@@ -106,7 +106,7 @@ def test_summary_and_report_name_every_estimate(tiny_run, summary_of):
     assert "| 300 train |" in report
 
 
-def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run, tmp_path, hessov):
+def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run, tmp_path):
     run = tmp_path / "copy"
     shutil.copytree(tiny_run, run)
     where = RunDir(run)
@@ -117,7 +117,9 @@ def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run
         value = float(handle.attrs["value"])
     tasks[2].unlink()
     where.estimate(*WHERE, "trace").unlink()
-    hessov("trace", str(run), "step=300", "split=train")
+    threads = torch.get_num_threads()
+    run_job(["trace", str(run), "step=300", "split=train"])  # in process: the config's threads
+    torch.set_num_threads(threads)
     after = {path: path.stat().st_mtime_ns for path in tasks}
     assert [path for path in tasks if after[path] != before[path]] == [tasks[2]]
     with h5py.File(where.estimate(*WHERE, "trace")) as handle:
@@ -126,23 +128,24 @@ def test_a_rerun_computes_only_missing_tasks_and_refuses_other_settings(tiny_run
         assert float(handle.attrs["value"]) == value
     # 300 probes make five tasks too: their files hold 320 probes' samples, not mixed in.
     other = ["step=300", "split=train", "phase=finish", "trace_probes=300"]
-    result = hessov("trace", str(run), *other, check=False)
-    assert result.returncode == 2
-    assert (
-        "trace_probes: " in result.stderr and "trace_probes=320 probes_per_task=64" in result.stderr
-    )
-    assert f"remove {tasks[0].parent}" in result.stderr
+    with pytest.raises(
+        ConfigError, match="trace_probes: .*trace_probes=320 probes_per_task=64"
+    ) as err:
+        run_job(["trace", str(run), *other])
+    assert f"remove {tasks[0].parent}" in str(err.value)
 
 
-def test_bad_estimate_input_is_refused_naming_the_key(tiny_trained, tmp_path, hessov):
+def test_bad_estimate_input_is_refused_naming_the_key(tiny_trained, tmp_path):
     with pytest.raises(ConfigError, match="estimates: unknown estimate 'hutchinson'"):
         load_run_config(["problem=mnist_mini", "estimates=[hutchinson]"])
     with pytest.raises(ConfigError, match="estimates: trace and diagonal reuse the two-pass"):
         load_run_config(["problem=mnist_mini", "recovery=single_pass", "estimates=[trace]"])
     with pytest.raises(ConfigError, match="density_steps: must be >= 2"):
         load_run_config(["problem=mnist_mini", "density_steps=1"])
-    run = laid_out(tiny_trained, tmp_path / "run")
-    unsolved = hessov("trace", str(run), "step=300", "split=train", check=False)
-    assert unsolved.returncode == 2 and "hessov solve" in unsolved.stderr
-    phase = hessov("density", str(run), "phase=all_of_it", check=False)
-    assert phase.returncode == 2 and "phase: one of probes, finish" in phase.stderr
+    run = tmp_path / "run"
+    shutil.copytree(tiny_trained, run)
+    run_job(["layout", str(run)])
+    with pytest.raises(MissingInputError, match="hessov solve"):
+        run_job(["trace", str(run), "step=300", "split=train"])
+    with pytest.raises(ConfigError, match="phase: one of probes, finish"):
+        run_job(["density", str(run), "phase=all_of_it"])

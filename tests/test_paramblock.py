@@ -9,6 +9,7 @@ import torch
 
 from hessov.config import load_run_config
 from hessov.errors import ConfigError
+from hessov.launch.graph import plan_run
 from hessov.paramblock import block_rows, restrict, selected
 
 LAYOUT = [
@@ -31,12 +32,11 @@ def test_patterns_select_parameters_in_their_order_and_rows():
         selected(LAYOUT, ["fc1.*", "conv*"])
 
 
-def test_a_pattern_that_matches_nothing_is_refused_before_anything_is_made(tmp_path, hessov):
-    result = hessov(
-        "run", "problem=mnist_mini", "params=conv*", f"OUTPUT_DIR={tmp_path}", check=False
-    )
-    assert result.returncode == 2
-    assert "params: ['conv*'] match no trainable parameter" in result.stderr
-    assert "1.weight, 1.bias" in result.stderr and not list(tmp_path.iterdir())
+def test_a_pattern_that_matches_nothing_is_refused_before_anything_is_made(tmp_path):
+    cfg = load_run_config(["problem=mnist_mini", "params=conv*", f"OUTPUT_DIR={tmp_path}"])
+    match = r"params: \['conv\*'\] match no trainable parameter; the names: 1.weight, 1.bias"
+    with pytest.raises(ConfigError, match=match):
+        plan_run(cfg)  # what `hessov run` and `hessov plan` do before anything else
+    assert not list(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="params: a replay filters"):
         load_run_config(["problem=mnist_mini", "params=1.*", "replays=[{name: a, snapshot: 0}]"])
