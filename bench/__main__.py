@@ -21,6 +21,8 @@ taken in the same run:
     Lanczos (HVPs, sequential HVPs, errors, and every finite error bound checked);
 11. :mod:`bench.estimates`: the trace, diagonal and density that reuse the sketch, against
     PyHessian and curvlinops at equal HVPs.
+12. :mod:`bench.variants`: a layer's block, the GGN and the most negative eigenpairs against
+    their exact values, PyHessian's power iteration and scipy's Lanczos.
 
 Benchmarks are not tests: nothing here asserts a timing. A section that fails (e.g. no
 Slurm on this machine) says so in RESULTS.md and the others still run. ``--quick`` runs
@@ -49,6 +51,7 @@ SECTIONS = (
     "paper_configs",
     "krylov_rounds",
     "estimates",
+    "variants",
 )
 
 
