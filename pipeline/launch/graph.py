@@ -1,11 +1,14 @@
 """The stage graph of a run: every job, its arguments, files and dependencies, built once.
 
 A run's work is a list of jobs in dependency order: train; the replays (one job per seed)
-and their comparison; the layout; for every step and split the first round of measurement
-tasks, then (two-pass) the basis and the second round, then the solve, the exhaustive check
-(``EXHAUSTIVE=true``) and the step's analysis; finally the figures and report. A basis or
-solve in row blocks is one job per phase (:mod:`hessov.rowpass`), a job array for a phase
-over the row blocks. Each
+and their comparison; the layout; for every step and split (``which=smallest``: after its
+shift job) the first round of measurement tasks, then (two-pass) the basis and the second
+round, then the solve, the estimates (``estimates=[...]``: an array of probe tasks and a
+finish each, :mod:`hessov.probes`), the exhaustive check (``EXHAUSTIVE=true``) and the
+step's analysis; then each variant's jobs (:mod:`hessov.variants`: the job that makes its
+directory, and its own layout, sketches and report, named ``NAME: ...``); finally the
+figures and report. A basis or solve in row blocks is one job per phase
+(:mod:`hessov.rowpass`), a job array for a phase over the row blocks. Each
 :class:`Job` carries the ``hessov`` arguments of its stage (:func:`hessov.jobs.run_job`
 runs them), the files it reads and writes (named by :class:`~hessov.rundir.RunDir`), the
 jobs it waits for and its resources key (``slurm.stages.STAGE``).
