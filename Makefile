@@ -58,10 +58,13 @@ eos-replay: $(STAMP)
 
 # Two processes for the tests that run on this machine alone (each file in one of them, so
 # a module's run is made once; the pipeline's jobs use one thread each), then the Slurm
-# tests one at a time, as they share the one local cluster.
+# tests one at a time, as they share the one local cluster; both run, and make fails if
+# either did.
 test: $(STAMP) system-deps
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slurm"
-	$(PY) -m pytest -q -m slurm
+	@status=0; \
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slurm" || status=$$?; \
+	$(PY) -m pytest -q -m slurm || status=$$?; \
+	exit $$status
 
 # Benchmarks are scripts, not tests: one run (under 15 minutes on 2 cores) answers the
 # benchmark questions and writes bench/RESULTS.md; `$(PY) -m bench --help` for options.

@@ -30,6 +30,7 @@ from hessov.analysis.figures import save_figure  # noqa: E402
 from hessov.analysis.report import table  # noqa: E402
 from hessov.paramblock import recorded_layout  # noqa: E402
 from hessov.rundir import RunDir  # noqa: E402
+from hessov.sketchspec import load_spec  # noqa: E402
 from hessov.variants import layers as layers_of  # noqa: E402
 
 #: Eigenspace sizes whose GGN-Hessian overlap is reported.
@@ -59,7 +60,8 @@ def _spectra_figure(curves: dict[str, np.ndarray], title: str):
     fig, ax = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
     for label, values in curves.items():
         rank = np.arange(1, values.size + 1)
-        style = {"color": "black", "lw": 2} if label == "whole Hessian" else {"lw": 1.2}
+        own = label in ("whole Hessian", "block", "Hessian")
+        style = {"color": "black", "lw": 2} if own else {"lw": 1.2}
         ax.plot(rank, np.abs(values), label=label, **style)
     ax.set(xscale="log", yscale="log", xlabel="rank i (by |λ|)", ylabel="|λ_i|", title=title)
     ax.grid(True, which="major", alpha=0.3)
@@ -74,20 +76,21 @@ def _layers(run: RunDir, where, layers: list[str], figures: Path) -> list[str]:
     if whole is None or not found:
         return []
     step, split = where
-    curves = {"whole Hessian": whole["values"]} | {
+    own = "block" if load_spec(run).params else "whole Hessian"
+    curves = {own: whole["values"]} | {
         f"layer {name.removeprefix('layer_')}": data["values"] for name, data in found.items()
     }
     figure = save_figure(
         _spectra_figure(curves, f"Per-layer spectra, step {step} {split}"),
         figures / f"variants_layers_step_{step}_{split}.png",
     )
-    rows = [["whole", str(whole["dim"]), f"{whole['values'][0]:.4g}", "1"]]
+    rows = [[own, str(whole["dim"]), f"{whole['values'][0]:.4g}", "1"]]
     rows += [
         [name.removeprefix("layer_"), str(data["dim"]), f"{data['values'][0]:.4g}",
          f"{data['values'][0] / whole['values'][0]:.3f}"]
         for name, data in found.items()
     ]  # fmt: skip
-    header = ["layer", "D", "top eigenvalue", "over the whole Hessian's"]
+    header = ["layer", "D", "top eigenvalue", f"over the {own}'s"]
     link = f"![per-layer spectra](figures/{figure.name})"
     return [f"### Per layer, step {step} {split}", "", *table(header, rows), "", link, ""]
 
@@ -98,7 +101,7 @@ def _ggn(run: RunDir, where, figures: Path) -> list[str]:
     if hessian is None or ggn is None:
         return []
     step, split = where
-    curves = {"whole Hessian": hessian["values"], "GGN": ggn["values"]}
+    curves = {"Hessian": hessian["values"], "GGN": ggn["values"]}
     figure = save_figure(
         _spectra_figure(curves, f"GGN and Hessian, step {step} {split}"),
         figures / f"variants_ggn_step_{step}_{split}.png",

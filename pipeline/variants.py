@@ -56,8 +56,9 @@ def layers(layout: list[dict]) -> dict[str, list[str]]:
 def variants_of(cfg: RunConfig, layout: list[dict]) -> list[Variant]:
     """The variants ``cfg`` asks for, given the parameter ``layout``."""
     found = []
-    if cfg.per_layer:  # the layers of the run's own block, with params=
-        for module, names in layers(selected(layout, cfg.params)).items():
+    grouped = layers(selected(layout, cfg.params))  # the layers of the run's own block
+    if cfg.per_layer and len(grouped) > 1:  # one layer: the run's own sketch is its block
+        for module, names in grouped.items():
             settings = {"params": names, "k": 0, "MEAS_PER_JOB": 0}
             found.append(Variant(f"layer_{module}", settings, f"layer {module}", "per_layer"))
     if cfg.curvature == "both":

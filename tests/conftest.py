@@ -37,6 +37,18 @@ def last_line(text: str) -> str:
     return text.strip().splitlines()[-1]
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Restore torch's thread count after every test: a stage run in the test's process sets
+    the config's (mnist_mini: 1), and the next test in the same worker must not inherit it.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def hessov():
     return run_hessov

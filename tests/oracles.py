@@ -85,9 +85,10 @@ def dense_hessian(run_dir, step: int, split: str) -> torch.Tensor:
     cfg = saved_run_config(run)
     cfg.dtype = "float64"
     threads = torch.get_num_threads()  # the run's config may set 1 for this process
-    hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
-    dense = dense_matrix(
-        hessian.matmat, hessian.dim, block_size=256, dtype=torch.float64, device="cpu"
-    )
-    torch.set_num_threads(threads)
-    return dense
+    try:
+        hessian = hessian_at_step(run, cfg, step, split, check_deterministic=False)
+        return dense_matrix(
+            hessian.matmat, hessian.dim, block_size=256, dtype=torch.float64, device="cpu"
+        )
+    finally:
+        torch.set_num_threads(threads)  # for the rest of the caller (a fixture's eigh)

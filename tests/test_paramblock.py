@@ -9,7 +9,7 @@ import torch
 
 from hessov.config import load_run_config
 from hessov.errors import ConfigError
-from hessov.launch.graph import plan_run
+from hessov.launch.local import run_local
 from hessov.paramblock import block_rows, restrict, selected
 
 LAYOUT = [
@@ -36,7 +36,7 @@ def test_a_pattern_that_matches_nothing_is_refused_before_anything_is_made(tmp_p
     cfg = load_run_config(["problem=mnist_mini", "params=conv*", f"OUTPUT_DIR={tmp_path}"])
     match = r"params: \['conv\*'\] match no trainable parameter; the names: 1.weight, 1.bias"
     with pytest.raises(ConfigError, match=match):
-        plan_run(cfg)  # what `hessov run` and `hessov plan` do before anything else
+        run_local(cfg)  # `hessov run`: it would make the run directory once planned
     assert not list(tmp_path.iterdir())
     with pytest.raises(ConfigError, match="params: a replay filters"):
         load_run_config(["problem=mnist_mini", "params=1.*", "replays=[{name: a, snapshot: 0}]"])

@@ -43,6 +43,7 @@ from hessov.launch.graph import plan_run
 from hessov.launch.status import describe_status, run_status
 from hessov.rundir import RunDir
 from hessov.skerch_ext.operator import dense_matrix
+from hessov.variants import variants_of
 
 ONE_SKETCH = ["problem=mnist_mini", "preset=tiny", "HESSIAN_SPLITS=[train]", "HESSIAN_STEPS=[300]"]
 BLOCK = [
@@ -135,11 +136,30 @@ def test_per_layer_sketches_every_layers_block(block_run, summary_of, tmp_path):
         layer, _ = _eigen(block_run / f"variants/layer_{module}")
         assert layer[0] <= whole[0] + whole_bounds[0], module
     report = (block_run / "analysis/report.md").read_text()
-    assert "### Per layer, step 300 train" in report and "| 11 | 210 |" in report
+    assert "### Per layer, step 300 train" in report and "| block | 630 |" in report
+    assert report.index("| 9 | 420 |") < report.index("| 11 | 210 |")  # D's order
     figure = block_run / "analysis/figures/variants_layers_step_300_train.png"
     assert figure.stat().st_size > 10_000
     status = describe_status(run_status(RunDir(block_run)))  # what `hessov status` prints
     assert "  variant layer_11:" in status and "not solved" not in status
+
+
+def test_the_variants_a_config_asks_for():
+    layout = [
+        {"name": f"{module}.{kind}", "shape": [2], "offset": 0}
+        for module in ("9", "10", "11")
+        for kind in ("weight", "bias")
+    ]
+    cfg = load_run_config(["problem=mnist_mini", "per_layer=true", "which=both"])
+    names = [variant.name for variant in variants_of(cfg, layout)]
+    assert names == ["layer_9", "layer_10", "layer_11", "smallest"]  # D's order
+    cfg = load_run_config(["problem=mnist_mini", "per_layer=true", "params=[9.*,11.*]"])
+    assert [variant.name for variant in variants_of(cfg, layout)] == ["layer_9", "layer_11"]
+    cfg = load_run_config(["problem=mnist_mini", "per_layer=true", "params=[11.*]"])
+    assert variants_of(cfg, layout) == []  # one layer: the run's own sketch is its block
+    cfg = load_run_config(["problem=mnist_mini", "curvature=both"])
+    (ggn,) = variants_of(cfg, layout)
+    assert (ggn.name, ggn.settings, ggn.key) == ("ggn", {"curvature": "ggn"}, "curvature")
 
 
 def test_settings_that_cannot_work_are_refused():
